@@ -1,0 +1,39 @@
+"""The embedded default: scikit-learn's real 8x8 handwritten digits, upsampled to 32x32 RGB.
+
+No download, a few minutes on a laptop CPU. A CIFAR-style WRN-16-4 trunk stands in for the
+ImageNet Wide-ResNet (no pretrained weights at 32x32), with the paper's Progressive SpinalNet
+head, SELU and SAM.
+
+    python -m mdjax.main --config=configs/default.py
+    python -m mdjax.main --config=configs/default.py:smoke --workdir=/tmp/mdjax-smoke
+"""
+
+from mdjax import config as config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.base_config()
+  config.data.name = "digits"
+  config.data.image_size = 32
+  config.data.val_fraction = 0.15
+  config.data.test_fraction = 0.25
+  config.model.backbone = "wrn16_4"
+  config.model.head_width = 64
+  config.model.dropout = 0.2
+  config.train.epochs = 6
+  config.train.batch_size = 64
+  config.train.base_optimizer = "sgd"
+  config.train.learning_rate = 0.05
+  config.train.schedule = "cosine"
+  config.train.weight_decay = 5e-4
+  config.finetune.epochs = 3
+  config.finetune.learning_rate = 0.01
+  config.mistake.nwpc = "auto"  # ceil(0.5 * 10) = 5 classes
+  config.gan.resolution = 32
+  config.gan.steps = 300
+  config.gan.ngf = 16
+  config.gan.ndf = 16
+  config.gan.nz = 64
+  config.gan.sample_every = 100
+  config.gan.checkpoint_every = 100
+  return config_lib.finalize(config, arg)

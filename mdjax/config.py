@@ -1,0 +1,316 @@
+"""The config schema shared by every file in `configs/`, its argument strings and its validation.
+
+A dataset config (`configs/cars.py`) starts from `base_config()`, sets the paper's values for its
+dataset, and ends with `finalize(config, arg)`, which applies the short argument string
+(`configs/cars.py:optimizer=adam,activation=gelu,smoke`). Command-line overrides
+(`--config.train.epochs=3`) are applied by ml_collections after that, so `mdjax.main` calls
+`validate(config)` once everything is set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from mdjax.errors import ConfigError
+
+DATASETS = ("digits", "cifar10", "caltech101", "cars", "heritage", "ham10000", "folder")
+BACKBONES = ("wrn16_4", "wrn28_10", "resnet18", "resnet50", "wrn101", "efficientnet_b0",
+             "efficientnet_b7", "efficientnet_lite0")
+HEADS = ("linear", "spinal", "progressive_spinal")
+ACTIVATIONS = ("selu", "gelu", "relu", "mish", "swish")
+OPTIMIZERS = ("sgd", "adam", "adamw", "sam")
+BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+SAM_PERTURBATIONS = ("per_device", "global")
+GAN_ENSEMBLES = ("auto", "vmap", "unroll")
+GAN_RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
+RECON_LOSSES = ("mse", "l1")
+STAGES = ("train", "validate", "gan", "generate", "finetune", "test")
+RESUME = ("auto", "force", "never")
+
+# Short names accepted in the config argument string, mapped to the key they set.
+ARG_SHORTCUTS = {
+    "optimizer": "train.optimizer",
+    "base_optimizer": "train.base_optimizer",
+    "activation": "model.activation",
+    "backbone": "model.backbone",
+    "head": "model.head",
+    "nwpc": "mistake.nwpc",
+    "nsamples": "mistake.nsamples_ratio",
+    "mistake": "mistake.enabled",
+    "ensemble": "gan.ensemble",
+    "seed": "seed",
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key mdjax reads, with the defaults of the paper's main configuration."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Several seeds ("0,1,2") run the whole pipeline once per seed and report mean and std.
+  c.seeds = ""
+  c.stages = ",".join(STAGES)
+  # auto: resume a workdir made by the same config; force: resume even if the config differs;
+  # never: refuse a workdir that already holds a run.
+  c.resume = "auto"
+  # Also run the control experiments: real-only fine-tune and full GAN augmentation.
+  c.controls = False
+
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "digits"
+  d.root = ""  # folder (or tfds data_dir) holding the dataset; "" means the dataset's default.
+  d.image_size = 32
+  d.val_fraction = 0.1  # carved from train, stratified, where the source has no validation split
+  d.test_fraction = 0.2  # carved from the whole set where the source has no test split
+  d.split_seed = 0
+  d.strict = False  # True: a corrupt image file is an error instead of a skipped file
+  d.augment = "crop_flip"  # or "none"
+  d.num_threads = 2
+  d.prefetch = 4
+
+  c.model = m = ml_collections.ConfigDict()
+  m.backbone = "wrn101"
+  m.head = "progressive_spinal"
+  m.head_width = 200
+  m.dropout = 0.35
+  m.activation = "selu"
+  m.weights = ""  # a torchvision-format state_dict file for the backbone; "" = random init
+  m.freeze_backbone = False
+  m.backbone_lr_mult = 1.0  # transfer learning: the backbone's learning rate as a fraction
+  m.dtype = "float32"
+
+  c.train = t = ml_collections.ConfigDict()
+  t.epochs = 20
+  t.batch_size = 28
+  t.optimizer = "sam"
+  t.base_optimizer = "sgd"  # what SAM wraps
+  t.learning_rate = 1e-3
+  t.momentum = 0.9
+  t.weight_decay = 0.0
+  t.schedule = "step"
+  t.step_epochs = 7  # SpinalNet's recipe: x0.1 every 7 epochs
+  t.step_gamma = 0.1
+  t.warmup_epochs = 0.0
+  t.label_smoothing = 0.0
+  t.sam_rho = 0.05
+  t.sam_adaptive = False
+  t.sam_perturbation = "per_device"  # m-sharpness as in the official SAM code; or "global"
+  t.log_every = 10  # steps
+  t.checkpoint_every = 100  # steps; also at every epoch end
+  t.max_checkpoints = 2
+
+  # Fine-tuning the trained classifier on real + generated images (Algorithm 1, line 11).
+  c.finetune = f = ml_collections.ConfigDict()
+  f.epochs = 20
+  f.learning_rate = 1e-3
+
+  c.mistake = mk = ml_collections.ConfigDict()
+  mk.enabled = True
+  # Number of worst-performing classes: "auto" (ceil(0.2 n) above 20 classes, else ceil(0.5 n)),
+  # a count (int >= 0), or a fraction of n in (0, 1] rounded up.
+  mk.nwpc = "auto"
+  mk.nsamples_ratio = 0.5
+
+  c.gan = g = ml_collections.ConfigDict()
+  g.resolution = 32
+  g.steps = 50_000
+  g.batch_size = 8
+  g.learning_rate = 2e-4
+  g.beta1 = 0.5
+  g.beta2 = 0.999
+  g.ema_decay = 0.999
+  g.ngf = 64
+  g.ndf = 64
+  g.nz = 256
+  g.recon_loss = "mse"
+  g.diffaug = "color,translation"
+  g.ensemble = "auto"
+  g.chunk_size = 8  # classes per compiled program; several chunks for many weak classes
+  g.sample_every = 1000
+  g.checkpoint_every = 1000
+  g.log_every = 50
+  return c
+
+
+def _parse_value(text: str):
+  low = text.lower()
+  if low in ("true", "false"):
+    return low == "true"
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  old = node[leaf]
+  # Keep the declared type where the value converts cleanly (e.g. "nwpc" may be str or int).
+  if isinstance(old, bool) and not isinstance(value, bool):
+    raise ConfigError(dotted, value, "true or false")
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """Shrinks any config to a run of a minute or two on a 2-core CPU, keeping its structure."""
+  config.data.image_size = min(config.data.image_size, 32)
+  config.model.backbone = "wrn16_4" if config.model.backbone != "efficientnet_lite0" else config.model.backbone
+  config.model.head_width = 32
+  config.train.epochs = 2
+  config.train.batch_size = 32
+  config.train.log_every = 5
+  config.train.checkpoint_every = 20
+  config.finetune.epochs = 1
+  config.gan.resolution = 32
+  config.gan.steps = 20
+  config.gan.batch_size = 8
+  config.gan.ngf = 8
+  config.gan.ndf = 8
+  config.gan.nz = 32
+  config.gan.sample_every = 10
+  config.gan.checkpoint_every = 10
+  config.gan.log_every = 5
+
+
+def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config argument string such as "smoke,optimizer=adam,nwpc=3".
+
+  Bare words are variants (`smoke`); `key=value` sets a shortcut from ARG_SHORTCUTS or any dotted
+  key (`train.epochs=3`). Values are parsed as bool / int / float, else kept as strings.
+  """
+  if not arg:
+    return config
+  for token in filter(None, (t.strip() for t in arg.split(","))):
+    if "=" not in token:
+      if token == "smoke":
+        apply_smoke(config)
+        continue
+      raise ConfigError("<config argument>", token,
+                        "'smoke' or key=value with key one of " + ", ".join(ARG_SHORTCUTS))
+    key, value = (s.strip() for s in token.split("=", 1))
+    dotted = ARG_SHORTCUTS.get(key, key)
+    try:
+      _set(config, dotted, _parse_value(value))
+    except (KeyError, AttributeError):
+      raise ConfigError("<config argument>", token,
+                        "a known key: one of " + ", ".join(ARG_SHORTCUTS) + " or a dotted config key") from None
+  return config
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(key, value, allowed)
+
+
+def _one_of(config, key: str, allowed) -> None:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  _require(value in allowed, key, value, "one of " + ", ".join(map(str, allowed)))
+
+
+def nwpc_count(nwpc, num_classes: int) -> int:
+  """The number of worst-performing classes for `nwpc` ("auto", a count, or a fraction of n)."""
+  if nwpc == "auto":
+    return math.ceil((0.2 if num_classes > 20 else 0.5) * num_classes)
+  if isinstance(nwpc, float):  # a fraction of the classes, rounded up as the paper does
+    return math.ceil(nwpc * num_classes)
+  return int(nwpc)
+
+
+def parse_seeds(config) -> list[int]:
+  if not str(config.seeds).strip():
+    return [int(config.seed)]
+  try:
+    return [int(s) for s in str(config.seeds).split(",") if s.strip()]
+  except ValueError:
+    raise ConfigError("seeds", config.seeds, "comma-separated integers such as 0,1,2") from None
+
+
+def parse_stages(config) -> list[str]:
+  stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+  bad = [s for s in stages if s not in STAGES]
+  _require(not bad and bool(stages), "stages", config.stages,
+           "a comma-separated subset of " + ",".join(STAGES))
+  return stages
+
+
+def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) -> None:
+  """Checks every value mdjax reads; raises ConfigError naming the first bad key.
+
+  `num_classes`, once the dataset is known, also checks nWPC against it.
+  """
+  _require(isinstance(config.seed, int), "seed", config.seed, "an integer")
+  parse_seeds(config)
+  parse_stages(config)
+  _one_of(config, "resume", RESUME)
+  _one_of(config, "data.name", DATASETS)
+  _require(isinstance(config.data.image_size, int) and 8 <= config.data.image_size <= 1024,
+           "data.image_size", config.data.image_size, "an integer from 8 to 1024")
+  for key in ("val_fraction", "test_fraction"):
+    v = config.data[key]
+    _require(isinstance(v, (int, float)) and 0 <= v < 1, f"data.{key}", v, "a fraction in [0, 1)")
+  _one_of(config, "data.augment", ("crop_flip", "none"))
+  _require(isinstance(config.data.num_threads, int) and config.data.num_threads >= 0,
+           "data.num_threads", config.data.num_threads, "an integer >= 0")
+
+  _one_of(config, "model.backbone", BACKBONES)
+  _one_of(config, "model.head", HEADS)
+  _one_of(config, "model.activation", ACTIVATIONS)
+  _one_of(config, "model.dtype", ("float32", "bfloat16"))
+  _require(isinstance(config.model.head_width, int) and config.model.head_width > 0,
+           "model.head_width", config.model.head_width, "a positive integer")
+  _require(0 <= config.model.dropout < 1, "model.dropout", config.model.dropout, "a fraction in [0, 1)")
+  _require(0 <= config.model.backbone_lr_mult, "model.backbone_lr_mult",
+           config.model.backbone_lr_mult, "a number >= 0")
+
+  t = config.train
+  for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "max_checkpoints"):
+    _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "a positive integer")
+  _one_of(config, "train.optimizer", OPTIMIZERS)
+  _one_of(config, "train.base_optimizer", BASE_OPTIMIZERS)
+  _one_of(config, "train.schedule", SCHEDULES)
+  _one_of(config, "train.sam_perturbation", SAM_PERTURBATIONS)
+  _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a number > 0")
+  _require(t.sam_rho >= 0, "train.sam_rho", t.sam_rho, "a number >= 0")
+  _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+  _require(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "a fraction in [0, 1)")
+  _require(isinstance(config.finetune.epochs, int) and config.finetune.epochs >= 0,
+           "finetune.epochs", config.finetune.epochs, "an integer >= 0")
+  _require(config.finetune.learning_rate > 0, "finetune.learning_rate",
+           config.finetune.learning_rate, "a number > 0")
+
+  mk = config.mistake
+  _require(isinstance(mk.enabled, bool), "mistake.enabled", mk.enabled, "true or false")
+  nwpc = mk.nwpc
+  ok = nwpc == "auto" or (isinstance(nwpc, int) and not isinstance(nwpc, bool) and nwpc >= 0) or (
+      isinstance(nwpc, float) and 0 < nwpc <= 1)
+  _require(ok, "mistake.nwpc", nwpc, "'auto', a class count >= 0, or a fraction of the classes in (0, 1]")
+  if num_classes is not None and isinstance(nwpc, int) and not isinstance(nwpc, bool):
+    _require(nwpc <= num_classes, "mistake.nwpc", nwpc,
+             f"at most the number of classes ({num_classes})")
+  r = mk.nsamples_ratio
+  _require(isinstance(r, (int, float)) and not isinstance(r, bool) and r >= 0,
+           "mistake.nsamples_ratio", r, "a number >= 0 (0.5 adds half the class size)")
+
+  g = config.gan
+  _one_of(config, "gan.resolution", GAN_RESOLUTIONS)
+  _one_of(config, "gan.ensemble", GAN_ENSEMBLES)
+  _one_of(config, "gan.recon_loss", RECON_LOSSES)
+  for key in ("steps", "batch_size", "ngf", "ndf", "nz", "chunk_size", "sample_every",
+              "checkpoint_every", "log_every"):
+    _require(isinstance(g[key], int) and g[key] > 0, f"gan.{key}", g[key], "a positive integer")
+  _require(0 <= g.ema_decay < 1, "gan.ema_decay", g.ema_decay, "a number in [0, 1)")
+  policies = [p for p in str(g.diffaug).split(",") if p]
+  _require(all(p in ("color", "translation", "cutout") for p in policies), "gan.diffaug", g.diffaug,
+           "a comma-separated subset of color,translation,cutout (or empty)")

@@ -1,0 +1,28 @@
+"""Errors a user can act on.
+
+A `UserError` is a mistake in the user's input (config, data, workdir): `mdjax.main` prints its
+message on one line and exits with status 2, without a traceback. Everything else is a bug and
+keeps its traceback.
+"""
+
+
+class UserError(Exception):
+  """A problem the user can fix; the message says what was wrong and what to do."""
+
+  exit_code = 2
+
+
+class ConfigError(UserError):
+  """A config key has a value mdjax cannot use."""
+
+  def __init__(self, key: str, value, allowed: str):
+    self.key, self.value, self.allowed = key, value, allowed
+    super().__init__(f"config.{key}={value!r} is not valid: expected {allowed}.")
+
+
+class DataError(UserError):
+  """Data is missing, unreadable or laid out in a way mdjax does not understand."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or infinite loss."""
