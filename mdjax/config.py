@@ -291,6 +291,12 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
            config.finetune.learning_rate, "a number > 0")
 
   mk = config.mistake
+  if isinstance(mk.nwpc, str) and mk.nwpc != "auto":
+    # A command-line override of a str-typed key arrives as text ("--config.mistake.nwpc=3").
+    parsed = _parse_value(mk.nwpc)
+    if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+      with mk.ignore_type():
+        mk.nwpc = parsed
   _require(isinstance(mk.enabled, bool), "mistake.enabled", mk.enabled, "true or false")
   nwpc = mk.nwpc
   ok = nwpc == "auto" or (isinstance(nwpc, int) and not isinstance(nwpc, bool) and nwpc >= 0) or (

@@ -1,0 +1,1 @@
+"""Datasets (registry, sources) and the grain input pipeline."""

@@ -1,0 +1,119 @@
+"""Runs mistake-driven training: `python -m mdjax.main --config=configs/cars.py --workdir=DIR`.
+
+Flags:
+  --config   a config file with `get_config(arg)`, optionally `:arg` (default configs/default.py);
+             any key can be overridden: --config.train.epochs=3
+  --workdir  where the run's stages write their outputs; rerunning resumes it. Default:
+             runs/<config name>-<hash of the config>, so the same command resumes the same run.
+
+A mistake in the command line, the config or the data prints one line starting with
+"mdjax: error:" and exits with status 2; the traceback is kept for bugs only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mdjax import config as config_lib
+from mdjax.errors import UserError
+
+_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _default_config_path() -> str:
+  local = os.path.join("configs", "default.py")
+  return local if os.path.exists(local) else os.path.join(_REPO_CONFIGS, "default.py")
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>-<hash>).")
+
+
+def _define_config_flag():
+  # ml_collections reads sys.argv while the flag is defined (to register the overrides), so a bad
+  # override already fails here: defining it inside parse_flags lets that become one clear line.
+  return config_flags.DEFINE_config_file("config", _default_config_path(), "mdjax config file[:arg]",
+                                         lock_config=False)
+
+
+def fail(message: str, code: int = 2):
+  print(f"mdjax: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _unknown_key_message(argv: list[str], error: Exception) -> str:
+  name = str(error).strip("\"'")
+  for token in argv:
+    if token.startswith("--config.") and re.search(rf"\b{re.escape(name)}\b", token.split("=")[0]):
+      key = token.split("=")[0][len("--config."):]
+      return (f"unknown config key {key!r} (from {token}); the keys are those of "
+              "mdjax/config.py:base_config(), e.g. --config.train.epochs=3")
+  return f"unknown config key {name!r}; the keys are those of mdjax/config.py:base_config()"
+
+
+def _one_line(error: Exception) -> str:
+  return " ".join(str(error).split())
+
+
+def parse_flags(argv: list[str]):
+  """absl flag parsing, with every user mistake turned into one line and exit status 2.
+
+  Returns the remaining arguments and the config.
+  """
+  try:
+    config_flag = _define_config_flag()
+    rest = flags.FLAGS(argv)
+    config = config_flag.value
+    config.to_dict()  # a config file that failed to load raises only when first read
+    return rest, config
+  except UserError as e:
+    fail(str(e))
+  except flags.Error as e:
+    fail(_one_line(e).replace("flag --", "--"))
+  except AttributeError as e:
+    fail(_unknown_key_message(argv, e))
+  except (OSError, SyntaxError, ImportError) as e:
+    fail(f"cannot load the config file ({_one_line(e)}); pass --config=PATH/TO/config.py[:arg]")
+  except (TypeError, ValueError) as e:
+    fail(f"bad config override: {_one_line(e)}")
+
+
+def config_name(argv: list[str]) -> str:
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "default")
+  path, _, arg = spec.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return stem + (("-" + re.sub(r"[^A-Za-z0-9.=]+", "_", arg)) if arg else "")
+
+
+def default_workdir(config, argv: list[str]) -> str:
+  digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+  return os.path.join("runs", f"{config_name(argv)}-{digest[:8]}")
+
+
+def main() -> None:
+  argv, config = parse_flags(sys.argv)
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; use --config=... and --workdir=...")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    config_lib.validate(config)
+    workdir = _WORKDIR.value or default_workdir(config, sys.argv)
+    # Imported late: keeps `--help` and config errors fast (no JAX start-up).
+    from mdjax.pipeline import run  # pylint: disable=g-import-not-at-top
+    run.run(config, workdir)
+  except UserError as e:
+    fail(str(e), e.exit_code)
+  except KeyboardInterrupt:
+    print("\nmdjax: interrupted; finished stages and the last checkpoint are kept. "
+          "Run the same command again to resume.", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  main()
