@@ -1,0 +1,254 @@
+"""Generating images from the per-class GANs and storing them so a crash never fakes a result.
+
+Layout of a generated set (the fine-tuning stage reads it with `load_generated`):
+
+    <out_dir>/
+      class_0003/000000.png ...     one directory per class, named by class index
+      index.json                    every image: file, class index, class name, source GAN step
+      COMPLETE                      written last; holds the image count and the index's sha256
+
+Atomicity: everything is written into a temporary sibling directory `.<name>.tmp-<uuid>` (same
+filesystem, so the rename is atomic), every file and the directory are fsync'ed, the directory is
+renamed onto `<out_dir>` (an existing set is first moved aside, since POSIX cannot rename onto a
+non-empty directory) and only then is `COMPLETE` written (itself via write-temp-then-rename). A run
+killed at any point leaves either the previous complete set, or a directory without `COMPLETE`,
+which `load_generated` refuses; rerunning the generation replaces it. Stale temporary directories
+from killed runs are removed by the next write (one writer per target directory is assumed).
+
+PNG is lossless, so what is read back is bit-identical to what the generator produced (after the
+[-1, 1] -> uint8 quantisation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+from mdjax.errors import DataError
+
+INDEX_FILE = "index.json"
+COMPLETE_FILE = "COMPLETE"
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling.
+# ------------------------------------------------------------------------------------------------
+def to_uint8(images) -> np.ndarray:
+  """Generator output float [-1, 1] -> uint8 [0, 255] (round to nearest, clipped)."""
+  images = np.asarray(images, np.float32)
+  return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def generate_images(sample_fn: Callable[[Any, jax.Array, int], jax.Array], state, n: int,
+                    rng: jax.Array, *, batch_size: int = 64) -> np.ndarray:
+  """Draws `n` images from one GAN in batches; returns uint8 [n, R, R, 3].
+
+  Args:
+    sample_fn: `(state, rng, n) -> float [n, R, R, 3] in [-1, 1]` from the EMA generator (the
+      contract's `sample` with the config bound); jitted here with `n` static.
+    state: that class's GAN state.
+    rng: key; batch i uses `fold_in(rng, i)`, so a rerun with the same `batch_size` gives the
+      same images.
+    batch_size: images per generator call; every call uses this size (one compile), the surplus
+      of the last batch is dropped.
+  """
+  if n <= 0:
+    return np.zeros((0,), np.uint8)
+  sample = jax.jit(sample_fn, static_argnums=2)
+  batches = []
+  for i in range(-(-n // batch_size)):
+    batches.append(to_uint8(sample(state, jax.random.fold_in(rng, i), batch_size)))
+  return np.concatenate(batches)[:n]
+
+
+# ------------------------------------------------------------------------------------------------
+# Small atomic-file helpers.
+# ------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+  with open(path, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+  """Writes `path` so readers see the old file or the whole new one, never a prefix."""
+  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+  _write_bytes(tmp, data)
+  os.replace(tmp, path)
+  _fsync_dir(path.parent)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+  """One image file (fsync'ed). Module-level so tests can simulate a crash mid-set."""
+  _write_bytes(path, _png_bytes(image))
+
+
+# ------------------------------------------------------------------------------------------------
+# Grids.
+# ------------------------------------------------------------------------------------------------
+def make_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+  """uint8 [n, H, W, 3] -> one uint8 image with the n images on a grid (white padding)."""
+  images = np.asarray(images)
+  n, h, w, c = images.shape
+  ncols = ncols or int(np.ceil(np.sqrt(n)))
+  nrows = -(-n // ncols)
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, ncols)
+    y, x = pad + r * (h + pad), pad + col * (w + pad)
+    grid[y:y + h, x:x + w] = image
+  return grid
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, *, ncols: int | None = None) -> Path:
+  """Writes a PNG grid of uint8 images atomically; returns the path."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _atomic_write_bytes(path, _png_bytes(make_grid(images, ncols=ncols)))
+  return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Generated sets.
+# ------------------------------------------------------------------------------------------------
+def _class_dir(class_index: int) -> str:
+  return f"class_{int(class_index):04d}"
+
+
+def is_complete(out_dir: str | os.PathLike) -> bool:
+  """Whether `out_dir` holds a generated set whose writing finished."""
+  return (Path(out_dir) / COMPLETE_FILE).is_file()
+
+
+def write_generated(out_dir: str | os.PathLike, images_by_class: Mapping[int, np.ndarray], *,
+                    class_names: Sequence[str] | Mapping[int, str] | None = None,
+                    source_step: int | Mapping[int, int] | None = None) -> Path:
+  """Stores generated images atomically (see the module docstring); replaces an existing set.
+
+  Args:
+    out_dir: target directory.
+    images_by_class: {class index: uint8 [N, R, R, 3]}.
+    class_names: names indexed by class index (list over all classes, or a mapping).
+    source_step: the GAN step the images come from (one int, or per class).
+  Returns:
+    The final directory.
+  """
+  out_dir = Path(out_dir)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+    shutil.rmtree(stale, ignore_errors=True)
+  for stale in out_dir.parent.glob(f".{out_dir.name}.old-*"):
+    shutil.rmtree(stale, ignore_errors=True)
+
+  def name_of(k):
+    if class_names is None:
+      return str(k)
+    return str(class_names[k])
+
+  def step_of(k):
+    if source_step is None or isinstance(source_step, (int, np.integer)):
+      return None if source_step is None else int(source_step)
+    return int(source_step[k])
+
+  tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+  tmp.mkdir()
+  entries, classes = [], []
+  for k in sorted(images_by_class):
+    images = np.asarray(images_by_class[k])
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"class {k}: expected uint8 [N, H, W, 3], got {images.dtype} {images.shape}.")
+    cdir = tmp / _class_dir(k)
+    cdir.mkdir()
+    for i, image in enumerate(images):
+      rel = f"{_class_dir(k)}/{i:06d}.png"
+      _write_png(tmp / rel, image)
+      entries.append({"file": rel, "class_index": int(k), "class_name": name_of(k),
+                      "source_step": step_of(k)})
+    _fsync_dir(cdir)
+    classes.append({"class_index": int(k), "class_name": name_of(k), "count": len(images),
+                    "source_step": step_of(k)})
+  index = json.dumps({"version": FORMAT_VERSION, "num_images": len(entries), "classes": classes,
+                      "images": entries}, indent=1).encode()
+  _write_bytes(tmp / INDEX_FILE, index)
+  _fsync_dir(tmp)
+
+  old = None
+  if out_dir.exists():
+    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex}"
+    os.replace(out_dir, old)
+  os.replace(tmp, out_dir)
+  _fsync_dir(out_dir.parent)
+  marker = {"num_images": len(entries), "index_sha256": hashlib.sha256(index).hexdigest()}
+  _atomic_write_bytes(out_dir / COMPLETE_FILE, json.dumps(marker).encode())
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+  return out_dir
+
+
+def read_index(out_dir: str | os.PathLike) -> dict:
+  """The index of a complete generated set (raises DataError for a missing or incomplete set)."""
+  out_dir = Path(out_dir)
+  how_to_fix = "Rerun the generate stage (it rewrites the set), or delete the directory."
+  if not out_dir.is_dir():
+    raise DataError(f"No generated images at {out_dir}: the directory does not exist. "
+                    "Run the generate stage first.")
+  if not is_complete(out_dir):
+    raise DataError(f"The generated set at {out_dir} is incomplete (no {COMPLETE_FILE} marker): "
+                    f"its writing was interrupted. {how_to_fix}")
+  marker = json.loads((out_dir / COMPLETE_FILE).read_text())
+  index_bytes = (out_dir / INDEX_FILE).read_bytes()
+  if hashlib.sha256(index_bytes).hexdigest() != marker["index_sha256"]:
+    raise DataError(f"The generated set at {out_dir} is inconsistent: {INDEX_FILE} does not match "
+                    f"the {COMPLETE_FILE} marker (modified after writing?). {how_to_fix}")
+  index = json.loads(index_bytes)
+  if index.get("version") != FORMAT_VERSION or len(index["images"]) != marker["num_images"]:
+    raise DataError(f"The generated set at {out_dir} has an unexpected format. {how_to_fix}")
+  return index
+
+
+def load_generated(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a complete generated set: (images uint8 [N, R, R, 3], labels int32 [N]).
+
+  Refuses (DataError) a directory whose writing did not finish, or whose files are missing.
+  """
+  out_dir = Path(out_dir)
+  index = read_index(out_dir)
+  images, labels = [], []
+  for entry in index["images"]:
+    path = out_dir / entry["file"]
+    if not path.is_file():
+      raise DataError(f"The generated set at {out_dir} lacks {entry['file']} listed in its index. "
+                      "Rerun the generate stage.")
+    with Image.open(path) as im:
+      images.append(np.asarray(im.convert("RGB")))
+    labels.append(entry["class_index"])
+  if not images:
+    return np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0,), np.int32)
+  return np.stack(images), np.asarray(labels, np.int32)
