@@ -106,7 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
   f.epochs = 20
   f.learning_rate = 1e-3
 
-  c.mistake = mk = ml_collections.ConfigDict()
+  # Not type-safe: nwpc is "auto", a count or a fraction, so configs may assign any of these.
+  c.mistake = mk = ml_collections.ConfigDict(type_safe=False)
   mk.enabled = True
   # Number of worst-performing classes: "auto" (ceil(0.2 n) above 20 classes, else ceil(0.5 n)),
   # a count (int >= 0), or a fraction of n in (0, 1] rounded up.

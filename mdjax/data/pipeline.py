@@ -6,9 +6,10 @@ same order on any machine and any number of processes. The position in the strea
 function of the training step, which is why a checkpoint only needs the step to resume the data
 exactly (`train_batches(start_step=...)`).
 
-Multi-process: every process shuffles the full dataset identically, takes its own strided part
-(`jax.process_index()`), batches `global_batch / process_count` examples and contributes them to
-one global jax.Array sharded over the "data" axis of a mesh of all devices.
+Multi-process: every process shuffles the full dataset identically and reads only its own
+contiguous slice of each global batch (`jax.process_index()`), so the global batches do not
+depend on the number of processes; the slices become one global jax.Array sharded over the
+"data" axis of a mesh of all devices.
 """
 
 from __future__ import annotations
@@ -113,13 +114,15 @@ def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int
                       f"at most the training set size ({len(source)} examples)")
   transform = train_transform(image_size, augment)
   options = _read_options(num_threads, prefetch, local_batch)
-  pid, nproc = jax.process_index(), jax.process_count()
+  pid = jax.process_index()
 
   def epoch_batches(epoch: int, first: int):
     s = _epoch_seed(seed, epoch)
-    ds = grain.MapDataset.source(source).shuffle(seed=s)
-    ds = ds[pid::nproc].random_map(transform, seed=s)
-    ds = ds.batch(local_batch, drop_remainder=True)[first:steps]
+    # Shuffle and augment by global position, then let each process gather its slice of every
+    # global batch: the global batches are the same whatever the number of processes.
+    ds = grain.MapDataset.source(source).shuffle(seed=s).random_map(transform, seed=s)
+    positions = _local_positions(steps, batch_size, local_batch, pid)[first * local_batch:]
+    ds = grain.MapDataset.source(_Gather(ds, positions)).batch(local_batch, drop_remainder=True)
     return iter(ds.to_iter_dataset(options))
 
   start_epoch, first = divmod(start_step, steps)
@@ -128,18 +131,25 @@ def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int
   return _place(stream, batch_sharding(mesh)) if place else stream
 
 
-class _Padded:
-  """The eval order of `source`, padded with masked copies of example 0 to whole global batches."""
+def _local_positions(num_batches: int, batch_size: int, local_batch: int, pid: int) -> np.ndarray:
+  """Positions of this process's examples: the pid-th contiguous slice of every global batch."""
+  starts = np.arange(num_batches)[:, None] * batch_size + pid * local_batch
+  return (starts + np.arange(local_batch)[None, :]).reshape(-1)
 
-  def __init__(self, source: Source, indices: np.ndarray, mask: np.ndarray):
-    self.source, self.indices, self.mask = source, indices, mask
+
+class _Gather:
+  """Elements `positions` of `parent` (a source or MapDataset), optionally with an eval mask."""
+
+  def __init__(self, parent, positions: np.ndarray, mask: np.ndarray | None = None):
+    self.parent, self.positions, self.mask = parent, positions, mask
 
   def __len__(self):
-    return len(self.indices)
+    return len(self.positions)
 
   def __getitem__(self, i):
-    element = dict(self.source[int(self.indices[i])])
-    element["mask"] = self.mask[i]
+    element = self.parent[int(self.positions[i])]
+    if self.mask is not None:
+      element = {**element, "mask": self.mask[i]}
     return element
 
 
@@ -155,14 +165,10 @@ def eval_batches(source: Source, *, batch_size: int, image_size: int,
   local_batch = _check_batch(batch_size, mesh, "eval batch size")
   n = len(source)
   num_batches = max(1, math.ceil(n / batch_size))
-  order = np.arange(num_batches * batch_size)
-  mask = (order < n).astype(np.float32)
-  order = np.where(order < n, order, 0)
-  # Process p takes the p-th contiguous slice of every global batch.
-  pid = jax.process_index()
-  local = order.reshape(num_batches, -1, local_batch)[:, pid].reshape(-1)
-  local_mask = mask.reshape(num_batches, -1, local_batch)[:, pid].reshape(-1)
-  ds = grain.MapDataset.source(_Padded(source, local, local_mask)).map(eval_transform(image_size))
+  positions = _local_positions(num_batches, batch_size, local_batch, jax.process_index())
+  mask = (positions < n).astype(np.float32)
+  positions = np.where(positions < n, positions, 0)  # padding: masked copies of example 0
+  ds = grain.MapDataset.source(_Gather(source, positions, mask)).map(eval_transform(image_size))
   ds = ds.batch(local_batch)
   stream = iter(ds.to_iter_dataset(_read_options(num_threads, prefetch, local_batch)))
   return _place(stream, batch_sharding(mesh)) if place else stream

@@ -1,0 +1,138 @@
+"""Config files, argument strings, validation, and the command line's one-line errors."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mdjax import config as config_lib
+from mdjax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = ["default", "cifar10", "caltech101", "cars", "heritage", "ham10000"]
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg), module
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_file_validates_and_documents_its_command(name):
+  config, module = load_config(name)
+  config_lib.validate(config)
+  assert config.data.name == ("digits" if name == "default" else name)
+  assert f"configs/{name}.py" in module.__doc__  # the docstring shows the command that runs it
+
+
+def test_paper_hyperparameters():
+  cifar, _ = load_config("cifar10")
+  cars, _ = load_config("cars")
+  assert (cifar.train.epochs, cifar.finetune.epochs, cifar.train.batch_size) == (30, 30, 28)
+  assert (cars.train.epochs, cars.train.batch_size) == (20, 20)
+  assert cars.mistake.nsamples_ratio == 0.5
+  assert config_lib.nwpc_count("auto", 196) == 40  # ceil(0.2 n) above 20 classes
+  assert config_lib.nwpc_count("auto", 10) == 5  # ceil(0.5 n) otherwise
+  assert config_lib.nwpc_count("auto", 7) == 4
+  assert config_lib.nwpc_count(0.25, 10) == 3  # a fraction, rounded up
+  assert config_lib.nwpc_count(3, 10) == 3
+
+
+def test_argument_string_selects_ablations():
+  config, _ = load_config("cars", "optimizer=adam,activation=gelu,backbone=efficientnet_b7,nwpc=7")
+  assert config.train.optimizer == "adam"
+  assert config.model.activation == "gelu"
+  assert config.model.backbone == "efficientnet_b7"
+  assert config.mistake.nwpc == 7
+  config_lib.validate(config)
+
+
+def test_smoke_shrinks_every_config():
+  for name in CONFIG_FILES:
+    config, _ = load_config(name, "smoke")
+    config_lib.validate(config)
+    assert config.train.epochs <= 2 and config.gan.steps <= 50 and config.data.image_size <= 32
+
+
+@pytest.mark.parametrize("arg", ["smok", "no_such_key=1", "train.nope=2"])
+def test_bad_argument_string(arg):
+  with pytest.raises(ConfigError):
+    load_config("default", arg)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("data.name", "imagenet", "one of digits"),
+    ("model.backbone", "vgg", "one of wrn16_4"),
+    ("model.activation", "tanh", "one of selu"),
+    ("train.optimizer", "lamb", "one of sgd"),
+    ("train.batch_size", 0, "a positive integer"),
+    ("mistake.nwpc", -1, "'auto', a class count"),
+    ("mistake.nwpc", 1.5, "'auto', a class count"),
+    ("mistake.nsamples_ratio", -0.5, "a number >= 0"),
+    ("gan.resolution", 48, "one of 32"),
+    ("gan.ensemble", "pmap", "one of auto"),
+    ("gan.diffaug", "color,blur", "subset of color"),
+    ("data.val_fraction", 1.5, "a fraction"),
+    ("stages", "train,dream", "subset of train"),
+    ("seeds", "0,x", "comma-separated integers"),
+])
+def test_validation_names_key_value_and_allowed(key, value, fragment):
+  config = config_lib.base_config()
+  section, _, leaf = key.rpartition(".")
+  node = config[section] if section else config
+  with node.ignore_type():
+    node[leaf] = value
+  with pytest.raises(ConfigError) as info:
+    config_lib.validate(config)
+  message = str(info.value)
+  assert f"config.{key}=" in message and fragment in message and "\n" not in message
+
+
+def test_nwpc_larger_than_number_of_classes():
+  config = config_lib.base_config()
+  config.mistake.nwpc = 11
+  config_lib.validate(config)  # unknown class count: fine
+  with pytest.raises(ConfigError, match=r"at most the number of classes \(10\)"):
+    config_lib.validate(config, num_classes=10)
+
+
+def test_nwpc_override_given_as_text_becomes_a_number():
+  config = config_lib.base_config()
+  config.mistake.nwpc = "3"
+  config_lib.validate(config)
+  assert config.mistake.nwpc == 3
+
+
+def run_main(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "mdjax.main", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config.no_such=1"], "unknown config key 'no_such'"),
+    (["--config.train.epochs=abc"], "--config.train.epochs=abc"),
+    (["--config.model.backbone=vgg"], "config.model.backbone='vgg'"),
+    (["--config=configs/nope.py"], "cannot load the config file"),
+    (["--config=configs/default.py:smok"], "'smok'"),
+])
+def test_command_line_errors_are_one_line_with_status_2(args, fragment):
+  result = run_main(*args)
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.startswith("mdjax: error:")]
+  assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_missing_dataset_says_where_and_how_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_main("--config=configs/cars.py", f"--workdir={workdir}",
+                    env={"MDJAX_DATA_DIR": str(tmp_path / "data")})
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert "Stanford Cars not found" in result.stderr and str(tmp_path / "data" / "cars") in result.stderr
+  assert "car_data.zip" in result.stderr and "--config.data.root" in result.stderr
+  assert not workdir.exists()

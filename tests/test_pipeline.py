@@ -1,0 +1,126 @@
+"""The grain input pipeline: determinism, resumption, sharding, exact evaluation coverage."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mdjax.data import pipeline
+from mdjax.data.sources import ArraySource
+from mdjax.errors import ConfigError
+
+
+def make_source(n=50, size=12, num_classes=5):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+  # Example i carries its own index in pixel (0, 0, 0) so batches can be traced back to examples.
+  images[:, 0, 0, 0] = np.arange(n)
+  return ArraySource(images, np.arange(n) % num_classes)
+
+
+def ids(batch):
+  return np.round(np.asarray(batch["image"])[:, 0, 0, 0] * 255).astype(int)
+
+
+def take(it, k):
+  return [next(it) for _ in range(k)]
+
+
+def test_train_batches_are_deterministic_sharded_and_reshuffled_per_epoch():
+  src = make_source()
+  mesh = pipeline.data_mesh()
+  assert mesh.size == 4
+  kw = dict(batch_size=8, image_size=12, seed=3, mesh=mesh, augment=False)
+  a, b = take(pipeline.train_batches(src, **kw), 12), take(pipeline.train_batches(src, **kw), 12)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+  batch = a[0]
+  assert batch["image"].shape == (8, 12, 12, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].dtype == np.int32
+  assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert {s.data.shape[0] for s in batch["image"].addressable_shards} == {2}
+  steps = pipeline.steps_per_epoch(len(src), 8)
+  assert steps == 6
+  epoch0 = np.concatenate([ids(x) for x in a[:steps]])
+  epoch1 = np.concatenate([ids(x) for x in a[steps:2 * steps]])
+  assert len(set(epoch0)) == 48 and len(set(epoch1)) == 48  # no repeats within an epoch
+  assert not np.array_equal(epoch0, epoch1)  # reshuffled
+  np.testing.assert_array_equal(np.asarray(a[0]["label"]), ids(a[0]) % 5)  # labels follow images
+  other = take(pipeline.train_batches(src, **{**kw, "seed": 4}), 1)[0]
+  assert not np.array_equal(ids(other), ids(a[0]))
+
+
+def test_resuming_at_a_step_continues_the_same_stream():
+  src = make_source()
+  kw = dict(batch_size=8, image_size=12, seed=1, augment=True)
+  full = take(pipeline.train_batches(src, **kw), 14)
+  resumed = take(pipeline.train_batches(src, start_step=9, **kw), 5)
+  for x, y in zip(full[9:], resumed):
+    np.testing.assert_array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+
+
+def test_augmentation_crops_and_flips_within_range():
+  src = make_source(n=16, size=16)
+  plain = take(pipeline.train_batches(src, batch_size=16, image_size=16, seed=0, augment=False), 1)[0]
+  aug = take(pipeline.train_batches(src, batch_size=16, image_size=16, seed=0, augment=True), 1)[0]
+  x, y = np.asarray(plain["image"]), np.asarray(aug["image"])
+  assert x.min() >= 0 and y.max() <= 1 and x.shape == y.shape
+  assert not np.array_equal(x, y)
+  np.testing.assert_array_equal(np.asarray(plain["label"]), np.asarray(aug["label"]))
+
+
+def test_resize_to_image_size():
+  src = make_source(n=8, size=20)
+  batch = take(pipeline.train_batches(src, batch_size=8, image_size=10, seed=0), 1)[0]
+  assert batch["image"].shape == (8, 10, 10, 3)
+
+
+@pytest.mark.parametrize("n, batch", [(50, 8), (8, 8), (3, 8), (33, 4)])
+def test_eval_batches_cover_every_example_exactly_once(n, batch):
+  src = make_source(n=n)
+  seen, masked = [], 0.0
+  for b in pipeline.eval_batches(src, batch_size=batch, image_size=12):
+    assert b["image"].shape[0] == batch
+    mask = np.asarray(b["mask"])
+    seen.extend(ids(b)[mask > 0].tolist())
+    masked += mask.sum()
+  assert sorted(seen) == list(range(n)) and masked == n
+
+
+def test_batch_size_must_divide_over_devices():
+  with pytest.raises(ConfigError, match="multiple of the number of devices"):
+    next(pipeline.train_batches(make_source(), batch_size=6, image_size=12, seed=0))
+  with pytest.raises(ConfigError, match="at most the training set size"):
+    next(pipeline.train_batches(make_source(n=4), batch_size=8, image_size=12, seed=0))
+  assert pipeline.eval_batch_size(10, pipeline.data_mesh()) == 12
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_build_one_global_batch(tmp_path):
+  """Two local JAX processes, 2 CPU devices each: their parts form the single-process batch."""
+  worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
+  port = _free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  parts = [np.load(tmp_path / f"ids_{i}.npy") for i in range(2)]
+  src = make_source()
+  single = take(pipeline.train_batches(src, batch_size=8, image_size=12, seed=5, augment=False), 3)
+  # Process p holds the p-th half of every global batch of the single-process stream.
+  for step in range(3):
+    np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), ids(single[step]))
+  ev = [np.load(tmp_path / f"eval_{i}.npy") for i in range(2)]
+  assert sorted(np.concatenate(ev).tolist()) == list(range(50))
