@@ -16,7 +16,7 @@ import ml_collections
 from mdjax.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "caltech101", "cars", "heritage", "ham10000", "folder")
-BACKBONES = ("wrn16_4", "wrn28_10", "resnet18", "resnet50", "wrn101", "efficientnet_b0",
+BACKBONES = ("wrn10_1", "wrn10_2", "wrn16_2", "wrn16_4", "wrn28_10", "resnet18", "resnet50", "wrn101", "efficientnet_b0",
              "efficientnet_b7", "efficientnet_lite0")
 HEADS = ("linear", "spinal", "progressive_spinal")
 ACTIVATIONS = ("selu", "gelu", "relu", "mish", "swish")
@@ -165,7 +165,7 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
   """Shrinks any config to a run of a minute or two on a 2-core CPU, keeping its structure."""
   config.data.image_size = min(config.data.image_size, 32)
-  config.model.backbone = "wrn16_4" if config.model.backbone != "efficientnet_lite0" else config.model.backbone
+  config.model.backbone = "wrn10_1"
   config.model.head_width = 32
   config.train.epochs = 2
   config.train.batch_size = 32

@@ -42,6 +42,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SHIPPED_WEIGHTS = ("efficientnet_lite0",)
 
 
+# CIFAR-style Wide-ResNets (depth, width). The small ones make CPU smoke runs and tests fast:
+# on this 2-core CPU a batch-32 gradient of WRN-10-1 takes ~0.07 s against ~4.5 s for WRN-16-4.
+CIFAR_WRNS = {"wrn10_1": (10, 1), "wrn10_2": (10, 2), "wrn16_2": (16, 2), "wrn16_4": (16, 4),
+              "wrn28_10": (28, 10)}
+
+
 class Classifier(nn.Module):
   """normalise -> backbone (pooled features [B, F]) -> head (logits [B, num_classes])."""
 
@@ -73,10 +79,8 @@ class Classifier(nn.Module):
 
 def build_backbone(name: str, dtype=jnp.float32) -> nn.Module:
   """A backbone module returning pooled features; `.num_features` gives F."""
-  if name == "wrn16_4":
-    return wrn.WideResNet(16, 4, dtype=dtype)
-  if name == "wrn28_10":
-    return wrn.WideResNet(28, 10, dtype=dtype)
+  if name in CIFAR_WRNS:
+    return wrn.WideResNet(*CIFAR_WRNS[name], dtype=dtype)
   if name == "resnet18":
     return resnet.resnet18(dtype)
   if name == "resnet50":
