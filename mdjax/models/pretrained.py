@@ -129,7 +129,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], template, *,
   params_t = _flat(template.get("params", {}))
   stats_t = _flat(template.get("batch_stats", {}))
   out = {"params": {}, "batch_stats": {}}
-  unexpected, mismatched = [], []
+  unexpected, mismatched, seen = [], [], set()
   for key, value in state_dict.items():
     modules, leaf = torch_key_to_path(key)
     if leaf == "num_batches_tracked":
@@ -152,16 +152,23 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], template, *,
     if expected is None:
       unexpected.append(key)
       continue
-    if name == "kernel" and value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C) too)
-    elif name == "kernel" and value.ndim == 2:
-      value = value.T
-    if tuple(value.shape) != tuple(expected.shape):
-      mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(expected.shape)}")
+    # OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C) too); Linear (out, in) -> (in, out).
+    perm = {4: (2, 3, 1, 0), 2: (1, 0)}.get(value.ndim) if name == "kernel" else None
+    if perm and len(expected.shape) == len(perm):
+      # Report shapes in torch's layout, which is what the user knows.
+      torch_shape = tuple(expected.shape[i] for i in np.argsort(perm))
+    else:
+      torch_shape = tuple(expected.shape)
+    if tuple(value.shape) != torch_shape:
+      mismatched.append(f"{key}: file {tuple(value.shape)} vs model {torch_shape}")
+      seen.add((collection, dest))
       continue
+    if perm:
+      value = value.transpose(perm)
     out[collection][dest] = np.asarray(value, dtype=expected.dtype)
-  missing = ["/".join(("params",) + p) for p in params_t if p not in out["params"]]
-  missing += ["/".join(("batch_stats",) + p) for p in stats_t if p not in out["batch_stats"]]
+    seen.add((collection, dest))
+  missing = ["/".join(("params",) + p) for p in params_t if ("params", p) not in seen]
+  missing += ["/".join(("batch_stats",) + p) for p in stats_t if ("batch_stats", p) not in seen]
   if missing or unexpected:
     raise UserError(
         f"{source} does not match {target}: {len(missing)} weights missing "
