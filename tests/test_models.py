@@ -237,3 +237,21 @@ def test_resolve_weights():
   assert models.resolve_weights("efficientnet_lite0", "random") == ""
   assert models.resolve_weights("resnet18", "") == ""
   assert models.resolve_weights("wrn101", "/x/wrn.pth") == "/x/wrn.pth"
+
+
+def test_mbconv_squeeze_excitation_and_drop_connect():
+  from mdjax.models import efficientnet  # pylint: disable=import-outside-toplevel
+  block = efficientnet.MBConv(3, 1, 6, 16, 16, se_ratio=0.25, drop_connect_rate=0.999, lite=False)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6, 6, 16)).astype(np.float32))
+  variables = random_variables(block, x)
+  p = variables["params"]
+  assert p["se_reduce"]["kernel"].shape == (1, 1, 96, 4)  # squeeze to int(16 * 0.25) channels
+  assert p["se_expand"]["kernel"].shape == (1, 1, 4, 96)
+  eval_out = block.apply(variables, x, train=False)
+  assert eval_out.shape == x.shape and not np.allclose(eval_out, x)
+  # In training the residual branch is dropped per sample (almost surely, at this rate).
+  train_out, _ = block.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)},
+                             mutable=["batch_stats"])
+  np.testing.assert_allclose(train_out, x, atol=1e-6)
+  lite = efficientnet.MBConv(3, 1, 6, 16, 16, se_ratio=0.0, drop_connect_rate=0.0, lite=True)
+  assert "se_reduce" not in shapes_of(lite, x)["params"]
