@@ -1,0 +1,1 @@
+"""Classifier training: pure jitted steps (`steps`) and the resumable loop (`classifier`)."""

@@ -1,0 +1,230 @@
+"""Pure, jitted classifier steps: the train state, one optimizer step, one evaluation step.
+
+Sharding: the whole `TrainState` is replicated (`NamedSharding(mesh, P())`) and every batch is
+sharded over the "data" mesh axis; the step is compiled once by `jax.jit` with those shardings and
+donates the old state. Classifiers fit on one device, so data parallelism is all mdjax needs; the
+same code runs unchanged on one CPU, several CPU devices in tests, and GPUs.
+
+Randomness: the state carries one key; the step's dropout key is `fold_in(state.rng, state.step)`,
+so a run resumed from a checkpoint draws exactly the keys the uninterrupted run would have.
+
+SAM (see mdjax.optim.sam): `config.train.sam_perturbation == "global"` is the plain jitted step,
+where the gradient is that of the global batch. "per_device" wraps the step body in `jax.shard_map`
+over "data": each device computes its own gradient and perturbation, and only g' (plus the loss,
+metrics and BatchNorm running averages) is averaged across devices. Plain optimizers always use the
+global form, for which the result does not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mdjax.errors import ConfigError
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a classifier run needs to continue: a pytree orbax can save as is."""
+  step: jax.Array  # int32 scalar: optimizer steps taken; also the input pipeline's position
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key (saves as a plain array)
+
+  @property
+  def variables(self) -> dict:
+    v = {"params": self.params}
+    if self.batch_stats:
+      v["batch_stats"] = self.batch_stats
+    return v
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """The same devices and axis names with Auto axis types.
+
+  `jax.make_mesh` makes Explicit axes by default, under which sharding is part of every array's
+  type; flax.linen layers are not written for that (Dropout's `select` of an unsharded mask with a
+  batch-sharded input is a ShardingTypeError). Steps therefore compile against the Auto form of
+  whatever mesh they are given; arrays placed on the Explicit mesh are accepted as they are."""
+  if all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(auto_mesh(mesh), P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(auto_mesh(mesh), P(DATA_AXIS))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Inside a jitted step: lays the batch out over "data" whatever the caller passed."""
+  return jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.shape[DATA_AXIS]
+  if batch_size % n:
+    raise ConfigError("train.batch_size", batch_size,
+                      f"a multiple of the number of devices ({n}); the batch is split evenly "
+                      "over the 'data' mesh axis")
+
+
+def _init_fn(model, tx, image_shape):
+  def init(rng, init_variables):
+    init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    if init_variables is None:
+      dummy = jnp.zeros((1, *image_shape), jnp.float32)
+      init_variables = model.init({"params": init_rng, "dropout": dropout_rng}, dummy, train=False)
+    params = init_variables["params"]
+    batch_stats = init_variables.get("batch_stats", {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=state_rng)
+  return init
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       image_shape: tuple[int, int, int], mesh: Mesh,
+                       init_variables: dict | None = None) -> TrainState:
+  """A replicated TrainState, created directly with its sharding (no host copy, no re-layout).
+
+  Args:
+    model: the classifier (flax.linen), called as `model.apply(v, images, train=...)`.
+    tx: the optimizer (mdjax.optim.make_optimizer).
+    rng: a raw uint32 key; split into init, dropout-at-init and the state's own key.
+    image_shape: (H, W, 3) of one input image.
+    mesh: the device mesh with a "data" axis.
+    init_variables: {"params", "batch_stats"} to start from (fine-tuning); a fresh optimizer state.
+  """
+  init = _init_fn(model, tx, image_shape)
+  return jax.jit(init, out_shardings=replicated(mesh))(rng, init_variables)
+
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                         image_shape: tuple[int, int, int], mesh: Mesh,
+                         init_variables: dict | None = None) -> TrainState:
+  """The state's shapes, dtypes and shardings without computing it (the target of a restore)."""
+  shapes = jax.eval_shape(_init_fn(model, tx, image_shape), rng, init_variables)
+  rep = replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Mean softmax cross-entropy with label smoothing (computed in float32)."""
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
+      if label_smoothing else jax.nn.one_hot(labels, num_classes)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def _global_norm(tree) -> jax.Array:
+  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, mesh: Mesh
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Returns `train_step(state, batch) -> (state, metrics)`, jitted once, donating `state`.
+
+  `batch` = {"image": float32 [B, H, W, 3] in [0, 1], "label": int32 [B]} sharded over "data"
+  (extra keys are ignored). `metrics` = {"loss", "accuracy", "grad_norm", "learning_rate"?} as
+  replicated device scalars: reading them is the only host sync, and the loop does it only at
+  logging points. `grad_norm` is that of the first (unperturbed) gradient; a non-finite gradient
+  shows up there before it reaches the loss.
+  """
+  t = config.train
+  label_smoothing = float(t.get("label_smoothing", 0.0))
+  per_device = t.optimizer == "sam" and t.get("sam_perturbation", "global") == "per_device"
+
+  def loss_fn(params, batch_stats, images, labels, rng):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                  mutable=["batch_stats"])
+    loss = cross_entropy(logits, labels, label_smoothing)
+    return loss, (logits, updates.get("batch_stats", batch_stats))
+
+  def body(state: TrainState, images, labels, axis_name=None):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:  # a different dropout mask on every device
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, images, labels, rng)
+
+    def sam_grad_fn(params):
+      # Old batch statistics, same batch and dropout mask: only the weights move. The BatchNorm
+      # updates of this second pass are dropped (statistics come from the unperturbed pass).
+      g = jax.grad(lambda p: loss_fn(p, state.batch_stats, images, labels, rng)[0])(params)
+      return g if axis_name is None else jax.lax.pmean(g, axis_name)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss,
+               "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+               "grad_norm": _global_norm(grads)}
+    if axis_name is not None:
+      metrics = jax.lax.pmean(metrics, axis_name)
+      new_batch_stats = jax.lax.pmean(new_batch_stats, axis_name)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  if per_device:
+    sharded_body = jax.shard_map(
+        functools.partial(body, axis_name=DATA_AXIS), mesh=auto_mesh(mesh),
+        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P()))
+  else:
+    sharded_body = body
+
+  def step_fn(state, batch):
+    batch = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+    return sharded_body(state, batch["image"], batch["label"])
+
+  rep, data = replicated(mesh), batch_sharding(mesh)
+  return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh
+                   ) -> Callable[[dict, dict], dict]:
+  """Returns `eval_step(variables, batch) -> {"confusion", "correct", "total"}` (int32, replicated).
+
+  `confusion[i, j]` counts examples of true class i predicted as j; `correct` is its diagonal and
+  `total` its row sums. Examples with `batch["mask"] == 0` (the padding of the last batch) count
+  nowhere, so summing over one pass of `eval_batches` counts every example exactly once.
+  """
+  def step(variables, batch):
+    batch = shard_batch(batch, mesh)
+    logits = model.apply(variables, batch["image"], train=False)
+    labels = batch["label"]
+    mask = batch["mask"] if "mask" in batch else jnp.ones(labels.shape, jnp.float32)
+    true = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
+    pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes, dtype=jnp.float32)
+    # A matmul instead of a scatter: exact in float32 for batches below 2**24 examples.
+    confusion = jnp.round(true.T @ pred).astype(jnp.int32)
+    return {"confusion": confusion, "correct": jnp.diagonal(confusion),
+            "total": confusion.sum(axis=1)}
+
+  rep, data = replicated(mesh), batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(rep, data), out_shardings=rep)
+
+
+def class_wise_accuracy(counts: dict) -> np.ndarray:
+  """Per-class accuracy (CWA) from `{"correct": [C], "total": [C]}`; NaN for a class with no examples."""
+  correct = np.asarray(counts["correct"], np.float64)
+  total = np.asarray(counts["total"], np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
