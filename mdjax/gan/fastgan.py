@@ -1,0 +1,349 @@
+"""FastGAN (Liu et al., ICLR 2021) in flax.linen, NHWC, for 32 to 1024 pixels.
+
+256, 512 and 1024 follow the official PyTorch code layer for layer (REFERENCE.md section 2):
+
+Generator: z -> 4x4 (transposed conv, BN, GLU) -> UpBlockComp 8, UpBlock 16, Comp 32, Up 64,
+Comp 128, Up 256, Comp 512, Up 1024, stopping at the resolution R. Skip-layer excitation (SLE)
+multiplies feat_64 by SLE(feat_4), feat_128 by SLE(feat_8), feat_256 by SLE(feat_16) and
+feat_512 by SLE(feat_32). Two outputs: the R x R image (conv3x3) and a small image (conv1x1);
+both go through tanh (the reference omits tanh at 256/512, an accident we do not copy: samples
+must lie in [-1, 1]).
+
+Discriminator: a big branch of DownBlockComps down to 8x8 with SLE inside D (the 8x8, 16x16 and
+32x32 maps are excited by the maps 8 times larger), a 5x5 logit map from it; a small branch on a
+small copy of the input (128x128 at R >= 256) with its own 5x5 logits; the two concatenated,
+[B, 50]. On real images three small decoders reconstruct the image from the 8x8 big-branch
+features, the small copy from the small-branch features, and one random quadrant from the 16x16
+big-branch features (self-supervision keeps D's features informative on tiny datasets).
+
+Spectral normalisation wraps every convolution, as in the reference (G included). We use
+`flax.linen.SpectralNorm`: its power-iteration vector `u` lives in the `batch_stats` collection,
+so it is updated exactly when BatchNorm statistics are (`train=True`, `mutable=["batch_stats"]`),
+and a train step threads one collection instead of two. Init: conv kernels N(0, 0.02), BN scale
+N(1, 0.02), BN bias 0 (the reference `weights_init`). BN momentum 0.9 = PyTorch's 0.1.
+
+Small resolutions (32, 64, 128; the reference code crashes below 256) are our design, chosen so
+that every FastGAN mechanism survives at a size where it still makes sense:
+
+* Generator: the same 4x4 start and the same up-block sequence, simply stopped at R (32: three
+  up-blocks), so the channel table ngf x {4:16, 8:8, ...} is unchanged. The SLE pairs of the
+  reference that exist at R are kept (64 <- 4 at R >= 64, 128 <- 8 at R >= 128). At R = 32 no
+  reference pair exists, so we excite the output map by the 4x4 map (32 <- 4) to keep the
+  global "style" path that SLE gives.
+* The small image is min(128, R / 2) pixels (at 256+ the reference's 128), produced by a
+  conv1x1 from the generator map of that size, so D's two-scale view exists at every R.
+* Discriminator: it always ends at 8x8, so the 5x5 logit maps, the 8x8 decoder inputs and the
+  16x16 quadrant source are the same at every R. At R <= 256 the stem is a stride-1 conv3x3 (the
+  reference's 256 stem), followed by log2(R / 8) DownBlockComps (32: two, 64: three, 128: four).
+  Channels follow the reference table by spatial size. SLE pairs (s <- 8s) that exist are kept;
+  at 32 none does, so the 8x8 map is excited by the 32x32 stem output (ratio 4).
+* The small branch sees the min(128, R / 2) copy: a stride-2 conv, then DownBlocks until 8x8.
+* Reconstruction targets are taken at their native size capped at 128 (whole image:
+  min(128, R); small copy and quadrant: min(128, R / 2)), and each decoder has as many up-blocks
+  as it needs from 8x8 (the reference's four at 128). Real images are downscaled with a box
+  filter (the reference uses nearest-neighbour interpolation, which aliases).
+
+The decoders' base width is ndf / 2 (the reference hard-codes 32 = 64 / 2), so tiny test models
+stay tiny.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
+
+# Channel multipliers per spatial size, from the reference code.
+G_MULT = {4: 16, 8: 8, 16: 4, 32: 2, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}
+D_MULT = {4: 16, 8: 16, 16: 8, 32: 4, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}
+DECODER_MULT = (4, 2, 2, 1)  # 16, 32, 64, 128 of the reference SimpleDecoder
+
+_conv_init = nn.initializers.normal(0.02)
+
+
+def _bn_scale_init(key, shape, dtype=jnp.float32):
+  return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def small_size(resolution: int) -> int:
+  """Side of the second image G makes and D's small branch reads."""
+  return min(128, resolution // 2)
+
+
+def recon_sizes(resolution: int) -> tuple[int, int, int]:
+  """Sides of the (whole image, small copy, quadrant) reconstruction targets."""
+  s = small_size(resolution)
+  return min(128, resolution), s, s
+
+
+def channels(mult: dict, width: int, size: int) -> int:
+  return max(1, int(mult[size] * width))
+
+
+def downscale(x: jax.Array, size: int) -> jax.Array:
+  """Box-filter downscale of NHWC images by an integer factor."""
+  b, h, w, c = x.shape
+  if h == size and w == size:
+    return x
+  fh, fw = h // size, w // size
+  if fh * size != h or fw * size != w:
+    raise ValueError(f"cannot box-downscale {h}x{w} to {size}x{size}")
+  return x.reshape(b, size, fh, size, fw, c).mean(axis=(2, 4))
+
+
+def glu(x: jax.Array) -> jax.Array:
+  a, b = jnp.split(x, 2, axis=-1)
+  return a * jax.nn.sigmoid(b)
+
+
+def upsample2(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 (broadcast + reshape: cheaper in XLA than jax.image.resize)."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def avg_pool_to(x: jax.Array, size: int) -> jax.Array:
+  """Adaptive average pooling to size x size where the side is a multiple of it."""
+  return downscale(x, size)
+
+
+class SNConv(nn.Module):
+  """A spectrally normalised, bias-free convolution with PyTorch-style explicit padding."""
+
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                   padding=[(self.padding, self.padding)] * 2, use_bias=False,
+                   kernel_init=_conv_init, name="conv")
+    return nn.SpectralNorm(conv, name="sn")(x, update_stats=train)
+
+
+class BN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        scale_init=_bn_scale_init, name="bn")(x)
+
+
+class NoiseInjection(nn.Module):
+  """feat + w * N(0, 1) of shape [B, H, W, 1]; w is one scalar initialised to 0.
+
+  The noise comes from the "noise" rng stream, so a step is a pure function of its key.
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("weight", nn.initializers.zeros, ())
+    noise = jax.random.normal(self.make_rng("noise"), x.shape[:-1] + (1,), x.dtype)
+    return x + w * noise
+
+
+class SLE(nn.Module):
+  """Skip-layer excitation: big * sigmoid(conv1x1(swish(conv4x4_valid(avgpool4(small)))))."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, small, big, train: bool):
+    s = avg_pool_to(small, 4)
+    s = SNConv(self.features, 4, name="conv4")(s, train)
+    s = nn.swish(s)
+    s = SNConv(self.features, 1, name="conv1")(s, train)
+    return big * jax.nn.sigmoid(s)
+
+
+class UpBlock(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = upsample2(x)
+    x = SNConv(2 * self.features, 3, padding=1)(x, train)
+    return glu(BN()(x, train))
+
+
+class UpBlockComp(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = upsample2(x)
+    x = SNConv(2 * self.features, 3, padding=1)(x, train)
+    x = glu(BN()(NoiseInjection()(x), train))
+    x = SNConv(2 * self.features, 3, padding=1)(x, train)
+    return glu(BN()(NoiseInjection()(x), train))
+
+
+def generator_sle_pairs(resolution: int) -> tuple[tuple[int, int], ...]:
+  """(target size, source size) pairs of the generator's skip-layer excitations."""
+  if resolution == 32:
+    return ((32, 4),)
+  return tuple((s, s // 16) for s in (64, 128, 256, 512) if s <= resolution)
+
+
+def discriminator_sle_pairs(resolution: int) -> tuple[tuple[int, int], ...]:
+  """(target size, source size) pairs of the discriminator's skip-layer excitations."""
+  if resolution == 32:
+    return ((8, 32),)
+  top = min(resolution, 256)
+  return tuple((s, 8 * s) for s in (8, 16, 32) if 8 * s <= top)
+
+
+class Generator(nn.Module):
+  """z [B, nz] -> (image [B, R, R, 3], small image [B, r, r, 3]), both in [-1, 1].
+
+  Attributes:
+    resolution: R, one of RESOLUTIONS.
+    ngf: base width; the map of side s has ngf * G_MULT[s] channels.
+  """
+
+  resolution: int
+  ngf: int = 64
+
+  @nn.compact
+  def __call__(self, z, train: bool = True):
+    ch = functools.partial(channels, G_MULT, self.ngf)
+    x = z.reshape(z.shape[0], 1, 1, -1)
+    init = nn.ConvTranspose(2 * ch(4), (4, 4), padding="VALID", use_bias=False,
+                            kernel_init=_conv_init, name="init")
+    x = nn.SpectralNorm(init, name="init_sn")(x, update_stats=train)
+    feats = {4: glu(BN(name="init_bn")(x, train))}
+    sle = dict(generator_sle_pairs(self.resolution))
+    size = 4
+    while size < self.resolution:
+      size *= 2
+      comp = int(math.log2(size)) % 2 == 1  # Comp at 8, 32, 128, 512 as the reference
+      block = UpBlockComp if comp else UpBlock
+      x = block(ch(size), name=f"feat_{size}")(x, train)
+      if size in sle:
+        x = SLE(ch(size), name=f"se_{size}")(feats[sle[size]], x, train)
+      feats[size] = x
+    small = small_size(self.resolution)
+    img = SNConv(3, 3, padding=1, name="to_big")(x, train)
+    img_small = SNConv(3, 1, name="to_small")(feats[small], train)
+    return jnp.tanh(img), jnp.tanh(img_small)
+
+
+class DownBlock(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = SNConv(self.features, 4, stride=2, padding=1)(x, train)
+    return nn.leaky_relu(BN()(x, train), 0.2)
+
+
+class DownBlockComp(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    m = SNConv(self.features, 4, stride=2, padding=1, name="main1")(x, train)
+    m = nn.leaky_relu(BN(name="main1_bn")(m, train), 0.2)
+    m = SNConv(self.features, 3, padding=1, name="main2")(m, train)
+    m = nn.leaky_relu(BN(name="main2_bn")(m, train), 0.2)
+    d = SNConv(self.features, 1, name="direct")(downscale(x, x.shape[1] // 2), train)
+    d = nn.leaky_relu(BN(name="direct_bn")(d, train), 0.2)
+    return (m + d) / 2
+
+
+class SimpleDecoder(nn.Module):
+  """8x8 features -> an out_size x out_size image in [-1, 1] (nearest-up, conv, BN, GLU)."""
+
+  out_size: int
+  base: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if x.shape[1] != 8:
+      raise ValueError(f"decoder input must be 8x8, got {x.shape}")
+    n = int(math.log2(self.out_size // 8))
+    for i in range(n):
+      x = UpBlock(max(1, DECODER_MULT[i] * self.base), name=f"up_{i}")(x, train)
+    x = SNConv(3, 3, padding=1, name="to_rgb")(x, train)
+    return jnp.tanh(x)
+
+
+class Discriminator(nn.Module):
+  """(image [B, R, R, 3], small image [B, r, r, 3]) -> logits [B, 50].
+
+  With `part` (an int32 scalar in 0..3, may be traced) it also returns the reconstructions
+  (whole image, small copy, quadrant `part`) used on real images.
+
+  Attributes:
+    resolution: R, one of RESOLUTIONS.
+    ndf: base width; the big-branch map of side s has ndf * D_MULT[2s] channels.
+  """
+
+  resolution: int
+  ndf: int = 64
+
+  @nn.compact
+  def __call__(self, img, img_small, train: bool = True, part=None):
+    r = self.resolution
+    ch = lambda s: channels(D_MULT, self.ndf, 2 * s)  # noqa: E731
+    lrelu = functools.partial(nn.leaky_relu, negative_slope=0.2)
+    # Stem: the reference's 1024 / 512 / 256 stems; below 256 the 256 stem at R.
+    if r == 1024:
+      x = lrelu(SNConv(channels(D_MULT, self.ndf, 1024), 4, 2, 1, name="stem1")(img, train))
+      x = lrelu(BN(name="stem2_bn")(SNConv(ch(256), 4, 2, 1, name="stem2")(x, train), train))
+    elif r == 512:
+      x = lrelu(SNConv(ch(256), 4, 2, 1, name="stem1")(img, train))
+    else:
+      x = lrelu(SNConv(ch(r), 3, 1, 1, name="stem1")(img, train))
+    size = x.shape[1]
+    feats = {size: x}
+    sle = dict(discriminator_sle_pairs(r))
+    while size > 8:
+      size //= 2
+      x = DownBlockComp(ch(size), name=f"down_{size}")(x, train)
+      if size in sle:
+        x = SLE(ch(size), name=f"se_{size}")(feats[sle[size]], x, train)
+      feats[size] = x
+    rf = SNConv(ch(4), 1, name="rf_big1")(x, train)
+    rf = lrelu(BN(name="rf_big_bn")(rf, train))
+    rf_big = SNConv(1, 4, name="rf_big2")(rf, train)  # 8x8 -> 5x5
+
+    s = SNConv(channels(D_MULT, self.ndf, 2 * img_small.shape[1]), 4, 2, 1,
+               name="small_stem")(img_small, train)
+    s = lrelu(s)
+    while s.shape[1] > 8:
+      s = DownBlock(channels(D_MULT, self.ndf, 2 * s.shape[1]), name=f"small_down_{s.shape[1] // 2}")(s, train)
+    rf_small = SNConv(1, 4, name="rf_small")(s, train)
+
+    b = img.shape[0]
+    logits = jnp.concatenate([rf_big.reshape(b, -1), rf_small.reshape(b, -1)], axis=1)
+    if part is None:
+      return logits
+    big_size, small_sz, part_size = recon_sizes(r)
+    base = max(1, self.ndf // 2)
+    rec_big = SimpleDecoder(big_size, base, name="decoder_big")(feats[8], train)
+    rec_small = SimpleDecoder(small_sz, base, name="decoder_small")(s, train)
+    quadrant = crop_quadrant(feats[16], part)
+    rec_part = SimpleDecoder(part_size, base, name="decoder_part")(quadrant, train)
+    return logits, (rec_big, rec_small, rec_part)
+
+
+def crop_quadrant(x: jax.Array, part) -> jax.Array:
+  """Quadrant `part` of NHWC maps: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right."""
+  part = jnp.asarray(part, jnp.int32)
+  h, w = x.shape[1] // 2, x.shape[2] // 2
+  return jax.lax.dynamic_slice(x, (0, (part // 2) * h, (part % 2) * w, 0),
+                               (x.shape[0], h, w, x.shape[3]))
+
+
+def build(resolution: int, ngf: int, ndf: int) -> tuple[Generator, Discriminator]:
+  if resolution not in RESOLUTIONS:
+    raise ValueError(f"resolution {resolution} not in {RESOLUTIONS}")
+  return Generator(resolution, ngf), Discriminator(resolution, ndf)
+

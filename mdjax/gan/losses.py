@@ -1,0 +1,41 @@
+"""FastGAN losses: hinge with a random margin, generator loss, reconstruction loss.
+
+The reference uses LPIPS (VGG-16 features) to compare D's reconstructions with the real image.
+VGG weights cannot be downloaded on the machines mdjax runs on, so the reconstruction loss is a
+pixel loss that needs no weights: mean squared error (default, as lightweight-gan does) or mean
+absolute error (`config.gan.recon_loss`). Each of the three reconstructions contributes its
+per-pixel mean (the reference sums LPIPS over the batch; a mean keeps the scale independent of
+the batch size).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+RECON_LOSSES = ("mse", "l1")
+
+
+def random_margin(key: jax.Array, shape) -> jax.Array:
+  """u ~ U(0.8, 1.0) per logit: the reference's `rand_like(pred) * 0.2 + 0.8`."""
+  return jax.random.uniform(key, shape, minval=0.8, maxval=1.0)
+
+
+def d_hinge_real(logits: jax.Array, key: jax.Array) -> jax.Array:
+  return jnp.mean(jax.nn.relu(random_margin(key, logits.shape) - logits))
+
+
+def d_hinge_fake(logits: jax.Array, key: jax.Array) -> jax.Array:
+  return jnp.mean(jax.nn.relu(random_margin(key, logits.shape) + logits))
+
+
+def g_loss(logits: jax.Array) -> jax.Array:
+  return -jnp.mean(logits)
+
+
+def reconstruction(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
+  if kind == "mse":
+    return jnp.mean(jnp.square(pred - target))
+  if kind == "l1":
+    return jnp.mean(jnp.abs(pred - target))
+  raise ValueError(f"recon_loss {kind!r} not in {RECON_LOSSES}")
