@@ -1,0 +1,142 @@
+"""The human report beside results.json: report.md with a per-class accuracy plot, each weak
+class's generated images next to its real ones, and the GAN quality figures."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+GRID = 16  # images per grid
+
+
+def _plot_class_accuracy(path: str, names, before, after, weak, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  n = len(names)
+  x = np.arange(n)
+  fig, ax = plt.subplots(figsize=(max(7, 0.45 * n + 4), 4))
+  ax.bar(x - 0.2, before, 0.4, label="baseline (before)", color="#9bb7d4")
+  ax.bar(x + 0.2, after, 0.4, label="mistake-driven (after)", color="#1f5f9e")
+  for k in weak:
+    ax.axvspan(k - 0.5, k + 0.5, color="#f4c7c3", alpha=0.5, zorder=0)
+  ax.set_xticks(x, [str(c) for c in names], rotation=90 if n > 12 else 0, fontsize=7 if n > 30 else 9)
+  low = min(np.nanmin(before), np.nanmin(after))
+  ax.set_ylim(max(0.0, low - 0.05), 1.0)
+  ax.set_ylabel("test accuracy")
+  ax.set_title(title + "  (shaded: weak classes)")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _side_by_side(path: str, real: np.ndarray, generated: np.ndarray) -> None:
+  from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
+  left, right = generate.make_grid(real[:GRID]), generate.make_grid(generated[:GRID])
+  h = max(left.shape[0], right.shape[0])
+  gap = np.full((h, 8, 3), 255, np.uint8)
+  pad = lambda g: np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)  # noqa: E731
+  canvas = np.concatenate([pad(left), gap, pad(right)], axis=1)
+  scale = max(1, 384 // max(1, canvas.shape[0]))
+  img = Image.fromarray(canvas)
+  if scale > 1:
+    img = img.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  img.save(path)
+
+
+def _fmt(x, digits=4):
+  return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def write_report(workdir: str, results: dict, run) -> str:
+  """report.md for one seed's run; returns its path."""
+  names, weak = results["classes"], results["worst_classes"]
+  b, f = results["baseline"], results["final"]
+  cfg = results["config"]
+  lines = [
+      f"# mdjax report: {cfg['data']['name']}, seed {results['seed']}", "",
+      f"Backbone `{cfg['model']['backbone']}`, head `{cfg['model']['head']}`, activation "
+      f"`{cfg['model']['activation']}`, optimizer `{cfg['train']['optimizer']}`"
+      f"{' (' + cfg['train']['base_optimizer'] + ')' if cfg['train']['optimizer'] == 'sam' else ''}; "
+      f"nWPC {results['nwpc']}, nSamples ratio {cfg['mistake']['nsamples_ratio']}; "
+      f"splits {results['split_sizes']}.", "",
+      "| model | test accuracy |", "|---|---|",
+      f"| baseline: trained, without mistake-driven training | {_fmt(b['test_accuracy'])} |",
+      f"| final: fine-tuned on real + generated images | {_fmt(f['test_accuracy'])} |",
+  ]
+  labels = {"control_real_finetune": "control: same fine-tune on real data only",
+            "control_full_gan": "control: full GAN augmentation (nWPC = n)"}
+  for name, r in results.get("controls", {}).items():
+    lines.append(f"| {labels.get(name, name)} | {_fmt(r['test_accuracy'])} |")
+  fig = os.path.join("figures", "class_accuracy.png")
+  _plot_class_accuracy(os.path.join(workdir, fig), names, b["test_class_accuracy"],
+                       f["test_class_accuracy"], weak, "per-class test accuracy")
+  lines += ["", f"![per-class test accuracy]({fig})", "", "## Weak classes", ""]
+  if not weak:
+    lines.append("None: mistake-driven training was off (nWPC = 0).")
+  else:
+    lines += ["| class | val accuracy (selection) | test before | test after | generated | "
+              "classifier says target | Frechet distance |", "|---|---|---|---|---|---|---|"]
+    quality = results.get("gan_quality", {})
+    for k in weak:
+      q = quality.get(str(k), {})
+      lines.append(f"| {names[k]} | {_fmt(results['val_class_accuracy'][k])} | "
+                   f"{_fmt(b['test_class_accuracy'][k])} | {_fmt(f['test_class_accuracy'][k])} | "
+                   f"{results['generated_per_class'].get(k, 0)} | {_fmt(q.get('target_class_fraction'), 3)} | "
+                   f"{_fmt(q.get('frechet_distance'), 2)} |")
+    lines += ["", "The target fraction is the share of a class's generated images that the trained "
+              "classifier assigns to that class; the Frechet distance compares real and generated "
+              "images of the class in the classifier's pooled feature space (lower is closer).", ""]
+    gen_dir = os.path.join(workdir, "generated")
+    from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
+    if generate.is_complete(gen_dir):
+      images, labels = generate.load_generated(gen_dir)
+      real = run.weak_images(weak)
+      for k in weak:
+        fake = images[labels == k]
+        if len(fake) == 0:
+          continue
+        path = os.path.join("figures", f"class_{k:04d}_real_vs_generated.png")
+        _side_by_side(os.path.join(workdir, path), real[k], fake)
+        lines += [f"**{names[k]}**: real (left) and generated (right)", "", f"![{names[k]}]({path})", ""]
+  lines += ["## Stage wall times", "", "| stage | seconds |", "|---|---|"]
+  lines += [f"| {n} | {_fmt(s, 1)} |" for n, s in results["stage_seconds"].items()]
+  path = os.path.join(workdir, "report.md")
+  with open(path + ".tmp", "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def write_summary_report(workdir: str, results: dict) -> str:
+  """report.md over several seeds: mean +- std, and links to each seed's own report."""
+  if "final" not in results:
+    return ""
+  names = results["classes"]
+  b, f = results["baseline"], results["final"]
+  lines = [f"# mdjax report: {results['config']['data']['name']}, seeds {results['seeds']}", "",
+           "| model | test accuracy (mean +- std over seeds) |", "|---|---|",
+           f"| baseline | {b['test_accuracy']:.4f} +- {b['test_accuracy_std']:.4f} |",
+           f"| mistake-driven | {f['test_accuracy']:.4f} +- {f['test_accuracy_std']:.4f} |"]
+  for name, r in results.get("controls", {}).items():
+    lines.append(f"| {name} | {r['test_accuracy']:.4f} +- {r['test_accuracy_std']:.4f} |")
+  fig = os.path.join("figures", "class_accuracy.png")
+  _plot_class_accuracy(os.path.join(workdir, fig), names, b["test_class_accuracy"],
+                       f["test_class_accuracy"], results["worst_classes"],
+                       "per-class test accuracy, mean over seeds")
+  lines += ["", f"![per-class test accuracy]({fig})", "",
+            "Weak classes per seed: " + "; ".join(
+                f"seed {s}: {', '.join(names[k] for k in w)}"
+                for s, w in zip(results["seeds"], results["worst_classes_per_seed"])), ""]
+  lines += [f"- [seed {s}](seed_{s}/report.md)" for s in results["seeds"]]
+  path = os.path.join(workdir, "report.md")
+  with open(path + ".tmp", "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  os.replace(path + ".tmp", path)
+  return path

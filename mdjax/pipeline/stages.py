@@ -1,0 +1,290 @@
+"""Algorithm 1 of the paper, one function per stage, each resumable.
+
+    train     train the classifier m on D_train (checkpointed; resumes mid-epoch)
+    validate  class-wise accuracy on D_val; the nWPC worst classes; the baseline's test accuracy
+    gan       one FastGAN per weak class, all in one compiled program (checkpointed)
+    generate  ceil(ratio x |C|) images per weak class from its EMA generator, stored atomically,
+              with their quality (target-class fraction, Frechet distance)
+    finetune  fine-tune the trained m (not a fresh one) on D_train + generated images
+    test      test the fine-tuned m on D_test
+
+A stage's outputs live in the workdir; its record in `stages/<name>.json` is written last. Each
+stage finds what it needs from earlier stages through their records and checkpoints, so
+`--config.stages=gan` can run on a classifier trained by an earlier command.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdjax import config as config_lib
+from mdjax.data import images as image_io
+from mdjax.data import pipeline
+from mdjax.data.sources import ArraySource, Concat, Splits
+from mdjax.errors import UserError
+from mdjax.pipeline import workdir as workdir_lib
+
+
+def say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"mdjax: {message}", flush=True)
+
+
+def worst_classes(class_accuracy: np.ndarray, count: int) -> list[int]:
+  """The `count` classes with the lowest accuracy; ties go to the lower class index."""
+  order = sorted(range(len(class_accuracy)), key=lambda k: (float(class_accuracy[k]), k))
+  return sorted(order[:count])
+
+
+def num_generated(class_size: int, ratio: float) -> int:
+  """nSamples = ceil(ratio x |C|) (the paper: half the class size by default)."""
+  return int(math.ceil(ratio * class_size - 1e-9))
+
+
+def class_images(source, labels: np.ndarray, k: int, size: int) -> np.ndarray:
+  """All training images of class k as uint8 [N, size, size, 3]."""
+  idx = np.flatnonzero(labels == k)
+  return np.stack([image_io.resize(source[int(i)]["image"], size) for i in idx])
+
+
+def _summary(result: dict) -> dict:
+  return {"test_accuracy": result["accuracy"],
+          "test_class_accuracy": [float(a) for a in result["class_wise_accuracy"]]}
+
+
+class Run:
+  """One seed's run of Algorithm 1 in `workdir`."""
+
+  def __init__(self, config, workdir: str, splits: Splits):
+    self.config, self.workdir, self.splits = config, workdir, splits
+    self.stages = workdir_lib.Stages(workdir)
+    self.mesh = pipeline.data_mesh()
+    self.num_classes = splits.num_classes
+    from mdjax import models  # pylint: disable=g-import-not-at-top
+    self.model = models.build_classifier(config.model, self.num_classes)
+    self.nwpc = (config_lib.nwpc_count(config.mistake.nwpc, self.num_classes)
+                 if config.mistake.enabled else 0)
+    self._variables: dict[str, Any] = {}
+
+  # --- helpers ---------------------------------------------------------------------------------
+
+  def require(self, stage: str, by: str) -> dict:
+    if not self.stages.done(stage):
+      raise UserError(f"stage {by!r} needs the outputs of stage {stage!r}, which has not finished "
+                      f"in {self.workdir}; add {stage} to --config.stages (or run all stages).")
+    return self.stages.load(stage)
+
+  def classifier(self, tag: str, train_source=None, *, init_from: str | None = None,
+                 epochs: int | None = None, learning_rate: float | None = None) -> dict:
+    """Trains (or restores the finished training of) the classifier stage `tag`."""
+    if tag in self._variables:
+      return self._variables[tag]
+    from mdjax.train import classifier as clf  # pylint: disable=g-import-not-at-top
+    init = self.classifier("train") if init_from else None
+    result = clf.train_classifier(
+        self.config, train_source if train_source is not None else self.splits.train,
+        self.splits.val, self.workdir, self.num_classes, init_variables=init, epochs=epochs,
+        learning_rate=learning_rate, tag=tag, model=self.model, mesh=self.mesh)
+    self._variables[tag] = result.variables
+    self._history = result.history
+    return result.variables
+
+  def evaluate(self, variables: dict, source) -> dict:
+    from mdjax.train import classifier as clf  # pylint: disable=g-import-not-at-top
+    return clf.evaluate(self.model, variables, source, self.config, self.mesh)
+
+  def image_fn(self, variables: dict, method: str):
+    """A jitted images-in-[0,1] -> logits / features function at the classifier's input size."""
+    size = int(self.config.data.image_size)
+    model = self.model
+
+    @jax.jit
+    def fn(images):
+      images = jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear")
+      if method == "features":
+        return model.apply(variables, images, train=False, method=model.features)
+      return model.apply(variables, images, train=False)
+
+    return fn
+
+  def weak_images(self, classes) -> dict[int, np.ndarray]:
+    r = int(self.config.gan.resolution)
+    return {k: class_images(self.splits.train, self.splits.train.labels, k, r) for k in classes}
+
+  def generated_source(self, gen_dir: str) -> ArraySource:
+    from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
+    images, labels = generate.load_generated(gen_dir)
+    return ArraySource(images, labels)
+
+  # --- stages ----------------------------------------------------------------------------------
+
+  def train(self) -> dict:
+    self.classifier("train")
+    return {"history": _jsonable(self._history)}
+
+  def validate(self) -> dict:
+    self.require("train", "validate")
+    variables = self.classifier("train")
+    val = self.evaluate(variables, self.splits.val)
+    test = self.evaluate(variables, self.splits.test)
+    cwa = np.nan_to_num(val["class_wise_accuracy"], nan=1.0)  # a class absent from val is not weak
+    weak = worst_classes(cwa, self.nwpc)
+    say(f"worst classes on validation: " + ", ".join(
+        f"{self.splits.class_names[k]} ({cwa[k]:.3f})" for k in weak) if weak else
+        "mistake-driven training is off (nWPC = 0): no GAN stages")
+    return {"val_accuracy": val["accuracy"],
+            "val_class_accuracy": [float(a) for a in val["class_wise_accuracy"]],
+            "val_confusion": val["confusion"].tolist(),
+            "worst_classes": weak, "nwpc": self.nwpc,
+            "baseline": _summary(test), "baseline_confusion": test["confusion"].tolist()}
+
+  def gan(self) -> dict:
+    weak = self.require("validate", "gan")["worst_classes"]
+    if not weak:
+      return {"skipped": "nWPC = 0"}
+    from mdjax.gan import ensemble  # pylint: disable=g-import-not-at-top
+    result = ensemble.train_class_gans(self.weak_images(weak), self.config.gan,
+                                       os.path.join(self.workdir, "gan"), int(self.config.seed))
+    return {"classes": weak, "strategy": result.strategy, "steps": result.steps,
+            "nan_restarts": {str(k): v for k, v in result.nan_restarts.items()},
+            "final_losses": {str(k): h[-1] for k, h in result.history.items() if h}}
+
+  def generate(self) -> dict:
+    weak = self.require("validate", "generate")["worst_classes"]
+    if not weak:
+      return {"skipped": "nWPC = 0", "generated_per_class": {}}
+    self.require("gan", "generate")
+    return self._generate(weak, os.path.join(self.workdir, "gan"),
+                          os.path.join(self.workdir, "generated"))
+
+  def _generate(self, classes, gan_dir: str, out_dir: str) -> dict:
+    from mdjax.gan import ensemble, generate, quality  # pylint: disable=g-import-not-at-top
+    counts = {k: int((self.splits.train.labels == k).sum()) for k in classes}
+    wanted = {k: num_generated(counts[k], float(self.config.mistake.nsamples_ratio)) for k in classes}
+    real = self.weak_images(classes)
+    if any(wanted.values()):
+      # Finished GANs are restored, not retrained: this only samples their EMA generators.
+      result = ensemble.train_class_gans(real, self.config.gan, gan_dir, int(self.config.seed),
+                                         num_samples=wanted, progress=False)
+      images = {k: v for k, v in result.generated.items() if len(v)}
+    else:
+      images = {}
+    generate.write_generated(out_dir, images, class_names=self.splits.class_names,
+                             source_step=int(self.config.gan.steps))
+    record = {"generated_per_class": {str(k): int(wanted[k]) for k in classes},
+              "class_sizes": {str(k): counts[k] for k in classes}, "dir": out_dir}
+    if images:
+      variables = self.classifier("train")
+      fractions = quality.target_class_fraction(self.image_fn(variables, "logits"), images)
+      fd = quality.class_frechet_distances(self.image_fn(variables, "features"), real, images) \
+          if all(len(v) >= 2 for v in images.values()) and all(len(real[k]) >= 2 for k in images) else {}
+      record["quality"] = {str(k): {"target_class_fraction": fractions[k],
+                                    "frechet_distance": fd.get(k)} for k in images}
+    return record
+
+  def finetune(self) -> dict:
+    weak = self.require("validate", "finetune")["worst_classes"]
+    if not weak:
+      return {"skipped": "nWPC = 0: the trained classifier is the final one"}
+    self._finetuned("finetune")
+    return {"history": _jsonable(self._history)}
+
+  def final_variables(self) -> dict:
+    ft = self.require("finetune", "test")
+    return self.classifier("train") if "skipped" in ft else self._finetuned("finetune")
+
+  def _finetuned(self, tag: str, data=None) -> dict:
+    """The trained classifier fine-tuned as stage `tag` on `data` (default: real + generated)."""
+    if tag in self._variables:
+      return self._variables[tag]
+    if data is None:
+      gen = self.require("generate", tag)
+      data = Concat([self.splits.train, self.generated_source(gen["dir"])])
+    return self.classifier(tag, data, init_from="train", epochs=int(self.config.finetune.epochs),
+                           learning_rate=float(self.config.finetune.learning_rate))
+
+  def test(self) -> dict:
+    result = self.evaluate(self.final_variables(), self.splits.test)
+    return {"final": _summary(result), "final_confusion": result["confusion"].tolist()}
+
+  # --- controls --------------------------------------------------------------------------------
+
+  def control_real_finetune(self) -> dict:
+    """A fine-tune of the same length on real data only: separates extra epochs from the GANs."""
+    self.require("train", "control_real_finetune")
+    variables = self._finetuned("control_real", self.splits.train)
+    return _summary(self.evaluate(variables, self.splits.test))
+
+  def control_full_gan(self) -> dict:
+    """Full GAN augmentation (nWPC = n): every class gets generated images."""
+    weak = self.require("validate", "control_full_gan")["worst_classes"]
+    others = [k for k in range(self.num_classes) if k not in weak]
+    parts = [self.splits.train]
+    if weak:
+      self.require("generate", "control_full_gan")
+      parts.append(self.generated_source(os.path.join(self.workdir, "generated")))
+    if others:
+      # A class's GAN depends only on (seed, class, images), so the weak classes' GANs are reused
+      # and only the others are trained here.
+      from mdjax.gan import ensemble  # pylint: disable=g-import-not-at-top
+      gan_dir = os.path.join(self.workdir, "control_full_gan", "gan")
+      ensemble.train_class_gans(self.weak_images(others), self.config.gan, gan_dir, int(self.config.seed))
+      out = os.path.join(self.workdir, "control_full_gan", "generated")
+      self._generate(others, gan_dir, out)
+      parts.append(self.generated_source(out))
+    variables = self._finetuned("control_full_gan", Concat(parts))
+    return _summary(self.evaluate(variables, self.splits.test))
+
+
+STAGE_ORDER = ("train", "validate", "gan", "generate", "finetune", "test")
+CONTROL_STAGES = ("control_real_finetune", "control_full_gan")
+
+
+def run_stage(run: Run, name: str) -> dict:
+  """Runs stage `name` unless its record exists; returns the record (with its wall time)."""
+  if run.stages.done(name):
+    return run.stages.load(name)
+  start = time.perf_counter()
+  with workdir_lib.os_errors(run.workdir):
+    record = getattr(run, name)()
+    record["seconds"] = time.perf_counter() - start
+    run.stages.complete(name, record)
+  say(f"[{name}] done in {record['seconds']:.1f} s" + _one_line(name, record, run.splits.class_names))
+  return record
+
+
+def _one_line(name: str, record: dict, class_names) -> str:
+  if "skipped" in record:
+    return f": skipped ({record['skipped']})"
+  if name in ("train", "finetune") and record.get("history", {}).get("val_accuracy"):
+    return f": val accuracy {record['history']['val_accuracy'][-1]:.4f}"
+  if name == "validate":
+    weak = ", ".join(class_names[k] for k in record["worst_classes"]) or "none"
+    return (f": val accuracy {record['val_accuracy']:.4f}, baseline test accuracy "
+            f"{record['baseline']['test_accuracy']:.4f}, weak classes: {weak}")
+  if name == "generate":
+    return f": {sum(record['generated_per_class'].values())} images for {len(record['generated_per_class'])} classes"
+  if name == "test":
+    return f": final test accuracy {record['final']['test_accuracy']:.4f}"
+  if name.startswith("control"):
+    return f": test accuracy {record['test_accuracy']:.4f}"
+  return ""
+
+
+def _jsonable(tree):
+  if isinstance(tree, dict):
+    return {str(k): _jsonable(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_jsonable(v) for v in tree]
+  if isinstance(tree, (np.ndarray, jnp.ndarray)):
+    return np.asarray(tree).tolist()
+  if isinstance(tree, np.generic):
+    return tree.item()
+  return tree

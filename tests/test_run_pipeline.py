@@ -1,0 +1,139 @@
+"""The whole mistake-driven pipeline, `python -m mdjax.main`, on the smoke config.
+
+One uninterrupted run is the reference; a second run is killed (SIGKILL, as `kill -9`) in the
+middle of every stage in turn and resumed each time, and must reach the same results.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "pipeline_worker.py")
+SMOKE = ["--config=configs/default.py:smoke"]
+
+
+def run_worker(kill: str, workdir, *flags, env_cache):
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(env_cache)}
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  return subprocess.run([sys.executable, WORKER, kill, "--", *SMOKE, f"--workdir={workdir}", *flags],
+                        cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  result = run_worker("none", workdir, env_cache=cache)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return workdir, result
+
+
+def load_results(workdir):
+  with open(os.path.join(workdir, "results.json")) as fh:
+    return json.load(fh)
+
+
+def test_results_schema_and_consistency(reference):
+  workdir, result = reference
+  r = load_results(workdir)
+  for key in ("config", "classes", "baseline", "final", "val_class_accuracy", "worst_classes",
+              "generated_per_class", "stage_seconds", "gan_quality", "controls"):
+    assert key in r, key
+  n = len(r["classes"])
+  assert n == 10
+  for name in ("baseline", "final"):
+    assert 0 <= r[name]["test_accuracy"] <= 1 and len(r[name]["test_class_accuracy"]) == n
+  # The weak classes are the nWPC = ceil(0.5 n) lowest validation accuracies.
+  assert len(r["worst_classes"]) == math.ceil(0.5 * n)
+  val = np.asarray(r["val_class_accuracy"])
+  assert max(val[r["worst_classes"]]) <= min(np.delete(val, r["worst_classes"]))
+  # ceil(ratio x |C|) images per weak class, |C| its training images; and they were written.
+  sizes = r["split_sizes"]
+  index = json.load(open(os.path.join(workdir, "generated", "index.json")))
+  files = index["files"] if isinstance(index, dict) and "files" in index else index
+  per_class = {}
+  for entry in files:
+    per_class[entry["class_index"]] = per_class.get(entry["class_index"], 0) + 1
+  stages = json.load(open(os.path.join(workdir, "stages", "generate.json")))
+  for k in r["worst_classes"]:
+    size = stages["class_sizes"][str(k)]
+    assert r["generated_per_class"][str(k)] == math.ceil(0.5 * size) == per_class[k]
+  assert sum(stages["class_sizes"].values()) < sizes["train"]
+  assert set(r["stage_seconds"]) >= {"train", "validate", "gan", "generate", "finetune", "test"}
+  for k in r["worst_classes"]:
+    q = r["gan_quality"][str(k)]
+    assert 0 <= q["target_class_fraction"] <= 1 and q["frechet_distance"] >= 0
+  # The report a person reads, with its figures.
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "per-class test accuracy" in report and "real (left) and generated (right)" in report
+  assert os.path.getsize(os.path.join(workdir, "figures", "class_accuracy.png")) > 1000
+  # One summary line per stage, and the baseline vs final figures at the end.
+  for stage in ("train", "validate", "gan", "generate", "finetune", "test"):
+    assert f"mdjax: [{stage}] done" in result.stdout
+  assert "baseline (trained, no mistake-driven fine-tune) test accuracy" in result.stdout
+
+
+def test_kill_in_every_stage_then_resume_gives_the_same_results(reference, tmp_path, cache):
+  workdir = tmp_path / "run"
+  for kill in ("train:25", "gan:7", "generate:40", "finetune:12"):
+    result = run_worker(kill, workdir, env_cache=cache)
+    assert result.returncode == -9, (kill, result.stdout[-2000:], result.stderr[-2000:])
+    stage = kill.split(":")[0]
+    assert not os.path.exists(workdir / "stages" / f"{stage}.json"), kill  # never marked complete
+  assert not os.path.exists(workdir / "results.json")
+  result = run_worker("none", workdir, env_cache=cache)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  expected, got = load_results(reference[0]), load_results(workdir)
+  assert got["worst_classes"] == expected["worst_classes"]
+  assert got["generated_per_class"] == expected["generated_per_class"]
+  for name in ("baseline", "final"):
+    assert got[name]["test_accuracy"] == pytest.approx(expected[name]["test_accuracy"], abs=1e-9)
+    np.testing.assert_allclose(got[name]["test_class_accuracy"], expected[name]["test_class_accuracy"])
+  np.testing.assert_allclose(got["val_class_accuracy"], expected["val_class_accuracy"])
+
+
+def copy_trained(reference, tmp_path):
+  """A workdir holding the reference run's trained classifier only."""
+  src, dst = reference[0], tmp_path / "copy"
+  dst.mkdir()
+  shutil.copytree(src / "train", dst / "train")
+  (dst / "stages").mkdir()
+  shutil.copy(src / "stages" / "train.json", dst / "stages" / "train.json")
+  shutil.copy(src / "config.json", dst / "config.json")
+  return dst
+
+
+def test_nwpc_zero_skips_the_gan_stages(reference, tmp_path, cache):
+  workdir = copy_trained(reference, tmp_path)
+  result = run_worker("none", workdir, "--config.mistake.nwpc=0", "--config.resume=force", env_cache=cache)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  r = load_results(workdir)
+  assert r["worst_classes"] == [] and r["generated_per_class"] == {}
+  assert r["final"] == r["baseline"]
+  assert not os.path.exists(workdir / "gan") and not os.path.exists(workdir / "generated")
+  for stage in ("gan", "generate", "finetune"):
+    assert "skipped" in json.load(open(workdir / "stages" / f"{stage}.json"))
+
+
+def test_a_workdir_from_another_config_is_refused(reference, cache):
+  result = run_worker("none", reference[0], "--config.train.learning_rate=0.5", env_cache=cache)
+  assert result.returncode == 2
+  assert "different config" in result.stderr and "train.learning_rate" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_a_subset_of_stages_needs_its_inputs(tmp_path, cache):
+  result = run_worker("none", tmp_path / "fresh", "--config.stages=gan", env_cache=cache)
+  assert result.returncode == 2
+  assert "needs the outputs of stage 'validate'" in result.stderr
