@@ -33,6 +33,10 @@ def _default_config_path() -> str:
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>-<hash>).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run (see launch/).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
 def _define_config_flag():
@@ -108,6 +112,16 @@ def enable_compilation_cache() -> None:
                       os.path.join(os.path.expanduser("~"), ".cache", "mdjax", "jax"))
 
 
+def init_distributed() -> None:
+  """Joins a multi-process run: from the flags, or on SLURM from its environment."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()  # SLURM: everything comes from the environment
+
+
 def main() -> None:
   argv, config = parse_flags(sys.argv)
   if len(argv) > 1:
@@ -117,6 +131,7 @@ def main() -> None:
     config_lib.validate(config)
     workdir = _WORKDIR.value or default_workdir(config, sys.argv)
     enable_compilation_cache()
+    init_distributed()
     # Imported late: keeps `--help` and config errors fast (no JAX start-up).
     from mdjax.pipeline import run  # pylint: disable=g-import-not-at-top
     run.run(config, workdir)

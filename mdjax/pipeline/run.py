@@ -44,9 +44,10 @@ def run(config, workdir: str) -> dict:
     say(f"--- seed {seed} ---")
     per_seed.append(run_seed(seed_config, seed_dir, splits))
   results = aggregate(config, per_seed)
-  with workdir_lib.os_errors(workdir):
-    workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    report.write_summary_report(workdir, results)
+  if workdir_lib.is_writer():
+    with workdir_lib.os_errors(workdir):
+      workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
+      report.write_summary_report(workdir, results)
   print_summary(results)
   return results
 
@@ -68,9 +69,10 @@ def run_seed(config, workdir: str, splits) -> dict:
         "reaches it.")
     return {}
   results = collect(config, splits, records)
-  with workdir_lib.os_errors(workdir):
-    workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    report.write_report(workdir, results, run_)
+  if workdir_lib.is_writer():
+    with workdir_lib.os_errors(workdir):
+      workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
+      report.write_report(workdir, results, run_)
   print_summary(results)
   return results
 

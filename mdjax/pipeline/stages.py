@@ -176,8 +176,10 @@ class Run:
       images = {k: v for k, v in result.generated.items() if len(v)}
     else:
       images = {}
-    generate.write_generated(out_dir, images, class_names=self.splits.class_names,
-                             source_step=int(self.config.gan.steps))
+    if workdir_lib.is_writer():
+      generate.write_generated(out_dir, images, class_names=self.splits.class_names,
+                               source_step=int(self.config.gan.steps))
+    workdir_lib.barrier(f"generated {out_dir}")
     record = {"generated_per_class": {str(k): int(wanted[k]) for k in classes},
               "class_sizes": {str(k): counts[k] for k in classes}, "dir": out_dir}
     if images:

@@ -4,6 +4,9 @@ A stage records completion (`stages/<name>.json`) only after every output it nam
 and the record itself is written atomically (temp file, fsync, rename), so an interrupted stage
 never looks finished: the next run redoes it from its own checkpoints.
 
+In a multi-process run every process runs every stage, process 0 alone writes records and
+reports, and all processes meet at a barrier after each write before reading it.
+
 The config the folder was made with is kept in `config.json`; a later run with a different config
 is refused (naming the differences) unless `--config.resume=force`.
 """
@@ -21,6 +24,19 @@ from mdjax.errors import UserError
 # Keys that change how a run is executed or logged, not what it computes.
 IGNORED_KEYS = ("stages", "resume", "seeds", "controls", "data.num_threads", "data.prefetch",
                 "train.log_every", "gan.log_every", "gan.sample_every")
+
+
+def is_writer() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (a no-op in a single-process run)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -88,12 +104,16 @@ def prepare(workdir: str, config) -> None:
       shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
       raise UserError(f"workdir {workdir} was made by a different config ({shown}). Use another "
                       "--workdir, or --config.resume=force to continue it with this config.")
-    if diffs:
+    if diffs and is_writer():
       write_json_atomic(os.path.join(workdir, "config.forced.json"), new)
+    barrier(f"prepare {workdir}")
     return
-  with os_errors(workdir):
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(path, new)
+  barrier(f"checked {workdir}")  # everyone has read the folder before process 0 writes to it
+  if is_writer():
+    with os_errors(workdir):
+      os.makedirs(workdir, exist_ok=True)
+      write_json_atomic(path, new)
+  barrier(f"prepare {workdir}")
 
 
 class Stages:
@@ -112,7 +132,9 @@ class Stages:
     return read_json(self.path(name))
 
   def complete(self, name: str, record: dict) -> None:
-    write_json_atomic(self.path(name), record)
+    if is_writer():
+      write_json_atomic(self.path(name), record)
+    barrier(f"stage {name} complete")
 
 
 class os_errors:  # pylint: disable=invalid-name
