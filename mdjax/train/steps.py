@@ -84,6 +84,14 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
                       "over the 'data' mesh axis")
 
 
+# Initialisation draws every parameter with the non-partitionable threefry. Measured on the 2-core
+# CPU (jax 0.10.2): with the default partitionable threefry, XLA takes 5-8 s to compile ONE random
+# draw of a 4-D shape such as a (3, 3, 3, 8) kernel (0.5 s for a 1-D one, 0.9 s non-partitionable),
+# so a model's init compiled for minutes. The state is replicated, so nothing is lost by drawing it
+# unpartitioned; the values differ from `model.init` under the default setting, which is fine.
+INIT_THREEFRY_PARTITIONABLE = False
+
+
 def _init_fn(model, tx, image_shape):
   def init(rng, init_variables):
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
@@ -111,16 +119,36 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
     init_variables: {"params", "batch_stats"} to start from (fine-tuning); a fresh optimizer state.
   """
   init = _init_fn(model, tx, image_shape)
-  return jax.jit(init, out_shardings=replicated(mesh))(rng, init_variables)
+  with jax.threefry_partitionable(INIT_THREEFRY_PARTITIONABLE):
+    return jax.jit(init, out_shardings=replicated(mesh))(rng, init_variables)
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                          image_shape: tuple[int, int, int], mesh: Mesh,
                          init_variables: dict | None = None) -> TrainState:
   """The state's shapes, dtypes and shardings without computing it (the target of a restore)."""
-  shapes = jax.eval_shape(_init_fn(model, tx, image_shape), rng, init_variables)
+  with jax.threefry_partitionable(INIT_THREEFRY_PARTITIONABLE):
+    shapes = jax.eval_shape(_init_fn(model, tx, image_shape), rng, init_variables)
   rep = replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
+
+
+def _with_unpartitioned_threefry(jitted):
+  """Calls `jitted` (traced and cached) with the non-partitionable threefry.
+
+  The only random bits in a classifier step are dropout masks ([B, F] in the head, [B, 1, 1, 1]
+  for drop-connect): tiny next to the convolutions, so drawing them unpartitioned costs nothing,
+  while the partitionable threefry adds seconds of XLA compile time per mask shape on CPU (see
+  INIT_THREEFRY_PARTITIONABLE). Either way jit's result does not depend on the sharding, so the
+  same masks are drawn on 1 or N devices. `.jitted` is the jitted function (for `.lower`).
+  """
+  @functools.wraps(jitted)
+  def call(*args):
+    with jax.threefry_partitionable(INIT_THREEFRY_PARTITIONABLE):
+      return jitted(*args)
+
+  call.jitted = jitted
+  return call
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -195,7 +223,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     return sharded_body(state, batch["image"], batch["label"])
 
   rep, data = replicated(mesh), batch_sharding(mesh)
-  return jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+  return _with_unpartitioned_threefry(
+      jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,)))
 
 
 def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh
