@@ -10,7 +10,7 @@ killed run therefore continues from its last checkpoint to the same parameters a
 reaches. Checkpoints are written every `config.train.checkpoint_every` steps and at every epoch end,
 asynchronously (orbax); the loop waits for the last save before it returns, also when it fails.
 
-Host syncs: the step's metrics stay on device and are fetched in one `device_get` at logging
+Host syncs: the step's metrics stay on device and are fetched to the host only at logging
 points (every `log_every` steps, before each checkpoint, at epoch ends). That is also where a NaN or
 infinite loss or gradient is caught, and since a checkpoint is only written after its window passed
 the check, the newest checkpoint is always a good one when `NonFiniteLossError` is raised.
@@ -68,6 +68,13 @@ def _empty_history() -> dict:
           "partial": {"loss": 0.0, "accuracy": 0.0, "steps": 0}}
 
 
+def _fetch(tree):
+  """Host copies of replicated arrays. `jax.device_get` refuses arrays that span other processes'
+  devices; every replica is the same, so the local one is read."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array)
+                      else np.asarray(a), tree)
+
+
 def _num_classes(model: nn.Module, variables: dict, image_size: int) -> int:
   dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   return int(jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, dummy).shape[-1])
@@ -104,7 +111,7 @@ def evaluate(model: nn.Module, variables: dict, source, config, mesh: Mesh | Non
     out = eval_step(variables, batch)
     # Summed on device: one host transfer per pass, not one per batch.
     total = out if total is None else jax.tree.map(jnp.add, total, out)
-  counts = {k: np.asarray(v, np.int64) for k, v in jax.device_get(total).items()}
+  counts = {k: np.asarray(v, np.int64) for k, v in _fetch(total).items()}
   n = counts["total"].sum()
   counts["accuracy"] = float(counts["correct"].sum() / n) if n else float("nan")
   counts["class_wise_accuracy"] = class_wise_accuracy(counts)
@@ -193,7 +200,7 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
 
   train_step = steps_lib.make_train_step(model, tx, config, mesh)
   eval_step = steps_lib.make_eval_step(model, num_classes, mesh)
-  start = int(jax.device_get(state.step))
+  start = int(_fetch(state.step))
   is_main = jax.process_index() == 0
   writer = None
   if is_main and start < total_steps:
@@ -221,7 +228,7 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
       epoch_end = done % steps_per_epoch == 0
       save = epoch_end or done % int(t.checkpoint_every) == 0
       if save or done % int(t.log_every) == 0 or done == total_steps:
-        host = jax.device_get(window)
+        host = _fetch(window)
         _check_finite(host, done - len(host), checkpoint_dir, manager.latest_step())
         loss = float(np.mean([m["loss"] for m in host]))
         accuracy = float(np.mean([m["accuracy"] for m in host]))
