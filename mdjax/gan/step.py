@@ -112,12 +112,12 @@ def _make(spec: GANSpec) -> GANFns:
     return diffaug.diff_augment(x, key, spec.diffaug) if spec.diffaug else x
 
   def init(rng):
-    kg, kd, kn, kz = jax.random.split(rng, 4)
-    z = jnp.zeros((2, spec.nz), jnp.float32)
-    g_vars = gen.init({"params": kg, "noise": kn}, z, train=False)
-    img = jnp.zeros((2, r, r, 3), jnp.float32)
-    img_small = jnp.zeros((2, small, small, 3), jnp.float32)
-    d_vars = disc.init({"params": kd}, img, img_small, train=False, part=0)
+    kg, kd = jax.random.split(rng)
+    z = jax.ShapeDtypeStruct((2, spec.nz), jnp.float32)
+    g_vars = fastgan.init_variables(gen, kg, z, train=False)
+    img = jax.ShapeDtypeStruct((2, r, r, 3), jnp.float32)
+    img_small = jax.ShapeDtypeStruct((2, small, small, 3), jnp.float32)
+    d_vars = fastgan.init_variables(disc, kd, img, img_small, train=False, part=0)
     g_params, d_params = g_vars["params"], d_vars["params"]
     return GANState(
         step=jnp.zeros((), jnp.int32),
