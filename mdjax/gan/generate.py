@@ -21,6 +21,7 @@ PNG is lossless, so what is read back is bit-identical to what the generator pro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -51,6 +52,12 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=32)
+def _jit_sample(sample_fn):
+  # One jitted wrapper per sampler: generating for many classes (or again) compiles once.
+  return jax.jit(sample_fn, static_argnums=2)
+
+
 def generate_images(sample_fn: Callable[[Any, jax.Array, int], jax.Array], state, n: int,
                     rng: jax.Array, *, batch_size: int = 64) -> np.ndarray:
   """Draws `n` images from one GAN in batches; returns uint8 [n, R, R, 3].
@@ -66,7 +73,7 @@ def generate_images(sample_fn: Callable[[Any, jax.Array, int], jax.Array], state
   """
   if n <= 0:
     return np.zeros((0,), np.uint8)
-  sample = jax.jit(sample_fn, static_argnums=2)
+  sample = _jit_sample(sample_fn)
   batches = []
   for i in range(-(-n // batch_size)):
     batches.append(to_uint8(sample(state, jax.random.fold_in(rng, i), batch_size)))

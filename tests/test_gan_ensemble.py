@@ -1,0 +1,273 @@
+"""The per-class GAN ensemble: one compiled program == K separate trainings, data isolation,
+checkpoint resume, NaN handling, outputs. Most tests use a tiny linear stand-in GAN with the
+contract's signatures (fast to compile); the equivalence and learning tests also run the real
+FastGAN at ngf = ndf = 8, 32x32."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mdjax import config as config_lib
+from mdjax.errors import NonFiniteLossError, UserError
+from mdjax.gan import ensemble, generate
+
+RES = 8
+TINY = None
+
+
+def tiny():
+  """The shared stand-in GAN (one object, so tests reuse its compiled programs)."""
+  global TINY
+  if TINY is None:
+    TINY = tiny_gan_fns()
+  return TINY
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny stand-in GAN with the contract's (init, step, sample) signatures.
+# ------------------------------------------------------------------------------------------------
+def tiny_gan_fns(nz=4, lr=1e-2, poison_step=None, poison_prob=0.0):
+  """Linear G and D, hinge losses, Adam, EMA. Metrics also report what real batch it saw.
+
+  With `poison_step`, the step turns its loss and parameters into NaN at that step counter with
+  probability `poison_prob` (drawn from the step's key) for classes whose images are all white.
+  """
+  tx = optax.adam(lr, b1=0.5)
+  dim = RES * RES * 3
+
+  def gen(g, z):
+    return jnp.tanh(z @ g["w"] + g["b"])
+
+  def disc(d, x):
+    return x.reshape(x.shape[0], -1) @ d["w"] + d["b"]
+
+  def init(rng):
+    kg, kd = jax.random.split(rng)
+    g = {"w": 0.1 * jax.random.normal(kg, (nz, dim)), "b": jnp.zeros((dim,))}
+    d = {"w": 0.1 * jax.random.normal(kd, (dim,)), "b": jnp.zeros(())}
+    return {"t": jnp.zeros((), jnp.int32), "g": g, "d": d, "g_opt": tx.init(g), "d_opt": tx.init(d),
+            "ema": g}
+
+  def step(state, real, rng):
+    kz, kp = jax.random.split(rng)
+    z = jax.random.normal(kz, (real.shape[0], nz))
+
+    # Position weights make the step depend on the order of the batch, so the tests see it if
+    # a class draws different batches in different settings.
+    weights = 1.0 + jnp.arange(real.shape[0]) / real.shape[0]
+
+    def d_loss_fn(d):
+      fake = gen(state["g"], z)
+      return (jnp.mean(weights * jax.nn.relu(1 - disc(d, real)))
+              + jax.nn.relu(1 + disc(d, fake)).mean())
+
+    d_loss, d_grad = jax.value_and_grad(d_loss_fn)(state["d"])
+    upd, d_opt = tx.update(d_grad, state["d_opt"], state["d"])
+    d = optax.apply_updates(state["d"], upd)
+    g_loss, g_grad = jax.value_and_grad(lambda g: -disc(d, gen(g, z)).mean())(state["g"])
+    upd, g_opt = tx.update(g_grad, state["g_opt"], state["g"])
+    g = optax.apply_updates(state["g"], upd)
+    if poison_step is not None:
+      bad = ((state["t"] == poison_step) & (jnp.min(real) > 0.99)
+             & (jax.random.uniform(kp) < poison_prob))
+      g = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), g)
+      d_loss = jnp.where(bad, jnp.nan, d_loss)
+    ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, state["ema"], g)
+    new = {"t": state["t"] + 1, "g": g, "d": d, "g_opt": g_opt, "d_opt": d_opt, "ema": ema}
+    return new, {"d_loss": d_loss, "g_loss": g_loss, "real_min": real.min(), "real_max": real.max()}
+
+  def sample(state, rng, n):
+    return gen(state["ema"], jax.random.normal(rng, (n, nz))).reshape(n, RES, RES, 3)
+
+  return ensemble.GanFns(init, step, sample)
+
+
+def gan_config(**overrides):
+  c = config_lib.base_config().gan
+  c.resolution, c.batch_size, c.steps = RES, 4, 6
+  c.sample_every, c.checkpoint_every, c.log_every = 3, 3, 1
+  c.chunk_size = 8
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def class_images(n, value):
+  return np.full((n, RES, RES, 3), value, np.uint8)
+
+
+def noisy_images(n, seed):
+  return np.random.default_rng(seed).integers(0, 256, (n, RES, RES, 3), dtype=np.uint8)
+
+
+@functools.lru_cache
+def _single_class_program(fns, batch_size):
+  return jax.jit(functools.partial(ensemble.class_step, fns, batch_size=batch_size))
+
+
+def separate_training(fns, seed, class_index, images, steps, batch_size):
+  """The reference: one class trained alone by its own jitted program."""
+  init_key, rng = ensemble.class_keys(seed, class_index)
+  state = jax.jit(fns.init)(init_key)
+  step = _single_class_program(fns, batch_size)
+  imgs, count = jnp.asarray(images), jnp.int32(len(images))
+  for s in range(steps):
+    state, _ = step(state, rng, imgs, count, jnp.int32(s))
+  return state
+
+
+def run_ensemble(fns, seed, classes, images, steps, batch_size, strategy, mesh):
+  padded = classes + [classes[-1]] * (-len(classes) % mesh.size)
+  capacity = max(len(x) for x in images)
+  data, counts = ensemble.stack_class_images(
+      [images[classes.index(k)] for k in padded], capacity)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("class"))
+  data, counts = jax.device_put((data, counts), sharding)
+  ens = ensemble.init_ensemble(fns, seed, padded, mesh)
+  step = ensemble.make_ensemble_step(fns, batch_size=batch_size, strategy=strategy, mesh=mesh)
+  metrics = []
+  for s in range(steps):
+    ens, m = step(ens, data, counts, jnp.int32(s))
+    metrics.append(jax.device_get(m))
+  return ens, metrics
+
+
+def assert_trees_close(a, b, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol,
+                                                       rtol=0), a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces.
+# ------------------------------------------------------------------------------------------------
+def test_batch_indices_stay_within_the_class():
+  for count in (1, 3, 8, 13):
+    for s in range(5):
+      idx = np.asarray(ensemble.batch_indices(jax.random.PRNGKey(s), jnp.int32(count), 16, 8))
+      assert idx.min() >= 0 and idx.max() < count
+      if count >= 8:
+        assert len(set(idx.tolist())) == 8  # without replacement when the class is big enough
+      else:
+        assert set(idx.tolist()) == set(range(count))  # every image used, wrapped
+
+
+def test_balanced_chunks_and_strategy():
+  assert ensemble.balanced_chunks(list(range(10)), 8) == [list(range(5)), list(range(5, 10))]
+  assert [len(c) for c in ensemble.balanced_chunks(list(range(40)), 8)] == [8] * 5
+  assert ensemble.balanced_chunks([4, 9], 8) == [[4, 9]]
+  assert ensemble.resolve_strategy("auto", "cpu") == "unroll"
+  assert ensemble.resolve_strategy("auto", "gpu") == "vmap"
+  assert ensemble.resolve_strategy("vmap", "cpu") == "vmap"
+  with pytest.raises(UserError, match="gan.ensemble"):
+    ensemble.resolve_strategy("pmap")
+
+
+# ------------------------------------------------------------------------------------------------
+# One program == separate programs; classes never see each other's images.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy,devices", [("unroll", 1), ("vmap", 1), ("unroll", 4),
+                                              ("vmap", 4)])
+def test_one_program_equals_separate_trainings_standin(strategy, devices):
+  # 1 device: all 3 classes unrolled / vmapped in one program; 4 devices: sharded, padded to 4.
+  fns = tiny()
+  classes = [2, 5, 11]
+  images = [noisy_images(5, 0), noisy_images(9, 1), noisy_images(3, 2)]
+  mesh = ensemble.class_mesh(jax.devices()[:devices])
+  ens, _ = run_ensemble(fns, 7, classes, images, 4, 4, strategy, mesh)
+  for p, k in enumerate(classes):
+    ref = separate_training(fns, 7, k, images[p], 4, 4)
+    assert_trees_close(ensemble.unstack_class(ens, p), ref, atol=1e-5)
+  # Different classes really are different GANs.
+  assert not np.allclose(ensemble.unstack_class(ens, 0)["g"]["w"], ensemble.unstack_class(ens, 1)["g"]["w"])
+
+
+@pytest.mark.parametrize("strategy", ["unroll", "vmap"])
+def test_classes_never_see_other_images(strategy):
+  fns = tiny()
+  classes = [0, 1, 2]
+  values = [40, 120, 200]  # constant images; the padding slots are 0 (never a class value)
+  images = [class_images(n, v) for n, v in zip((1, 3, 7), values)]
+  mesh = ensemble.class_mesh(jax.devices()[:2])  # 2 devices: 2 classes per device, one padded
+  _, metrics = run_ensemble(fns, 0, classes, images, 5, 4, strategy, mesh)
+  for m in metrics:
+    for p, v in enumerate(values):
+      expected = v / 127.5 - 1.0
+      assert m["real_min"][p] == pytest.approx(expected, abs=1e-6)
+      assert m["real_max"][p] == pytest.approx(expected, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The full loop: outputs, resume, NaN handling.
+# ------------------------------------------------------------------------------------------------
+def _train(tmp_path, name, fns, images_by_class, **kw):
+  cfg = gan_config(**kw.pop("cfg", {}))
+  return ensemble.train_class_gans(images_by_class, cfg, str(tmp_path / name), seed=3,
+                                   step_fns=fns, progress=False, keep_states=True, **kw)
+
+
+def test_train_class_gans_outputs(tmp_path):
+  fns = tiny()
+  data = {1: noisy_images(5, 1), 4: noisy_images(3, 2), 6: noisy_images(16, 3)[:, :6, :6]}
+  result = _train(tmp_path, "w", fns, data, num_samples={1: 5, 4: 0, 6: 2},
+                  cfg={"chunk_size": 2})  # 3 classes -> chunks of 2 and 1
+  assert result.class_indices == (1, 4, 6) and result.steps == 6
+  assert sorted(result.generated) == [1, 6]
+  assert result.generated[1].shape == (5, RES, RES, 3) and result.generated[1].dtype == np.uint8
+  assert [h["step"] for h in result.history[4]] == list(range(1, 7))
+  assert set(result.history[1][0]) >= {"step", "d_loss", "g_loss"}
+  for k in (1, 4, 6):
+    d = tmp_path / "w" / "samples" / f"class_{k:04d}"
+    assert sorted(p.name for p in d.iterdir()) == ["real.png", "step_0000003.png", "step_0000006.png"]
+  assert (tmp_path / "w" / "chunk_000").is_dir() and (tmp_path / "w" / "chunk_001").is_dir()
+  assert list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))
+  # Resized class (6x6 -> 8x8) trained like the others; chunking does not change a class's result.
+  alone = _train(tmp_path, "alone", fns, {4: data[4]})
+  assert_trees_close(alone.states[4], result.states[4], atol=1e-6)
+  # A finished run resumes to the same result without training (and regenerates the same images).
+  again = _train(tmp_path, "w", fns, data, num_samples={1: 5, 4: 0, 6: 2}, cfg={"chunk_size": 2})
+  np.testing.assert_array_equal(again.generated[1], result.generated[1])
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+  fns = tiny()
+  data = {0: noisy_images(6, 0), 3: noisy_images(4, 1)}
+  full = _train(tmp_path, "full", fns, data, cfg={"steps": 6})
+  # An interrupted run: killed after the checkpoint at step 3 (the config said 3 steps), resumed.
+  _train(tmp_path, "cut", fns, data, cfg={"steps": 3})
+  resumed = _train(tmp_path, "cut", fns, data, cfg={"steps": 6})
+  for k in data:
+    assert_trees_close(resumed.states[k], full.states[k], atol=0)
+  assert [h["step"] for h in resumed.history[0]] == [4, 5, 6]
+  # Checkpoints of a different selection are refused, not mixed.
+  with pytest.raises(UserError, match="different run"):
+    _train(tmp_path, "cut", fns, {0: data[0], 3: noisy_images(4, 9)}, cfg={"steps": 6})
+
+
+def test_nan_in_one_class_is_restored_and_training_continues(tmp_path):
+  data = {0: noisy_images(6, 0), 1: class_images(6, 255)}  # class 1 is all white -> poisoned
+  clean = _train(tmp_path, "clean", tiny(), data, cfg={"steps": 8, "log_every": 2,
+                                                                "checkpoint_every": 4})
+  with pytest.warns(RuntimeWarning, match=r"class\(es\) \[1\].*restored the checkpoint of step 4"):
+    result = _train(tmp_path, "nan", tiny_gan_fns(poison_step=5, poison_prob=0.8), data,
+                    cfg={"steps": 8, "log_every": 2, "checkpoint_every": 4})
+  assert result.nan_restarts[1] == 1 and result.nan_restarts[0] == 0
+  assert all(np.isfinite(h["d_loss"]) for h in result.history[1])
+  jax.tree.map(lambda x: np.testing.assert_array_equal(np.isfinite(x), True), result.states[1])
+  # The healthy class replayed the same steps: its result is the same as without any NaN.
+  assert_trees_close(result.states[0], clean.states[0], atol=1e-6)
+  # The poisoned class continued on a different random stream.
+  assert not np.allclose(result.states[1]["g"]["w"], clean.states[1]["g"]["w"])
+
+
+def test_repeated_nan_stops_with_a_clear_error(tmp_path):
+  data = {0: noisy_images(6, 0), 1: class_images(6, 255)}
+  with pytest.warns(RuntimeWarning):
+    with pytest.raises(NonFiniteLossError, match=r"class\(es\) \[1\].*after 2 restorations"):
+      _train(tmp_path, "nan", tiny_gan_fns(poison_step=2, poison_prob=1.0), data,
+             cfg={"steps": 8, "log_every": 2, "checkpoint_every": 4}, max_nan_restarts=2)
