@@ -124,6 +124,36 @@ def test_per_device_sam_equals_global_on_one_device_and_differs_on_four():
   assert _max_diff(glob.params, per4.params) > 1e-4
 
 
+def test_per_device_sam_is_m_sharpness():
+  """4 devices: each perturbs with the gradient of its own quarter batch (BatchNorm statistics of
+  that quarter too), g' is averaged, plain SGD applies it. Checked against that sum written out."""
+  rho, lr = 0.05, 0.1
+  config = _config(optimizer="sam", base_optimizer="sgd", momentum=0.0, learning_rate=lr,
+                   sam_rho=rho, sam_perturbation="per_device")
+  mesh = _mesh(4)
+  model = TinyClassifier()
+  tx = optim.make_optimizer(config, steps_per_epoch=10)
+  state = steps.create_train_state(model, tx, jax.random.PRNGKey(0), (SIZE, SIZE, 3), mesh)
+  params, batch_stats = jax.device_get((state.params, state.batch_stats))
+  x, y = _arrays()
+  new_state, _ = steps.make_train_step(model, tx, config, mesh)(state, {"image": x, "label": y})
+
+  def local_loss(p, xk, yk):
+    logits, _ = model.apply({"params": p, "batch_stats": batch_stats}, xk, train=True,
+                            mutable=["batch_stats"])
+    return steps.cross_entropy(logits, yk)
+
+  grad = jax.jit(jax.grad(local_loss))
+  sam_grads = []
+  for xk, yk in zip(np.split(x, 4), np.split(y, 4)):
+    g = grad(params, xk, yk)
+    norm = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda w, v: w + rho * v / norm, params, g)
+    sam_grads.append(grad(perturbed, xk, yk))
+  expected = jax.tree.map(lambda w, *gs: w - lr * np.mean(gs, axis=0), params, *sam_grads)
+  assert _max_diff(jax.device_get(new_state.params), expected) < 1e-5
+
+
 def test_explicit_mesh_and_dropout():
   """jax.make_mesh builds Explicit axes (pipeline.data_mesh Auto ones); both give the same step,
   dropout included, and the dropout key changes with the step."""
@@ -253,3 +283,42 @@ def test_train_classifier_on_digits_with_wrn16_4(tmp_path):
   loss = result.history["train_loss"]
   assert loss[-1] < loss[0]
   assert len(result.history["val_class_wise_accuracy"][-1]) == 10
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU convolution weight gradients as matmuls
+
+
+class _ConvNet(nn.Module):
+  """Every branch of cpu_conv: im2col (few channels), per-tap matmuls, strides, 1x1, SAME."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False)(x)  # patches
+    x = nn.relu(nn.Conv(20, (3, 3), padding="SAME")(x))  # patches (4 channels), string padding
+    x = nn.relu(nn.Conv(16, (3, 3), (2, 2), padding=((1, 1), (1, 1)))(x))  # taps, stride 2
+    x = nn.Conv(8, (1, 1))(x)  # a single tap
+    x = nn.Conv(8, (3, 3), feature_group_count=2)(x)  # grouped: left to XLA
+    return x.sum((1, 2))
+
+
+def test_fast_conv_weight_gradients_match_jax_grad():
+  from mdjax.train import cpu_conv
+  model = _ConvNet()
+  x = jnp.asarray(np.random.RandomState(0).rand(2, 15, 15, 3).astype(np.float32))
+  with jax.threefry_partitionable(False):
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+
+  def fast_loss(p, x):
+    with cpu_conv.use_fast_conv_grads(True):
+      return loss(p, x)
+
+  ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  fast = jax.jit(jax.grad(fast_loss, argnums=(0, 1)))(params, x)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
+    np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)
+  # The interceptor really replaced the convolution (a custom_vjp shows up in the jaxpr).
+  assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(fast_loss))(params, x))
