@@ -271,3 +271,74 @@ def test_repeated_nan_stops_with_a_clear_error(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"class\(es\) \[1\].*after 2 restorations"):
       _train(tmp_path, "nan", tiny_gan_fns(poison_step=2, poison_prob=1.0), data,
              cfg={"steps": 8, "log_every": 2, "checkpoint_every": 4}, max_nan_restarts=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real FastGAN (ngf = ndf = 8, 32x32) on digits: compiles take most of this module's time.
+# ------------------------------------------------------------------------------------------------
+def fastgan_config():
+  return gan_config(resolution=32, batch_size=4, ngf=8, ndf=8, nz=32, ema_decay=0.9,
+                    ensemble="unroll", steps=8, log_every=2, sample_every=4, checkpoint_every=4)
+
+
+def digits_by_class():
+  from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+  digits = load_digits()
+  out = {}
+  for k, n in ((0, 20), (1, 12)):  # classes of different sizes
+    x = digits.images[digits.target == k][:n]
+    out[k] = np.repeat((x * (255 / 16)).astype(np.uint8)[..., None], 3, axis=-1)
+  return out
+
+
+@pytest.fixture(scope="module")
+def fastgan_equivalence():
+  cfg = fastgan_config()
+  fns = ensemble.default_gan_fns(cfg)
+  data = {k: ensemble.prepare_class_images(x, 32) for k, x in digits_by_class().items()}
+  classes, images = list(data), list(data.values())
+  mesh = ensemble.class_mesh(jax.devices()[:1])
+  runs = {s: run_ensemble(fns, 0, classes, images, 2, cfg.batch_size, s, mesh)
+          for s in ("unroll", "vmap")}
+  separate = [separate_training(fns, 0, k, data[k], 2, cfg.batch_size) for k in classes]
+  return classes, runs, separate
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["unroll", "vmap"])
+def test_one_program_equals_separate_trainings_fastgan(fastgan_equivalence, strategy):
+  classes, runs, separate = fastgan_equivalence
+  ens, _ = runs[strategy]
+  # Adam's first steps are ~lr * sign(grad): a gradient that is ~0 can flip sign under a different
+  # summation order (vmap's grouped convolutions), moving a parameter by up to 2 * lr = 4e-4.
+  atol = 1e-6 if strategy == "unroll" else 1e-3
+  for p, k in enumerate(classes):
+    assert_trees_close(ensemble.unstack_class(ens, p).g_params, separate[p].g_params, atol=atol)
+    assert_trees_close(ensemble.unstack_class(ens, p).d_params, separate[p].d_params, atol=atol)
+    assert_trees_close(ensemble.unstack_class(ens, p).ema_params, separate[p].ema_params, atol=atol)
+
+
+@pytest.mark.slow
+def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
+  del fastgan_equivalence  # compiled the unrolled 2-class program this run reuses
+  cfg = fastgan_config()
+  result = ensemble.train_class_gans(digits_by_class(), cfg, str(tmp_path), seed=0,
+                                     num_samples=5, mesh=ensemble.class_mesh(jax.devices()[:1]),
+                                     progress=False)
+  for k in (0, 1):
+    d_losses = [h["d_loss"] for h in result.history[k]]
+    assert len(d_losses) == 4 and all(np.isfinite(d_losses))
+    assert max(d_losses) - min(d_losses) > 1e-3  # the discriminator is learning
+    grids = tmp_path / "samples" / f"class_{k:04d}"
+    assert (grids / "step_0000004.png").is_file() and (grids / "step_0000008.png").is_file()
+    assert result.generated[k].shape == (5, 32, 32, 3) and result.generated[k].dtype == np.uint8
+    # The trained EMA generator's samples differ from the untrained one's (same noise).
+    fns = ensemble.default_gan_fns(cfg)
+    gen_key = jax.random.fold_in(ensemble.class_keys(0, k)[1], ensemble._GENERATE_STREAM)
+    init_state = ensemble._jit(fns.init)(ensemble.class_keys(0, k)[0])
+    untrained = generate.generate_images(fns.sample, init_state, 5, gen_key,
+                                         batch_size=4 * cfg.batch_size)
+    assert np.abs(untrained.astype(np.float32) - result.generated[k]).mean() > 1.0
+  out = generate.write_generated(tmp_path / "generated", result.generated, source_step=result.steps)
+  images, labels = generate.load_generated(out)
+  assert images.shape == (10, 32, 32, 3) and labels.tolist() == [0] * 5 + [1] * 5

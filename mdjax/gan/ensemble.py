@@ -419,7 +419,6 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
   writer = SummaryWriter(str(workdir / "tensorboard"))
   bar = tqdm(total=g.steps * len(chunks), disable=not progress, desc="class GANs", unit="step",
              dynamic_ncols=True)
-  step_fn_cache: dict[int, Callable] = {}
   sample = _jit(fns.sample, (2,))
   sharding = NamedSharding(mesh, P(CLASS_AXIS))
   stack = contextlib.ExitStack()  # closes every chunk's checkpoint manager, also on errors
@@ -431,10 +430,7 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
       _check_meta(chunk_dir, _meta(chunk, [images[k] for k in chunk], g, seed))
       data, counts = stack_class_images([images[k] for k in padded], capacity)
       data, counts = jax.device_put((data, counts), sharding)
-      if len(padded) not in step_fn_cache:
-        step_fn_cache[len(padded)] = make_ensemble_step(fns, batch_size=g.batch_size,
-                                                        strategy=strategy, mesh=mesh)
-      step_fn = step_fn_cache[len(padded)]
+      step_fn = make_ensemble_step(fns, batch_size=g.batch_size, strategy=strategy, mesh=mesh)
       ckpt = _Checkpoints(chunk_dir / "checkpoints")
       stack.callback(ckpt.close)
       ens = init_ensemble(fns, seed, padded, mesh)
@@ -467,6 +463,7 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
           restarts = np.asarray(jax.device_get(ens["restarts"]))
           for p, k in enumerate(chunk):
             result.nan_restarts[k] = int(restarts[p])
+            result.history[k] = [h for h in result.history[k] if h["step"] <= step]
           bar.n = j * g.steps + step
           bar.refresh()
           continue

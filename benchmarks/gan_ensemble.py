@@ -1,0 +1,157 @@
+"""One compiled program for K class GANs vs K separately compiled single-class steps.
+
+    python benchmarks/gan_ensemble.py --classes 5 --resolution 32 [--steps 5] [--strategy auto]
+        [--ngf 64 --ndf 64 --nz 256 --batch-size 8 --devices 1]
+
+First checks equivalence: from the same initial states and seeds, `--check-steps` steps of the
+one-program ensemble (mdjax.gan.ensemble.make_ensemble_step) and of K separate jitted single-class
+steps (ensemble.class_step, exactly what a one-class training runs) must give the same parameters
+(max_abs_diff over every leaf of every class's GAN state, Adam moments included). Then times both
+on the same process, interleaved (one ensemble step, then the K separate steps, repeated
+`--steps` times; medians), so load from other processes on a shared machine hits both alike.
+Both sides donate their states. The separate side calls one compiled single-class program K times
+per step (the classes' images padded to one shape; K real trainings would compile K same-shaped
+programs, which changes compile time only). Compile time is the first call minus the median step.
+
+The LAST line printed is a JSON object: classes, resolution, strategy, ngf, ndf, nz, batch_size,
+devices, one_program_s_per_step, separate_s_per_step, speedup (separate / one_program),
+max_abs_diff, compile_one_program_s, compile_separate_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _parse():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--classes", type=int, default=5)
+  p.add_argument("--resolution", type=int, default=32)
+  p.add_argument("--steps", type=int, default=5, help="timed steps (after compilation)")
+  p.add_argument("--check-steps", type=int, default=2, help="steps of the equivalence check")
+  p.add_argument("--strategy", default="auto", choices=("auto", "vmap", "unroll"))
+  p.add_argument("--ngf", type=int, default=None, help="default: config.gan.ngf (64)")
+  p.add_argument("--ndf", type=int, default=None, help="default: config.gan.ndf (64)")
+  p.add_argument("--nz", type=int, default=None, help="default: config.gan.nz (256)")
+  p.add_argument("--batch-size", type=int, default=None, help="default: config.gan.batch_size (8)")
+  p.add_argument("--devices", type=int, default=1, help="CPU devices for the class mesh")
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args()
+
+
+def main():
+  args = _parse()
+  if args.devices > 1:
+    jax.config.update("jax_num_cpu_devices", args.devices)
+  from mdjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from mdjax.gan import ensemble  # pylint: disable=import-outside-toplevel
+
+  cfg = config_lib.base_config().gan
+  cfg.resolution = args.resolution
+  cfg.ensemble = args.strategy
+  for key, value in (("ngf", args.ngf), ("ndf", args.ndf), ("nz", args.nz),
+                     ("batch_size", args.batch_size)):
+    if value is not None:
+      cfg[key] = value
+  k, r, b = args.classes, cfg.resolution, cfg.batch_size
+  mesh = ensemble.class_mesh(jax.devices()[:args.devices])
+  strategy = ensemble.resolve_strategy(cfg.ensemble, mesh.devices.flat[0].platform)
+  fns = ensemble.default_gan_fns(cfg)
+  print(f"K={k} R={r} strategy={strategy} ngf={cfg.ngf} ndf={cfg.ndf} nz={cfg.nz} batch={b} "
+        f"devices={mesh.size} backend={jax.default_backend()} cpus={os.cpu_count()}", flush=True)
+
+  # Classes of different sizes, as weak classes are.
+  rng = np.random.default_rng(args.seed)
+  images = [rng.integers(0, 256, (20 + 7 * i, r, r, 3), dtype=np.uint8) for i in range(k)]
+  classes = list(range(k))
+
+  # --- one program -------------------------------------------------------------------------------
+  padded = classes + [classes[-1]] * (-k % mesh.size)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(ensemble.CLASS_AXIS))
+  data, counts = ensemble.stack_class_images([images[c] for c in padded])
+  data, counts = jax.device_put((data, counts), sharding)
+  ens = ensemble.init_ensemble(fns, args.seed, padded, mesh)
+  one_step = ensemble.make_ensemble_step(fns, batch_size=b, strategy=strategy, mesh=mesh)
+
+  # --- K separate programs (each class its own jitted step, as a one-class training) ------------
+  single = jax.jit(functools.partial(ensemble.class_step, fns, batch_size=b), donate_argnums=0)
+  sep_states, sep_rngs, sep_data = [], [], []
+  for c in classes:
+    init_key, stream = ensemble.class_keys(args.seed, c)
+    sep_states.append(jax.jit(fns.init)(init_key))
+    sep_rngs.append(stream)
+    # Padded to the common capacity so the K classes share ONE compiled single-class program
+    # (K trainings would compile K identical-size programs; only compile time would differ, and
+    # batches do not depend on the padding: ensemble.batch_indices).
+    padded_images = np.zeros((max(len(x) for x in images), r, r, 3), np.uint8)
+    padded_images[:len(images[c])] = images[c]
+    sep_data.append((jnp.asarray(padded_images), jnp.int32(len(images[c]))))
+
+  def run_one(ens, s):
+    ens, m = one_step(ens, data, counts, jnp.int32(s))
+    jax.block_until_ready(ens)
+    return ens
+
+  def run_separate(states, s):
+    out = []
+    for c in classes:
+      st, _ = single(states[c], sep_rngs[c], *sep_data[c], jnp.int32(s))
+      out.append(st)
+    jax.block_until_ready(out)
+    return out
+
+  t0 = time.perf_counter()
+  ens = run_one(ens, 0)
+  first_one = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  sep_states = run_separate(sep_states, 0)
+  first_sep = time.perf_counter() - t0
+  for s in range(1, args.check_steps):
+    ens = run_one(ens, s)
+    sep_states = run_separate(sep_states, s)
+
+  max_diff = 0.0
+  for c in classes:
+    a = jax.device_get(ensemble.unstack_class(ens, c))
+    bb = jax.device_get(sep_states[c])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(bb)):
+      if np.issubdtype(np.asarray(x).dtype, np.inexact):
+        max_diff = max(max_diff, float(np.max(np.abs(np.asarray(x, np.float64) - y))))
+  print(f"equivalence after {args.check_steps} steps: max |one program - separate| = "
+        f"{max_diff:.3g}", flush=True)
+
+  t_one, t_sep = [], []
+  for i in range(args.steps):
+    s = args.check_steps + i
+    t0 = time.perf_counter()
+    ens = run_one(ens, s)
+    t_one.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    sep_states = run_separate(sep_states, s)
+    t_sep.append(time.perf_counter() - t0)
+    print(f"step {s}: one program {t_one[-1]:.3f} s, separate {t_sep[-1]:.3f} s", flush=True)
+  one, sep = statistics.median(t_one), statistics.median(t_sep)
+  result = {
+      "classes": k, "resolution": r, "strategy": strategy, "ngf": cfg.ngf, "ndf": cfg.ndf,
+      "nz": cfg.nz, "batch_size": b, "devices": mesh.size, "timed_steps": args.steps,
+      "one_program_s_per_step": round(one, 4), "separate_s_per_step": round(sep, 4),
+      "speedup": round(sep / one, 3), "max_abs_diff": max_diff,
+      "compile_one_program_s": round(first_one - one, 1),
+      "compile_separate_s": round(first_sep - sep, 1),
+  }
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
