@@ -6,7 +6,8 @@
 
 mdjax's side is exactly what training runs: `mdjax.models.build_classifier` (linear head),
 `mdjax.optim.make_optimizer` and `mdjax.train.steps.make_train_step` on one device (float32, batch
-already on device). PyTorch's side is a plain torch.nn re-implementation of the same networks
+already on device; on CPU with the matmul weight gradients of mdjax.train.cpu_conv, which
+--profile compares with XLA's own). PyTorch's side is a plain torch.nn re-implementation of the same networks
 (ImageNet normalisation, pre-activation WRN / torchvision-layout ResNet-50, BN momentum 0.1,
 dropout head) with torch.optim.Adam and the usual two-pass SAM (perturb, second backward, restore,
 step), on `torch.set_num_threads(2)`. Compile / warm-up steps are excluded; every figure is the
@@ -27,6 +28,7 @@ import numpy as np
 
 from mdjax import config as config_lib
 from mdjax import models, optim
+from mdjax.train import cpu_conv
 from mdjax.train import steps as steps_lib
 
 NUM_CLASSES = 10
@@ -62,13 +64,14 @@ def _config(backbone: str, optimizer: str):
   return c
 
 
-def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int):
+def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
+                    fast_conv_grads: bool | None = None):
   config = _config(backbone, optimizer)
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   model = models.build_classifier(config.model, NUM_CLASSES)
   tx = optim.make_optimizer(config, steps_per_epoch=100)
   state = steps_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (size, size, 3), mesh)
-  train_step = steps_lib.make_train_step(model, tx, config, mesh)
+  train_step = steps_lib.make_train_step(model, tx, config, mesh, fast_conv_grads=fast_conv_grads)
   rs = np.random.RandomState(0)
   batch_arrays = jax.device_put(
       {"image": rs.rand(batch, size, size, 3).astype(np.float32),
@@ -98,13 +101,21 @@ def mdjax_profile(backbone: str, size: int, batch: int, steps: int) -> dict:
                             train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)})
     return steps_lib.cross_entropy(logits, y)
 
+  def fast_loss(params, x, y):
+    with cpu_conv.use_fast_conv_grads(True):
+      return loss(params, x, y)
+
   fwd = jax.jit(loss)
   grad = jax.jit(jax.value_and_grad(loss))
+  fast_grad = jax.jit(jax.value_and_grad(fast_loss))
   out = {}
   with jax.threefry_partitionable(False):
     out["forward"] = _median_time(lambda: fwd(variables["params"], x, y).block_until_ready(), steps)[1]
-    out["forward+backward"] = _median_time(
+    out["forward+backward (XLA conv grads)"] = _median_time(
         lambda: jax.block_until_ready(grad(variables["params"], x, y)), steps)[1]
+    if cpu_conv.enabled():
+      out["forward+backward (matmul dW)"] = _median_time(
+          lambda: jax.block_until_ready(fast_grad(variables["params"], x, y)), steps)[1]
   return out
 
 
@@ -278,6 +289,10 @@ def main():
       if prof:
         print("  torch " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
     if args.profile:
+      if cpu_conv.enabled():
+        xla = mdjax_step_time(backbone, size, batch, "adam", steps, fast_conv_grads=False)[1]
+        print(f"  mdjax adam with XLA's own conv gradients: {xla:.3f} s/step "
+              f"(matmul dW speed-up {xla / t[('mdjax', 'adam')]:.2f}x)")
       prof = mdjax_profile(backbone, size, batch, steps)
       print("  mdjax " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
     print(f"SAM/Adam time ratio: mdjax {t[('mdjax', 'sam')] / t[('mdjax', 'adam')]:.2f}, "

@@ -26,7 +26,9 @@ Data parallelism (config.train.sam_perturbation; implemented by mdjax.train.step
 - "per_device" (default, m-sharpness): as in the official SAM JAX code (google-research/sam, under
   pmap), each device perturbs the weights with the gradient of its own slice of the batch and only
   g' is averaged across devices. Foret et al. report that this smaller m generalises better. The
-  train step runs under `jax.shard_map` over the "data" mesh axis and `grad_fn` ends in a `pmean`.
+  train step runs under `jax.shard_map` over the "data" mesh axis, differentiates a per-device copy
+  of the replicated params (else shard_map's autodiff sums the gradient over devices, making e
+  global and g' n times too large), and `grad_fn` ends in a `pmean`.
   BatchNorm then normalises with per-device batch statistics (as under pmap); the running averages
   are averaged across devices so the state stays replicated.
 - "global": e comes from the gradient of the whole global batch; a plain `jax.jit` over the sharded

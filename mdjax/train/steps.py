@@ -13,6 +13,10 @@ where the gradient is that of the global batch. "per_device" wraps the step body
 over "data": each device computes its own gradient and perturbation, and only g' (plus the loss,
 metrics and BatchNorm running averages) is averaged across devices. Plain optimizers always use the
 global form, for which the result does not depend on the number of devices.
+
+CPU: convolution weight gradients are computed as matmuls (mdjax.train.cpu_conv) when the mesh is
+made of CPU devices, about halving the step time there; GPUs keep XLA's (cuDNN's) gradients.
+Random bits (init, dropout) use the non-partitionable threefry, see INIT_THREEFRY_PARTITIONABLE.
 """
 
 from __future__ import annotations
