@@ -1,9 +1,13 @@
 """Test set-up: several CPU devices so data-parallel code is exercised without accelerators."""
 
 import os
+import tempfile
 
-# Must happen before JAX initialises its backends. XLA_FLAGS is the fallback for older jax.
+# Must happen before JAX initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, inherited by the subprocesses that run
+# `mdjax.main`: the same programs compiled again (resumed runs, repeated configs) load in ~1 s.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mdjax-test-xla-cache-"))
 
 import jax  # noqa: E402
 

@@ -66,7 +66,7 @@ def test_bad_argument_string(arg):
 
 @pytest.mark.parametrize("key, value, fragment", [
     ("data.name", "imagenet", "one of digits"),
-    ("model.backbone", "vgg", "one of wrn16_4"),
+    ("model.backbone", "vgg", "one of wrn10_1"),
     ("model.activation", "tanh", "one of selu"),
     ("train.optimizer", "lamb", "one of sgd"),
     ("train.batch_size", 0, "a positive integer"),

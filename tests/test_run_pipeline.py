@@ -19,22 +19,18 @@ WORKER = os.path.join(REPO, "tests", "pipeline_worker.py")
 SMOKE = ["--config=configs/default.py:smoke"]
 
 
-def run_worker(kill: str, workdir, *flags, env_cache):
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(env_cache)}
+def run_worker(kill: str, workdir, *flags):
+  # Inherits conftest's JAX_COMPILATION_CACHE_DIR: resumed runs load their programs from it.
+  env = dict(os.environ)
   env.pop("JAX_NUM_CPU_DEVICES", None)
   return subprocess.run([sys.executable, WORKER, kill, "--", *SMOKE, f"--workdir={workdir}", *flags],
                         cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  result = run_worker("none", workdir, env_cache=cache)
+  result = run_worker("none", workdir)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return workdir, result
 
@@ -84,15 +80,15 @@ def test_results_schema_and_consistency(reference):
   assert "baseline (trained, no mistake-driven fine-tune) test accuracy" in result.stdout
 
 
-def test_kill_in_every_stage_then_resume_gives_the_same_results(reference, tmp_path, cache):
+def test_kill_in_every_stage_then_resume_gives_the_same_results(reference, tmp_path):
   workdir = tmp_path / "run"
   for kill in ("train:25", "gan:7", "generate:40", "finetune:12"):
-    result = run_worker(kill, workdir, env_cache=cache)
+    result = run_worker(kill, workdir)
     assert result.returncode == -9, (kill, result.stdout[-2000:], result.stderr[-2000:])
     stage = kill.split(":")[0]
     assert not os.path.exists(workdir / "stages" / f"{stage}.json"), kill  # never marked complete
   assert not os.path.exists(workdir / "results.json")
-  result = run_worker("none", workdir, env_cache=cache)
+  result = run_worker("none", workdir)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   expected, got = load_results(reference[0]), load_results(workdir)
   assert got["worst_classes"] == expected["worst_classes"]
@@ -114,9 +110,9 @@ def copy_trained(reference, tmp_path):
   return dst
 
 
-def test_nwpc_zero_skips_the_gan_stages(reference, tmp_path, cache):
+def test_nwpc_zero_skips_the_gan_stages(reference, tmp_path):
   workdir = copy_trained(reference, tmp_path)
-  result = run_worker("none", workdir, "--config.mistake.nwpc=0", "--config.resume=force", env_cache=cache)
+  result = run_worker("none", workdir, "--config.mistake.nwpc=0", "--config.resume=force")
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   r = load_results(workdir)
   assert r["worst_classes"] == [] and r["generated_per_class"] == {}
@@ -126,14 +122,14 @@ def test_nwpc_zero_skips_the_gan_stages(reference, tmp_path, cache):
     assert "skipped" in json.load(open(workdir / "stages" / f"{stage}.json"))
 
 
-def test_a_workdir_from_another_config_is_refused(reference, cache):
-  result = run_worker("none", reference[0], "--config.train.learning_rate=0.5", env_cache=cache)
+def test_a_workdir_from_another_config_is_refused(reference):
+  result = run_worker("none", reference[0], "--config.train.learning_rate=0.5")
   assert result.returncode == 2
   assert "different config" in result.stderr and "train.learning_rate" in result.stderr
   assert "Traceback" not in result.stderr
 
 
-def test_a_subset_of_stages_needs_its_inputs(tmp_path, cache):
-  result = run_worker("none", tmp_path / "fresh", "--config.stages=gan", env_cache=cache)
+def test_a_subset_of_stages_needs_its_inputs(tmp_path):
+  result = run_worker("none", tmp_path / "fresh", "--config.stages=gan")
   assert result.returncode == 2
   assert "needs the outputs of stage 'validate'" in result.stderr
