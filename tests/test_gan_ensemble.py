@@ -324,7 +324,7 @@ def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
   cfg = fastgan_config()
   result = ensemble.train_class_gans(digits_by_class(), cfg, str(tmp_path), seed=0,
                                      num_samples=5, mesh=ensemble.class_mesh(jax.devices()[:1]),
-                                     progress=False)
+                                     keep_states=True, progress=False)
   for k in (0, 1):
     d_losses = [h["d_loss"] for h in result.history[k]]
     assert len(d_losses) == 4 and all(np.isfinite(d_losses))
@@ -332,13 +332,14 @@ def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
     grids = tmp_path / "samples" / f"class_{k:04d}"
     assert (grids / "step_0000004.png").is_file() and (grids / "step_0000008.png").is_file()
     assert result.generated[k].shape == (5, 32, 32, 3) and result.generated[k].dtype == np.uint8
-    # The trained EMA generator's samples differ from the untrained one's (same noise).
+    # The trained EMA generator's samples differ from the untrained one's (same noise). Relative:
+    # the untrained outputs are tiny (std ~1e-3), so 8 steps barely move them in uint8 levels.
     fns = ensemble.default_gan_fns(cfg)
-    gen_key = jax.random.fold_in(ensemble.class_keys(0, k)[1], ensemble._GENERATE_STREAM)
-    init_state = ensemble._jit(fns.init)(ensemble.class_keys(0, k)[0])
-    untrained = generate.generate_images(fns.sample, init_state, 5, gen_key,
-                                         batch_size=4 * cfg.batch_size)
-    assert np.abs(untrained.astype(np.float32) - result.generated[k]).mean() > 1.0
+    key = jax.random.PRNGKey(5)
+    sample = ensemble._jit(fns.sample, (2,))
+    before = np.asarray(sample(ensemble._jit(fns.init)(ensemble.class_keys(0, k)[0]), key, 16))
+    after = np.asarray(sample(result.states[k], key, 16))
+    assert np.linalg.norm(after - before) > 0.05 * np.linalg.norm(before)
   out = generate.write_generated(tmp_path / "generated", result.generated, source_step=result.steps)
   images, labels = generate.load_generated(out)
   assert images.shape == (10, 32, 32, 3) and labels.tolist() == [0] * 5 + [1] * 5
