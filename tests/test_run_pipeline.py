@@ -56,10 +56,9 @@ def test_results_schema_and_consistency(reference):
   assert max(val[r["worst_classes"]]) <= min(np.delete(val, r["worst_classes"]))
   # ceil(ratio x |C|) images per weak class, |C| its training images; and they were written.
   sizes = r["split_sizes"]
-  index = json.load(open(os.path.join(workdir, "generated", "index.json")))
-  files = index["files"] if isinstance(index, dict) and "files" in index else index
+  from mdjax.gan import generate
   per_class = {}
-  for entry in files:
+  for entry in generate.read_index(os.path.join(workdir, "generated"))["images"]:
     per_class[entry["class_index"]] = per_class.get(entry["class_index"], 0) + 1
   stages = json.load(open(os.path.join(workdir, "stages", "generate.json")))
   for k in r["worst_classes"]:
