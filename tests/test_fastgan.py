@@ -345,3 +345,25 @@ def test_module_level_api_and_errors(cfg, trained):
   with pytest.raises(ConfigError, match="gan.diffaug"):
     gan_step_lib.make_gan_fns(bad)
   assert gan_step_lib.GANSpec.from_config(cfg) == gan_step_lib.make_gan_fns(cfg).spec
+
+
+@pytest.mark.parametrize("side,cin,cout", [(1, 3, 2), (4, 5, 6), (8, 16, 8)])
+def test_upsample_conv_equals_conv_of_upsampled_input(side, cin, cout):
+  """The phase-decomposed up-block conv is the naive nearest-x2 + conv3x3, values and gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, side, side, cin))
+  w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+
+  def naive(x, w):
+    return jax.lax.conv_general_dilated(fastgan.upsample2(x), w, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  fused = jax.jit(fastgan.upsample_conv3x3)(x, w)
+  assert fused.shape == (2, 2 * side, 2 * side, cout)
+  np.testing.assert_allclose(fused, naive(x, w), rtol=1e-5, atol=5e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  ref = jax.grad(loss(naive), (0, 1))(x, w)
+  got = jax.jit(jax.grad(loss(fastgan.upsample_conv3x3), (0, 1)))(x, w)
+  for a, b in zip(ref, got):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-4)
+  with pytest.raises(ValueError, match="3x3"):
+    fastgan.upsample_conv3x3(x, w[:2, :2])

@@ -72,6 +72,7 @@ class Run:
     self.nwpc = (config_lib.nwpc_count(config.mistake.nwpc, self.num_classes)
                  if config.mistake.enabled else 0)
     self._variables: dict[str, Any] = {}
+    self._eval_step = None
 
   # --- helpers ---------------------------------------------------------------------------------
 
@@ -98,7 +99,13 @@ class Run:
 
   def evaluate(self, variables: dict, source) -> dict:
     from mdjax.train import classifier as clf  # pylint: disable=g-import-not-at-top
-    return clf.evaluate(self.model, variables, source, self.config, self.mesh)
+    from mdjax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+    if self._eval_step is None:
+      # One jitted eval step for every evaluation of the run (val, test, each control), so each
+      # input shape compiles once instead of once per call.
+      self._eval_step = steps_lib.make_eval_step(self.model, self.num_classes, self.mesh)
+    return clf.evaluate(self.model, variables, source, self.config, self.mesh,
+                        eval_step=self._eval_step)
 
   def image_fn(self, variables: dict, method: str):
     """A jitted images-in-[0,1] -> logits / features function at the classifier's input size."""
