@@ -17,9 +17,13 @@ with `jax.profiler.trace` and summed per HLO op):
   + cpu_conv matmul weight gradients             13.2 s
   + up-block convs at the input resolution       11.3 s, 557 GFLOP (fastgan.upsample_conv3x3)
   + stride-1 input gradients as one matmul       10.2 s (cpu_conv._input_grad)
-against ~9.5 s for the official PyTorch code. What is left is a long tail: no op above 0.3 s;
-the largest are G's 128-pixel forward convs, the matmul gradients themselves, D's stride-2
-4x4 input gradients (XLA, 0.15 s each) and the im2col patches of D's 3-channel stem.
+  + strided (D's 4x4 stride-2) input gradients   8.9-9.1 s (same col2im, interior padding)
+against ~9.5 s for the official PyTorch code. The last row is two runs interleaved with the row
+before on the same quiet machine (9.44 / 9.29 s before, 9.14 / 8.90 s after; 3 iterations each),
+and that run timed the row before at 9.3-9.4 s, not 10.2: machine-to-machine noise of ~8%. What is
+left is a long tail: no op above 0.3 s; the largest are G's 128-pixel forward convs, the matmul
+gradients themselves and the im2col patches of D's 3-channel stem. Forward convs as im2col + one
+matmul were tried and are slower here (9.9 s against 9.2 s).
 """
 
 from __future__ import annotations

@@ -290,15 +290,17 @@ def test_train_classifier_on_digits_with_wrn16_4(tmp_path):
 
 
 class _ConvNet(nn.Module):
-  """Every branch of cpu_conv: im2col (few channels), per-tap matmuls, strides, 1x1, SAME."""
+  """Every branch of cpu_conv: im2col (few channels), per-tap matmuls, strides (the input gradient's
+  col2im places strided taps), odd sizes, asymmetric padding, 1x1, SAME."""
 
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(4, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False)(x)  # patches
     x = nn.relu(nn.Conv(20, (3, 3), padding="SAME")(x))  # patches (4 channels), string padding
-    x = nn.relu(nn.Conv(16, (3, 3), (2, 2), padding=((1, 1), (1, 1)))(x))  # taps, stride 2
+    x = nn.relu(nn.Conv(16, (4, 4), (2, 2), padding=((1, 1), (1, 1)))(x))  # FastGAN D's down conv
+    x = nn.relu(nn.Conv(16, (3, 3), (2, 2), padding=((1, 1), (0, 1)))(x))  # taps, stride 2
     x = nn.Conv(8, (1, 1))(x)  # a single tap
-    x = nn.Conv(8, (3, 3), feature_group_count=2)(x)  # grouped: left to XLA
+    x = nn.Conv(8, (3, 3), feature_group_count=2, padding="SAME")(x)  # grouped: left to XLA
     return x.sum((1, 2))
 
 
