@@ -17,10 +17,18 @@ Two ways to run the K GANs inside that one program (`gan.ensemble`):
   machine measured one program and 5 separate programs at parity (42.5 vs 39.6 s per step, medians
   under a load average of ~7 from other processes; benchmarks/gan_ensemble.py), and the unrolled
   program took 17 min to compile against 2.7 min for the single-class one. On the quiet machine at
-  the default config's width (ngf = ndf = 16, nz 64, 32x32, batch 8, K = 5): unrolled 0.93 s per
-  step against 1.01 s for 5 separate programs (1.08x; compile 200 s against 22 s), vmap 1.35 s per
-  step (compile 40 s). A FastGAN step at this width is already compute-bound (11 GFLOP at ~66
-  GFLOP/s per class), so one program has little per-op overhead left to save.
+  the default config's width (ngf = ndf = 16, nz 64, batch 8, K = 5), benchmarks/gan_ensemble.py:
+  at 32x32 unrolled 0.93-1.11 s per step against 1.01 s for 5 separate programs (1.08x and 0.91x
+  in two runs; compile 200-270 s against 22-38 s); at 64x64 1.876 against 1.873 s (1.00x; compile
+  484 s against 43 s); vmap at 32x32 1.35 s per step (compile 40 s), 1.14 s with forward convs as
+  batched im2col matmuls (not kept: slower for one class). Once the single-class step's conv
+  gradients are matmuls (mdjax.train.cpu_conv), it is compute-bound (11 GFLOP at ~60 GFLOP/s per
+  class at 32x32, with 87% parallel efficiency on the 2 cores: 0.33 s on one core against 0.19 s
+  on two), so one program has little left to save; REFERENCE.md's 1.3x was measured against
+  separate programs running XLA's own (slow) conv gradients. Neither two CPU devices (classes
+  sharded over the cores: 0.83x unrolled, 0.61x vmapped) nor `lax.map` (15x slower) helped.
+  For short runs on CPU vmap's compile time makes it the faster choice end to end (the digits
+  defaults set gan.ensemble=vmap); unrolling pays off only over thousands of steps.
 
 "auto" picks unroll on CPU and vmap on GPU/TPU. Classes are trained in chunks of at most
 `gan.chunk_size` (Stanford Cars selects 40 weak classes; compiling 40 unrolled FastGANs at once
