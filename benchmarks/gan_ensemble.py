@@ -39,7 +39,7 @@ def _parse():
   p.add_argument("--resolution", type=int, default=32)
   p.add_argument("--steps", type=int, default=5, help="timed steps (after compilation)")
   p.add_argument("--check-steps", type=int, default=2, help="steps of the equivalence check")
-  p.add_argument("--strategy", default="auto", choices=("auto", "vmap", "unroll"))
+  p.add_argument("--strategy", default="auto", choices=("auto", "vmap", "unroll", "map"))
   p.add_argument("--ngf", type=int, default=None, help="default: config.gan.ngf (64)")
   p.add_argument("--ndf", type=int, default=None, help="default: config.gan.ndf (64)")
   p.add_argument("--nz", type=int, default=None, help="default: config.gan.nz (256)")

@@ -5,40 +5,44 @@ and RNG stream (`fold_in(PRNGKey(seed), class_index)`, so a class's result does 
 other classes share its program or chunk). The K states are stacked along a leading "class" axis
 and one jitted step advances all of them.
 
-Two ways to run the K GANs inside that one program (`gan.ensemble`):
+Three ways to run the K GANs inside that one program (`gan.ensemble`):
 
 * "vmap": `jax.vmap` over the stacked states. The accelerator path: one batched kernel per layer.
-* "unroll": a static Python loop over the K states inside the one jit. Measured on this 2-core CPU
-  (REFERENCE.md section 6): vmap turns per-class conv weights into grouped convolutions, which XLA's
-  CPU backend runs ~4x slower than K separate programs, while the unrolled loop in one program ran
-  1.3x faster than separate programs (one dispatch, XLA schedules the K independent graphs
-  together). Compile time grows linearly with K. That gain is for small models, where per-op
-  overhead matters: for the full-width FastGAN (ngf = ndf = 64, 32x32, batch 8, K = 5) this
-  machine measured one program and 5 separate programs at parity (42.5 vs 39.6 s per step, medians
-  under a load average of ~7 from other processes; benchmarks/gan_ensemble.py), and the unrolled
-  program took 17 min to compile against 2.7 min for the single-class one. On the quiet machine at
-  the default config's width (ngf = ndf = 16, nz 64, batch 8, K = 5), benchmarks/gan_ensemble.py:
-  at 32x32 unrolled 0.93-1.11 s per step against 1.01 s for 5 separate programs (1.08x and 0.91x
-  in two runs; compile 200-270 s against 22-38 s); at 64x64 1.876 against 1.873 s (1.00x; compile
-  484 s against 43 s); vmap at 32x32 1.35 s per step (compile 40 s), 1.14 s with forward convs as
-  batched im2col matmuls (not kept: slower for one class). Once the single-class step's conv
-  gradients are matmuls (mdjax.train.cpu_conv), it is compute-bound (11 GFLOP at ~60 GFLOP/s per
-  class at 32x32, with 87% parallel efficiency on the 2 cores: 0.33 s on one core against 0.19 s
-  on two), so one program has little left to save; REFERENCE.md's 1.3x was measured against
-  separate programs running XLA's own (slow) conv gradients. Neither two CPU devices (classes
-  sharded over the cores: 0.83x unrolled, 0.61x vmapped) nor `lax.map` (15x slower) helped.
-  For short runs on CPU vmap's compile time makes it the faster choice end to end (the digits
-  defaults set gan.ensemble=vmap); unrolling pays off only over thousands of steps.
+* "map": `jax.lax.map` over the stacked states, a loop over the classes inside the one program:
+  the single-class step is compiled once (compile time independent of K) and runs as fast as K
+  separate programs. The CPU path.
+* "unroll": a static Python loop over the K states inside the one jit; compile time grows
+  linearly with K.
 
-"auto" picks unroll on CPU and vmap on GPU/TPU. Classes are trained in chunks of at most
-`gan.chunk_size` (Stanford Cars selects 40 weak classes; compiling 40 unrolled FastGANs at once
-would take minutes): chunks run one after the other, their sizes are balanced (10 classes with
+Measured on this 2-core CPU with benchmarks/gan_ensemble.py (K = 5 one program against 5 separately
+compiled single-class steps, interleaved; ngf = ndf = 16, nz 64, batch 8, the default config's width;
+quiet machine):
+
+  32x32   map 0.918 s/step vs separate 0.913 s (1.00x), compile 43 s vs 30 s
+          unroll 0.93-1.11 s vs 1.01 s (1.08x and 0.91x in two runs), compile 200-270 s
+          vmap 1.35 s/step (compile 40 s); 1.14 s with forward convs as batched im2col matmuls
+  64x64   map 1.875 s/step vs separate 1.952 s (1.04x), compile 50 s vs 41 s
+          unroll 1.876 vs 1.873 s (1.00x), compile 484 s vs 43 s
+
+REFERENCE.md section 6 measured naive vmap 4x slower and an unrolled program 1.3x faster than
+separate programs, but against separate programs running XLA's own convolution gradients. With
+those as matmuls (mdjax.train.cpu_conv) a single-class step is compute-bound (11 GFLOP at ~60
+GFLOP/s at 32x32, and 87% parallel efficiency on the 2 cores: 0.33 s on one core against 0.19 s
+on two), so one program has little left to save: no form reached 1.3x here. Sharding the classes
+over two CPU devices (one per core) was slower too (0.83x unrolled, 0.61x vmapped). The
+full-width FastGAN (ngf = ndf = 64, 32x32, K = 5) measured one program and separate programs at
+parity (42.5 vs 39.6 s per step under load, before the matmul gradients), and the unrolled program
+took 17 min to compile against 2.7 min for the single-class one.
+
+"auto" picks map on CPU and vmap on GPU/TPU. Classes are trained in chunks of at most
+`gan.chunk_size` (Stanford Cars selects 40 weak classes; 40 stacked FastGAN states or 40 unrolled
+copies of the step are more than one program should hold): chunks run one after the other, their sizes are balanced (10 classes with
 chunk_size 8 -> 5 + 5, not 8 + 2) and every chunk uses the same padded image capacity, so all chunks
 of one size share one compiled program.
 
 Several devices: the class axis is sharded over a 1-D mesh with axis "class" and the step is a
-`jax.shard_map` of the per-device step: each device runs its own classes (vmapped or unrolled over
-its local classes) with no communication at all, since the GANs are independent. K is padded to a
+`jax.shard_map` of the per-device step: each device runs its own classes (vmapped, mapped or
+unrolled over its local classes) with no communication at all, since the GANs are independent. K is padded to a
 multiple of the device count with copies of the chunk's last class (same data, same keys); the
 copies' results are dropped. On one device shard_map is the identity. Single process only for
 the host-side parts (sample grids, generation and `keep_states` slice classes out of the stacked
@@ -94,7 +98,7 @@ from mdjax.errors import ConfigError, DataError, NonFiniteLossError, UserError
 from mdjax.gan import generate
 
 CLASS_AXIS = "class"
-STRATEGIES = ("auto", "vmap", "unroll")
+STRATEGIES = ("auto", "vmap", "unroll", "map")
 GRID_SIZE = 16
 # fold_in constants separating a class's key streams (training uses the class key itself).
 _GRID_STREAM, _GENERATE_STREAM = 1_000_001, 1_000_002
@@ -123,12 +127,12 @@ def default_gan_fns(gan_config: ml_collections.ConfigDict) -> GanFns:
 
 
 def resolve_strategy(strategy: str, platform: str | None = None) -> str:
-  """"auto" -> "unroll" on CPU, "vmap" elsewhere (see the module docstring)."""
+  """"auto" -> "map" on CPU, "vmap" elsewhere (see the module docstring)."""
   if strategy not in STRATEGIES:
     raise ConfigError("gan.ensemble", strategy, " | ".join(STRATEGIES))
   if strategy != "auto":
     return strategy
-  return "unroll" if (platform or jax.default_backend()) == "cpu" else "vmap"
+  return "map" if (platform or jax.default_backend()) == "cpu" else "vmap"
 
 
 def class_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -183,7 +187,7 @@ def batch_indices(key: jax.Array, count: jax.Array, capacity: int, batch_size: i
   """`batch_size` indices in [0, count): a random subset (wrapping when count < batch_size).
 
   Written by hand because `jax.random.choice(replace=False)` needs a static population size, and
-  the count differs per class inside one vmapped/unrolled program. Image i gets the score
+  the count differs per class inside one vmapped/mapped/unrolled program. Image i gets the score
   `uniform(fold_in(key, i))`, which does not depend on `capacity`, so a class draws the same
   batches whatever the other classes' sizes (its result does not depend on its chunk).
   """
@@ -229,6 +233,8 @@ def _local_step(ens, images, counts, step, *, fns: GanFns, batch_size: int, stra
 
   if strategy == "vmap":
     new_gan, metrics, finite = jax.vmap(one)(ens["gan"], ens["rng"], images, counts)
+  elif strategy == "map":
+    new_gan, metrics, finite = jax.lax.map(lambda a: one(*a), (ens["gan"], ens["rng"], images, counts))
   else:
     outs = [one(jax.tree.map(lambda x, i=i: x[i], ens["gan"]), ens["rng"][i], images[i], counts[i])
             for i in range(ens["rng"].shape[0])]
