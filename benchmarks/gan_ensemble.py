@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdjax.config import GAN_ENSEMBLES
+
 
 def _parse():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,7 +41,7 @@ def _parse():
   p.add_argument("--resolution", type=int, default=32)
   p.add_argument("--steps", type=int, default=5, help="timed steps (after compilation)")
   p.add_argument("--check-steps", type=int, default=2, help="steps of the equivalence check")
-  p.add_argument("--strategy", default="auto", choices=("auto", "vmap", "unroll", "map"))
+  p.add_argument("--strategy", default="auto", choices=GAN_ENSEMBLES)
   p.add_argument("--ngf", type=int, default=None, help="default: config.gan.ngf (64)")
   p.add_argument("--ndf", type=int, default=None, help="default: config.gan.ndf (64)")
   p.add_argument("--nz", type=int, default=None, help="default: config.gan.nz (256)")

@@ -14,9 +14,9 @@ Three ways to run the K GANs inside that one program (`gan.ensemble`):
 * "unroll": a static Python loop over the K states inside the one jit; compile time grows
   linearly with K.
 
-Measured on this 2-core CPU with benchmarks/gan_ensemble.py (K = 5 one program against 5 separately
-compiled single-class steps, interleaved; ngf = ndf = 16, nz 64, batch 8, the default config's width;
-quiet machine):
+Measured on this 2-core CPU with benchmarks/gan_ensemble.py (K = 5 one program against 5
+separately compiled single-class steps, interleaved; ngf = ndf = 16, nz 64, batch 8, the default
+config's width; quiet machine):
 
   32x32   map 0.918 s/step vs separate 0.913 s (1.00x), compile 43 s vs 30 s
           unroll 0.93-1.11 s vs 1.01 s (1.08x and 0.91x in two runs), compile 200-270 s
@@ -36,15 +36,15 @@ took 17 min to compile against 2.7 min for the single-class one.
 
 "auto" picks map on CPU and vmap on GPU/TPU. Classes are trained in chunks of at most
 `gan.chunk_size` (Stanford Cars selects 40 weak classes; 40 stacked FastGAN states or 40 unrolled
-copies of the step are more than one program should hold): chunks run one after the other, their sizes are balanced (10 classes with
-chunk_size 8 -> 5 + 5, not 8 + 2) and every chunk uses the same padded image capacity, so all chunks
-of one size share one compiled program.
+copies of the step are more than one program should hold): chunks run one after the other, their
+sizes are balanced (10 classes with chunk_size 8 -> 5 + 5, not 8 + 2) and every chunk uses the same
+padded image capacity, so all chunks of one size share one compiled program.
 
 Several devices: the class axis is sharded over a 1-D mesh with axis "class" and the step is a
 `jax.shard_map` of the per-device step: each device runs its own classes (vmapped, mapped or
-unrolled over its local classes) with no communication at all, since the GANs are independent. K is padded to a
-multiple of the device count with copies of the chunk's last class (same data, same keys); the
-copies' results are dropped. On one device shard_map is the identity. Single process only for
+unrolled over its local classes) with no communication at all, since the GANs are independent. K is
+padded to a multiple of the device count with copies of the chunk's last class (same data, same
+keys); the copies' results are dropped. On one device shard_map is the identity. Single process only for
 the host-side parts (sample grids, generation and `keep_states` slice classes out of the stacked
 state, which needs every shard addressable).
 
@@ -94,11 +94,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mdjax.config import GAN_ENSEMBLES as STRATEGIES
 from mdjax.errors import ConfigError, DataError, NonFiniteLossError, UserError
 from mdjax.gan import generate
 
 CLASS_AXIS = "class"
-STRATEGIES = ("auto", "vmap", "unroll", "map")
 GRID_SIZE = 16
 # fold_in constants separating a class's key streams (training uses the class key itself).
 _GRID_STREAM, _GENERATE_STREAM = 1_000_001, 1_000_002
@@ -234,7 +234,8 @@ def _local_step(ens, images, counts, step, *, fns: GanFns, batch_size: int, stra
   if strategy == "vmap":
     new_gan, metrics, finite = jax.vmap(one)(ens["gan"], ens["rng"], images, counts)
   elif strategy == "map":
-    new_gan, metrics, finite = jax.lax.map(lambda a: one(*a), (ens["gan"], ens["rng"], images, counts))
+    new_gan, metrics, finite = jax.lax.map(lambda args: one(*args),
+                                           (ens["gan"], ens["rng"], images, counts))
   else:
     outs = [one(jax.tree.map(lambda x, i=i: x[i], ens["gan"]), ens["rng"][i], images[i], counts[i])
             for i in range(ens["rng"].shape[0])]
