@@ -13,9 +13,15 @@ Both sides donate their states. The separate side calls one compiled single-clas
 per step (the classes' images padded to one shape; K real trainings would compile K same-shaped
 programs, which changes compile time only). Compile time is the first call minus the median step.
 
+`--profile DIR` then traces 3 more steps of each side with `jax.profiler.trace` (DIR/one_program,
+DIR/separate; open them in Perfetto or XProf) and adds a summary per side under "profile":
+op_s_per_step, the time XLA's worker threads spend inside HLO ops per step (summed over threads),
+and mean_busy_threads = op time / wall time. On the 2-core CPU that tells whether one program could
+gain by overlapping the classes' ops: it can only win time where the separate steps leave a core idle.
+
 The LAST line printed is a JSON object: classes, resolution, strategy, ngf, ndf, nz, batch_size,
 devices, one_program_s_per_step, separate_s_per_step, speedup (separate / one_program),
-max_abs_diff, compile_one_program_s, compile_separate_s.
+max_abs_diff, compile_one_program_s, compile_separate_s (and "profile" with --profile).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import functools
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time
@@ -48,7 +55,32 @@ def _parse():
   p.add_argument("--batch-size", type=int, default=None, help="default: config.gan.batch_size (8)")
   p.add_argument("--devices", type=int, default=1, help="CPU devices for the class mesh")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--profile", metavar="DIR", default=None,
+                 help="also trace 3 steps of each side into DIR and summarise thread use")
   return p.parse_args()
+
+
+def _profile(run, out_dir: pathlib.Path, steps: int = 3) -> dict:
+  """Traces `steps` calls of `run()` and sums the HLO ops XLA's CPU worker threads executed.
+
+  jax.profiler.ProfileData reads the trace; the worker threads are the "XLAEigen" lines. Their
+  "ThunkExecutor" / thread-pool events wrap the ops, so they are left out of the sum.
+  """
+  with jax.profiler.trace(str(out_dir)):
+    t0 = time.perf_counter()  # inside the trace: starting and stopping the profiler take seconds
+    for _ in range(steps):
+      run()
+    wall = (time.perf_counter() - t0) / steps
+  (xplane,) = out_dir.glob("plugins/profile/*/*.xplane.pb")
+  op_ns = 0
+  for plane in jax.profiler.ProfileData.from_file(str(xplane)).planes:
+    for line in plane.lines:
+      if "XLAEigen" in line.name:
+        op_ns += sum(e.duration_ns for e in line.events
+                     if not e.name.startswith(("ThunkExecutor", "SlinkyThreadPool")))
+  op_s = op_ns / 1e9 / steps
+  return {"wall_s_per_step": round(wall, 4), "op_s_per_step": round(op_s, 4),
+          "mean_busy_threads": round(op_s / wall, 2)}
 
 
 def main():
@@ -151,6 +183,23 @@ def main():
       "compile_one_program_s": round(first_one - one, 1),
       "compile_separate_s": round(first_sep - sep, 1),
   }
+  if args.profile:
+    step = args.check_steps + args.steps
+
+    # Both sides donate their states: each traced call continues from the previous result.
+    def advance_one():
+      nonlocal ens
+      ens = run_one(ens, step)
+
+    def advance_separate():
+      nonlocal sep_states
+      sep_states = run_separate(sep_states, step)
+
+    profile = {}
+    for name, advance in (("one_program", advance_one), ("separate", advance_separate)):
+      profile[name] = _profile(advance, pathlib.Path(args.profile) / name)
+      print(f"profile {name}: {profile[name]}", flush=True)
+    result["profile"] = profile
   print(json.dumps(result))
   return 0
 

@@ -275,6 +275,66 @@ def test_repeated_nan_stops_with_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Several processes (launch/local.sh): the same results as one process with as many devices.
+# ------------------------------------------------------------------------------------------------
+def train_multiprocess_case(workdir):
+  """3 classes on 4 devices (one padded copy); class 1 is poisoned, so a NaN restore happens."""
+  data = {0: noisy_images(6, 0), 1: class_images(6, 255), 5: noisy_images(9, 5)}
+  return ensemble.train_class_gans(
+      data, gan_config(steps=8, log_every=2, checkpoint_every=4, sample_every=4), workdir, seed=3,
+      step_fns=tiny_gan_fns(poison_step=5, poison_prob=0.8), num_samples=3, keep_states=True,
+      progress=False)
+
+
+def comparable(result):
+  return {"states": result.states, "generated": result.generated, "history": result.history,
+          "nan_restarts": result.nan_restarts}
+
+
+def test_two_processes_train_like_one_process(tmp_path):
+  """Two local JAX processes, 2 CPU devices each, against this process's 4 devices."""
+  import os  # pylint: disable=import-outside-toplevel
+  import pickle  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  assert jax.device_count() == 4
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  worker = os.path.join(os.path.dirname(__file__), "gan_multiprocess_worker.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / "multi")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  multi = []
+  for i in range(2):
+    with open(tmp_path / "multi" / f"result_{i}.pkl", "rb") as fh:
+      multi.append(pickle.load(fh))
+  with pytest.warns(RuntimeWarning, match="NaN/inf"):
+    single = comparable(train_multiprocess_case(str(tmp_path / "single")))
+
+  assert single["nan_restarts"][1] >= 1  # the restore path ran
+  for m in multi:  # every process returns the whole result, equal to the one-process run
+    assert m["nan_restarts"] == single["nan_restarts"] and m["history"] == single["history"]
+    assert sorted(m["generated"]) == [0, 1, 5]
+    for k in single["generated"]:
+      np.testing.assert_array_equal(m["generated"][k], single["generated"][k])
+    assert_trees_close(m["states"], single["states"], atol=1e-6)
+  # Only process 0 wrote files: one TensorBoard log, and the same grids as one process writes.
+  run = tmp_path / "multi" / "run"
+  assert len(list((run / "tensorboard").glob("events.*"))) == 1
+  grids = sorted(str(p.relative_to(run)) for p in run.glob("samples/*/*.png"))
+  assert grids == sorted(str(p.relative_to(tmp_path / "single"))
+                         for p in (tmp_path / "single").glob("samples/*/*.png"))
+  assert "samples/class_0005/step_0000008.png" in grids
+
+
+# ------------------------------------------------------------------------------------------------
 # The real FastGAN (ngf = ndf = 8, 32x32) on digits: compiles take most of this module's time.
 # ------------------------------------------------------------------------------------------------
 def fastgan_config():

@@ -44,9 +44,14 @@ Several devices: the class axis is sharded over a 1-D mesh with axis "class" and
 `jax.shard_map` of the per-device step: each device runs its own classes (vmapped, mapped or
 unrolled over its local classes) with no communication at all, since the GANs are independent. K is
 padded to a multiple of the device count with copies of the chunk's last class (same data, same
-keys); the copies' results are dropped. On one device shard_map is the identity. Single process only for
-the host-side parts (sample grids, generation and `keep_states` slice classes out of the stacked
-state, which needs every shard addressable).
+keys); the copies' results are dropped. On one device shard_map is the identity.
+
+Several processes (launch/local.sh, SLURM): the mesh spans every process's devices, so each
+process steps only its own classes. Every process runs the same host loop; what the host reads
+(losses, NaN flags) is gathered from all processes (`multihost_utils.process_allgather`), a class's
+state for sample grids and generation is first replicated to every device (`_local_class_state`),
+so each process samples it locally, and only process 0 writes files (grids, meta.json,
+TensorBoard); orbax checkpoints the sharded state collectively.
 
 Data: the classes' images are stacked into one uint8 array [K, capacity, R, R, 3] padded with zeros
 beyond each class's count, kept on device (sharded like the states), and each step draws a batch
@@ -92,6 +97,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdjax.config import GAN_ENSEMBLES as STRATEGIES
@@ -298,6 +305,39 @@ def unstack_class(ens: dict, position: int):
   return jax.tree.map(lambda x: x[position], ens["gan"])
 
 
+@functools.cache
+def _replicate_class(mesh: jax.sharding.Mesh) -> Callable:
+  return jax.jit(
+      lambda gan, p: jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, p, keepdims=False), gan),
+      out_shardings=NamedSharding(mesh, P()))
+
+
+def _local_class_state(ens: dict, position: int, mesh: jax.sharding.Mesh):
+  """The class at `position`, as arrays on this process's first device (works across processes).
+
+  The class's shard may live on another process's device: it is first replicated to every device
+  of the mesh (a collective all processes run), then this process's copy is taken.
+  """
+  replicated = _replicate_class(mesh)(ens["gan"], jnp.int32(position))
+  return jax.tree.map(lambda x: x.addressable_data(0), replicated)
+
+
+def _to_host(tree):
+  """Numpy copy of a class-sharded pytree, the whole of it on every process."""
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+class _NoWriter:
+  """Stands in for the TensorBoard writer on processes other than 0."""
+
+  def __getattr__(self, name):
+    return lambda *args, **kwargs: None
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints (orbax): the whole chunk (stacked states, per-class rng, restarts) + the step.
 # ------------------------------------------------------------------------------------------------
@@ -387,7 +427,7 @@ def _check_meta(chunk_dir: Path, meta: dict) -> None:
       raise UserError(
           f"{chunk_dir} holds GAN checkpoints of a different run (differs in: {', '.join(diff)}). "
           "Use a new workdir, or delete that directory to retrain these GANs.")
-  else:
+  elif _is_writer():
     chunk_dir.mkdir(parents=True, exist_ok=True)
     tmp = chunk_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -395,7 +435,7 @@ def _check_meta(chunk_dir: Path, meta: dict) -> None:
 
 
 def _host_metrics(metrics, num_real: int) -> dict[str, np.ndarray]:
-  return {name: np.asarray(v, np.float64)[:num_real] for name, v in jax.device_get(metrics).items()}
+  return {name: np.asarray(v, np.float64)[:num_real] for name, v in _to_host(metrics).items()}
 
 
 def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_collections.ConfigDict,
@@ -441,8 +481,9 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
 
   result = EnsembleResult(tuple(classes), g.steps, {}, {k: [] for k in classes},
                           {k: 0 for k in classes}, {}, workdir, strategy)
-  writer = SummaryWriter(str(workdir / "tensorboard"))
-  bar = tqdm(total=g.steps * len(chunks), disable=not progress, desc="class GANs", unit="step",
+  writer = SummaryWriter(str(workdir / "tensorboard")) if _is_writer() else _NoWriter()
+  bar = tqdm(total=g.steps * len(chunks), disable=not (progress and _is_writer()),
+             desc="class GANs", unit="step",
              dynamic_ncols=True)
   sample = _jit(fns.sample, (2,))
   sharding = NamedSharding(mesh, P(CLASS_AXIS))
@@ -453,6 +494,8 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
       padded = chunk + [chunk[-1]] * (-num_real % n_dev)
       chunk_dir = workdir / f"chunk_{j:03d}"
       _check_meta(chunk_dir, _meta(chunk, [images[k] for k in chunk], g, seed))
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"gan meta {chunk_dir}")
       data, counts = stack_class_images([images[k] for k in padded], capacity)
       data, counts = jax.device_put((data, counts), sharding)
       step_fn = make_ensemble_step(fns, batch_size=g.batch_size, strategy=strategy, mesh=mesh)
@@ -463,11 +506,11 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
       if step is None:
         step = 0
         ckpt.save(0, ens)
-        for k in chunk:
+        for k in chunk if _is_writer() else ():
           generate.save_grid(images[k][:GRID_SIZE], workdir / "samples" / f"class_{k:04d}" / "real.png")
       else:
         ens = ckpt.restore(step, ens)
-      restarts = np.asarray(jax.device_get(ens["restarts"]))
+      restarts = _to_host(ens["restarts"])
       for p, k in enumerate(chunk):
         result.nan_restarts[k] = int(restarts[p])
       bar.set_description(f"class GANs (chunk {j + 1}/{len(chunks)}: {len(chunk)} classes)")
@@ -482,10 +525,10 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
         sample_now = step % g.sample_every == 0 or step == g.steps
         if not (checkpoint_now or sample_now or step % g.log_every == 0):
           continue
-        ok = np.asarray(jax.device_get(ens["ok"]))
+        ok = _to_host(ens["ok"])
         if not ok.all():
           ens, step = _recover(ens, ok, padded, ckpt, max_nan_restarts, step, sharding)
-          restarts = np.asarray(jax.device_get(ens["restarts"]))
+          restarts = _to_host(ens["restarts"])
           for p, k in enumerate(chunk):
             result.nan_restarts[k] = int(restarts[p])
             result.history[k] = [h for h in result.history[k] if h["step"] <= step]
@@ -503,19 +546,23 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
         if sample_now:
           for p, k in enumerate(chunk):
             grid_key = jax.random.fold_in(class_keys(seed, k)[1], _GRID_STREAM)
-            grid = generate.to_uint8(sample(unstack_class(ens, p), grid_key, GRID_SIZE))
+            grid = generate.to_uint8(sample(_local_class_state(ens, p, mesh), grid_key, GRID_SIZE))
+            if not _is_writer():
+              continue
             generate.save_grid(grid, workdir / "samples" / f"class_{k:04d}" / f"step_{step:07d}.png")
             writer.add_image(f"class_{k:04d}/samples", generate.make_grid(grid), step,
                              dataformats="HWC")
 
       for p, k in enumerate(chunk):
+        if not ((num_samples and num_samples.get(k, 0) > 0) or keep_states):
+          continue
+        state = _local_class_state(ens, p, mesh)
         if num_samples and num_samples.get(k, 0) > 0:
           gen_key = jax.random.fold_in(class_keys(seed, k)[1], _GENERATE_STREAM)
           result.generated[k] = generate.generate_images(
-              fns.sample, unstack_class(ens, p), num_samples[k], gen_key,
-              batch_size=4 * g.batch_size)
+              fns.sample, state, num_samples[k], gen_key, batch_size=4 * g.batch_size)
         if keep_states:
-          result.states[k] = jax.device_get(unstack_class(ens, p))
+          result.states[k] = jax.device_get(state)
       writer.flush()
   finally:
     stack.close()
@@ -539,7 +586,7 @@ def _recover(ens: dict, ok: np.ndarray, classes: Sequence[int], ckpt: _Checkpoin
   bad = [p for p in range(len(ok)) if not ok[p]]
   bad_classes = sorted({classes[p] for p in bad})
   # Counted from the live state: the checkpoint's counts predate the failures since it was saved.
-  restarts = np.asarray(jax.device_get(ens["restarts"])).copy()
+  restarts = _to_host(ens["restarts"]).copy()
   last = ckpt.latest_step()
   restored = ckpt.restore(last, ens)
   for p in bad:
@@ -556,7 +603,7 @@ def _recover(ens: dict, ok: np.ndarray, classes: Sequence[int], ckpt: _Checkpoin
       f"GAN of class(es) {bad_classes}: NaN/inf detected by step {step}; restored the checkpoint of "
       f"step {last} and continuing with a fresh random stream for them (restart {worst} of at most "
       f"{max_restarts}).", RuntimeWarning, stacklevel=3)
-  rng = np.asarray(jax.device_get(restored["rng"])).copy()
+  rng = _to_host(restored["rng"]).copy()
   for p in bad:
     rng[p] = np.asarray(jax.random.fold_in(rng[p], int(restarts[p])))
   restored["rng"] = jax.device_put(rng, sharding)
