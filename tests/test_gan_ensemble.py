@@ -208,8 +208,9 @@ def test_classes_never_see_other_images(strategy):
 # ------------------------------------------------------------------------------------------------
 def _train(tmp_path, name, fns, images_by_class, **kw):
   cfg = gan_config(**kw.pop("cfg", {}))
+  kw.setdefault("progress", False)
   return ensemble.train_class_gans(images_by_class, cfg, str(tmp_path / name), seed=3,
-                                   step_fns=fns, progress=False, keep_states=True, **kw)
+                                   step_fns=fns, keep_states=True, **kw)
 
 
 def test_train_class_gans_outputs(tmp_path):
@@ -248,6 +249,17 @@ def test_resume_equals_uninterrupted_training(tmp_path):
   # Checkpoints of a different selection are refused, not mixed.
   with pytest.raises(UserError, match="different run"):
     _train(tmp_path, "cut", fns, {0: data[0], 3: noisy_images(4, 9)}, cfg={"steps": 6})
+
+
+def test_progress_reports_every_class_losses(tmp_path, capsys):
+  data = {2: noisy_images(5, 1), 7: noisy_images(4, 2)}
+  result = _train(tmp_path, "w", tiny(), data, progress=True)
+  out = capsys.readouterr()
+  lines = [l for l in (out.out + out.err).splitlines() if l.startswith("GAN step")]
+  assert [l.split(":")[0] for l in lines] == ["GAN step 3/6", "GAN step 6/6"]  # sample_every=3
+  last = result.history[7][-1]
+  assert f"class 7 D {last['d_loss']:.3f} G {last['g_loss']:.3f}" in lines[-1]
+  assert lines[-1].count("class ") == 2
 
 
 def test_nan_in_one_class_is_restored_and_training_continues(tmp_path):

@@ -459,7 +459,8 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
     mesh: 1-D mesh with axis "class" (default: all devices).
     max_nan_restarts: restorations after NaN/inf allowed per class before giving up.
     keep_states: also return every class's final state (numpy; large for full-width FastGANs).
-    progress: show a tqdm bar.
+    progress: show a tqdm bar (mean / worst D and G loss over the chunk's classes) and, at every
+      sample point, a line with each class's D and G loss.
   """
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -544,6 +545,8 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
         if checkpoint_now:
           ckpt.save(step, ens)
         if sample_now:
+          if progress and _is_writer():  # the bar shows mean/worst; this line every class's own
+            bar.write(f"GAN step {step}/{g.steps}: {_class_losses(host, chunk)}")
           for p, k in enumerate(chunk):
             grid_key = jax.random.fold_in(class_keys(seed, k)[1], _GRID_STREAM)
             grid = generate.to_uint8(sample(_local_class_state(ens, p, mesh), grid_key, GRID_SIZE))
@@ -571,13 +574,21 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
   return result
 
 
+_LOSSES = (("d_loss", "D"), ("g_loss", "G"))
+
+
 def _postfix(host: dict[str, np.ndarray]) -> dict[str, str]:
   """Mean and worst (largest) value over classes of the D and G losses."""
-  out = {}
-  for name, short in (("d_loss", "D"), ("g_loss", "G")):
-    if name in host:
-      out[short] = f"{host[name].mean():.3f}/{host[name].max():.3f}"
-  return out
+  return {short: f"{host[name].mean():.3f}/{host[name].max():.3f}"
+          for name, short in _LOSSES if name in host}
+
+
+def _class_losses(host: dict[str, np.ndarray], chunk: Sequence[int]) -> str:
+  """Every class's D and G loss on one line: "class 2 D 1.408 G 0.431 | class 3 ..."."""
+  return " | ".join(
+      " ".join([f"class {k}"] + [f"{short} {host[name][p]:.3f}" for name, short in _LOSSES
+                                 if name in host])
+      for p, k in enumerate(chunk))
 
 
 def _recover(ens: dict, ok: np.ndarray, classes: Sequence[int], ckpt: _Checkpoints,
