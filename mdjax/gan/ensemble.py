@@ -28,7 +28,12 @@ REFERENCE.md section 6 measured naive vmap 4x slower and an unrolled program 1.3
 separate programs, but against separate programs running XLA's own convolution gradients. With
 those as matmuls (mdjax.train.cpu_conv) a single-class step is compute-bound (11 GFLOP at ~60
 GFLOP/s at 32x32, and 87% parallel efficiency on the 2 cores: 0.33 s on one core against 0.19 s
-on two), so one program has little left to save: no form reached 1.3x here. Sharding the classes
+on two), so one program has little left to save: no form reached 1.3x here. Profiled
+(`benchmarks/gan_ensemble.py --profile`, K = 5, 32x32, quiet machine): the separate steps keep at
+least 1.31 worker threads busy inside HLO ops on average (a lower bound: YNNPACK's helper work on
+the other core is not traced); the unrolled program overlaps more (1.44) but its ops then take 18%
+longer (1.33 against 1.13 s of op time per step), so the wall time stays the same (0.88 against
+0.87 s): the two cores are already in use. The map program: 1.27 against 1.30, 0.94 against 0.95 s. Sharding the classes
 over two CPU devices (one per core) was slower too (0.83x unrolled, 0.61x vmapped). The
 full-width FastGAN (ngf = ndf = 64, 32x32, K = 5) measured one program and separate programs at
 parity (42.5 vs 39.6 s per step under load, before the matmul gradients), and the unrolled program
