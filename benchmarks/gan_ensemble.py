@@ -17,7 +17,8 @@ programs, which changes compile time only). Compile time is the first call minus
 DIR/separate; open them in Perfetto or XProf) and adds a summary per side under "profile":
 op_s_per_step, the time XLA's worker threads spend inside HLO ops per step (summed over threads),
 and mean_busy_threads = op time / wall time. On the 2-core CPU that tells whether one program could
-gain by overlapping the classes' ops: it can only win time where the separate steps leave a core idle.
+gain by overlapping the classes' ops: it can only win time where the separate steps leave a core
+idle.
 Each op counts once, on the thread that runs it: work it hands to the other thread (YNNPACK's own
 parallel loops inside matmul fusions) is not traced, so mean_busy_threads is a lower bound.
 

@@ -6,6 +6,10 @@ FastGAN at ngf = ndf = 8, 32x32."""
 from __future__ import annotations
 
 import functools
+import os
+import pickle
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -303,23 +307,15 @@ def comparable(result):
           "nan_restarts": result.nan_restarts}
 
 
-def test_two_processes_train_like_one_process(tmp_path):
+def test_two_processes_train_like_one_process(tmp_path, free_port):
   """Two local JAX processes, 2 CPU devices each, against this process's 4 devices."""
-  import os  # pylint: disable=import-outside-toplevel
-  import pickle  # pylint: disable=import-outside-toplevel
-  import socket  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-
   assert jax.device_count() == 4
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
   worker = os.path.join(os.path.dirname(__file__), "gan_multiprocess_worker.py")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("JAX_NUM_CPU_DEVICES", None)
-  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / "multi")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  out_dir = str(tmp_path / "multi")
+  procs = [subprocess.Popen([sys.executable, worker, str(free_port), str(i), out_dir], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs

@@ -1,7 +1,6 @@
 """The grain input pipeline: determinism, resumption, sharding, exact evaluation coverage."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -99,16 +98,10 @@ def test_batch_size_must_divide_over_devices():
   assert pipeline.eval_batch_size(10, pipeline.data_mesh()) == 12
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_build_one_global_batch(tmp_path):
+def test_two_processes_build_one_global_batch(tmp_path, free_port):
   """Two local JAX processes, 2 CPU devices each: their parts form the single-process batch."""
   worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
-  port = _free_port()
+  port = free_port
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("JAX_NUM_CPU_DEVICES", None)
   procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path)], env=env,

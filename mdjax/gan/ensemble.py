@@ -33,11 +33,11 @@ on two), so one program has little left to save: no form reached 1.3x here. Prof
 least 1.31 worker threads busy inside HLO ops on average (a lower bound: YNNPACK's helper work on
 the other core is not traced); the unrolled program overlaps more (1.44) but its ops then take 18%
 longer (1.33 against 1.13 s of op time per step), so the wall time stays the same (0.88 against
-0.87 s): the two cores are already in use. The map program: 1.27 against 1.30, 0.94 against 0.95 s. Sharding the classes
-over two CPU devices (one per core) was slower too (0.83x unrolled, 0.61x vmapped). The
-full-width FastGAN (ngf = ndf = 64, 32x32, K = 5) measured one program and separate programs at
-parity (42.5 vs 39.6 s per step under load, before the matmul gradients), and the unrolled program
-took 17 min to compile against 2.7 min for the single-class one.
+0.87 s): the two cores are already in use. The map program: 1.27 against 1.30, 0.94 against 0.95 s.
+Sharding the classes over two CPU devices (one per core) was slower too (0.83x unrolled, 0.61x
+vmapped). The full-width FastGAN (ngf = ndf = 64, 32x32, K = 5) measured one program and separate
+programs at parity (42.5 vs 39.6 s per step under load, before the matmul gradients), and the
+unrolled program took 17 min to compile against 2.7 min for the single-class one.
 
 "auto" picks map on CPU and vmap on GPU/TPU. Classes are trained in chunks of at most
 `gan.chunk_size` (Stanford Cars selects 40 weak classes; 40 stacked FastGAN states or 40 unrolled
@@ -437,6 +437,8 @@ def _check_meta(chunk_dir: Path, meta: dict) -> None:
     tmp = chunk_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(path)
+  if jax.process_count() > 1:  # no process reads on before process 0 has written it
+    multihost_utils.sync_global_devices(f"gan meta {chunk_dir}")
 
 
 def _host_metrics(metrics, num_real: int) -> dict[str, np.ndarray]:
@@ -500,8 +502,6 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
       padded = chunk + [chunk[-1]] * (-num_real % n_dev)
       chunk_dir = workdir / f"chunk_{j:03d}"
       _check_meta(chunk_dir, _meta(chunk, [images[k] for k in chunk], g, seed))
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"gan meta {chunk_dir}")
       data, counts = stack_class_images([images[k] for k in padded], capacity)
       data, counts = jax.device_put((data, counts), sharding)
       step_fn = make_ensemble_step(fns, batch_size=g.batch_size, strategy=strategy, mesh=mesh)
@@ -553,22 +553,24 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
           if progress and _is_writer():  # the bar shows mean/worst; this line every class's own
             bar.write(f"GAN step {step}/{g.steps}: {_class_losses(host, chunk)}")
           for p, k in enumerate(chunk):
-            grid_key = jax.random.fold_in(class_keys(seed, k)[1], _GRID_STREAM)
-            grid = generate.to_uint8(sample(_local_class_state(ens, p, mesh), grid_key, GRID_SIZE))
+            state = _local_class_state(ens, p, mesh)  # a collective: every process runs it
             if not _is_writer():
               continue
+            grid_key = jax.random.fold_in(class_keys(seed, k)[1], _GRID_STREAM)
+            grid = generate.to_uint8(sample(state, grid_key, GRID_SIZE))
             generate.save_grid(grid, workdir / "samples" / f"class_{k:04d}" / f"step_{step:07d}.png")
             writer.add_image(f"class_{k:04d}/samples", generate.make_grid(grid), step,
                              dataformats="HWC")
 
       for p, k in enumerate(chunk):
-        if not ((num_samples and num_samples.get(k, 0) > 0) or keep_states):
+        n = (num_samples or {}).get(k, 0)
+        if not (n > 0 or keep_states):
           continue
         state = _local_class_state(ens, p, mesh)
-        if num_samples and num_samples.get(k, 0) > 0:
+        if n > 0:
           gen_key = jax.random.fold_in(class_keys(seed, k)[1], _GENERATE_STREAM)
           result.generated[k] = generate.generate_images(
-              fns.sample, state, num_samples[k], gen_key, batch_size=4 * g.batch_size)
+              fns.sample, state, n, gen_key, batch_size=4 * g.batch_size)
         if keep_states:
           result.states[k] = jax.device_get(state)
       writer.flush()
