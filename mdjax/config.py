@@ -181,9 +181,9 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.gan.sample_every = 10
   config.gan.checkpoint_every = 10
   config.gan.log_every = 5
-  # One program for all classes either way; vmap compiles the FastGAN step once where unrolling
-  # compiles it once per class (minutes on a CPU), and 20 tiny steps cannot repay that.
-  config.gan.ensemble = "vmap"
+  # auto: lax.map on CPU, vmap on GPU; both compile the FastGAN step once where unrolling compiles
+  # it once per class (minutes on a CPU), and 20 tiny steps cannot repay that.
+  config.gan.ensemble = "auto"
 
 
 def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -379,7 +379,7 @@ def test_one_program_equals_separate_trainings_fastgan(fastgan_equivalence, stra
   classes, runs, separate = fastgan_equivalence
   ens, _ = runs[strategy]
   # Adam's first steps are ~lr * sign(grad): a gradient that is ~0 can flip sign under a different
-  # summation order (vmap's grouped convolutions; XLA picks other conv kernels inside lax.map's
+  # summation order (vmap's batched reductions; XLA picks other conv kernels inside lax.map's
   # loop body), moving a parameter by up to 2 * lr = 4e-4.
   atol = 1e-6 if strategy == "unroll" else 1e-3
   for p, k in enumerate(classes):

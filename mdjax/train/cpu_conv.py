@@ -17,6 +17,10 @@ FastGAN's large maps), are rewritten; both are checked against `jax.grad` in tes
 A forward pass as im2col + one matmul was tried and not kept: on FastGAN it was slower than XLA's
 own forward conv (0.205 against 0.188 s for a 32x32 step at ngf 16; 9.9 against 9.2 s at 256x256).
 
+Under `jax.vmap` with per-model kernels (the GAN ensemble's "vmap" strategy), batching rules
+(`jax.custom_batching.custom_vmap`) run the conv and these gradients once per model instead of as
+grouped convolutions and batched matmuls; see the comment above `_plain_conv`.
+
 It reaches the models without changing them: `use_fast_conv_grads()` is a Flax method interceptor
 that, inside its `with` block, makes every `nn.Conv` call this function instead of
 `lax.conv_general_dilated` (flax.linen.Conv's own `conv_general_dilated` hook).
@@ -78,9 +82,37 @@ def _weight_grad(x, dy, kernel_hw, strides, padding, dtype):
   return jnp.stack(taps).reshape(kh, kw, c, o).astype(dtype)
 
 
+# vmap over per-model kernels (the GAN ensemble's "vmap" strategy: K classes' GANs stacked) would
+# turn every convolution into a grouped one (feature_group_count = K), which XLA's CPU backend runs
+# several times slower than K plain ones (REFERENCE.md section 6), and the matmuls of the gradients
+# into batched matmuls. These batching rules instead unroll the conv and its gradient into K
+# ordinary ones inside the vmapped program; everything else (BatchNorm, activations, optimizer)
+# stays batched. With a kernel shared by the batch, vmap's own rules apply (the batch is folded into
+# the conv's batch dimension, which is what they do already).
+
+
+def _unstack(args, in_batched, i):
+  return [a[i] if b else a for a, b in zip(args, in_batched)]
+
+
+@functools.cache
+def _plain_conv(strides, padding):
+  def conv_one(x, w):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+  conv = jax.custom_batching.custom_vmap(conv_one)
+
+  @conv.def_vmap
+  def _rule(axis_size, in_batched, x, w):
+    if not in_batched[1]:
+      return jax.vmap(conv_one, in_axes=(0, None))(x, w), True
+    return jnp.stack([conv(*_unstack((x, w), in_batched, i)) for i in range(axis_size)]), True
+  return conv
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, w, strides, padding):
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+  return _plain_conv(strides, padding)(x, w)
 
 
 def _conv_fwd(x, w, strides, padding):
@@ -117,6 +149,29 @@ def _input_grad(dy, w, padding, x_shape, strides):
 
 def _conv_bwd(strides, padding, residuals, dy):
   x, w = residuals
+  dx, dw = _plain_bwd(strides, padding)(x, w, dy)
+  # Under shard_map, a replicated kernel applied to per-device data is implicitly made per-device,
+  # and that cast's transpose sums over the devices: do what JAX's own rule would.
+  extra = tuple(varying_axes(dw) - varying_axes(w))
+  return dx, jax.lax.psum(dw, extra) if extra else dw
+
+
+@functools.cache
+def _plain_bwd(strides, padding):
+  bwd_one = functools.partial(_conv_bwd_one, strides, padding)
+  bwd = jax.custom_batching.custom_vmap(bwd_one)
+
+  @bwd.def_vmap
+  def _rule(axis_size, in_batched, x, w, dy):
+    if not in_batched[1]:
+      in_axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(bwd_one, in_axes=in_axes)(x, w, dy), (True, True)
+    outs = [bwd(*_unstack((x, w, dy), in_batched, i)) for i in range(axis_size)]
+    return tuple(jnp.stack(o) for o in zip(*outs)), (True, True)
+  return bwd
+
+
+def _conv_bwd_one(strides, padding, x, w, dy):
   if w.shape[0] * w.shape[1] > 1:
     dx = _input_grad(dy, w, padding, x.shape, strides)
   else:
@@ -124,10 +179,7 @@ def _conv_bwd(strides, padding, residuals, dy):
                                                              dimension_numbers=_NHWC), x)
     (dx,) = x_vjp(dy)
   dw = _weight_grad(x, dy, w.shape[:2], strides, padding, w.dtype)
-  # Under shard_map, a replicated kernel applied to per-device data is implicitly made per-device,
-  # and that cast's transpose sums over the devices: do what JAX's own rule would.
-  extra = tuple(varying_axes(dw) - varying_axes(w))
-  return dx, jax.lax.psum(dw, extra) if extra else dw
+  return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
