@@ -19,7 +19,7 @@ own forward conv (0.205 against 0.188 s for a 32x32 step at ngf 16; 9.9 against 
 
 Under `jax.vmap` with per-model kernels (the GAN ensemble's "vmap" strategy), batching rules
 (`jax.custom_batching.custom_vmap`) run the conv and these gradients once per model instead of as
-grouped convolutions and batched matmuls; see the comment above `_plain_conv`.
+grouped convolutions and batched matmuls; see the comment above `_once_per_kernel`.
 
 It reaches the models without changing them: `use_fast_conv_grads()` is a Flax method interceptor
 that, inside its `with` block, makes every `nn.Conv` call this function instead of
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -85,29 +86,32 @@ def _weight_grad(x, dy, kernel_hw, strides, padding, dtype):
 # vmap over per-model kernels (the GAN ensemble's "vmap" strategy: K classes' GANs stacked) would
 # turn every convolution into a grouped one (feature_group_count = K), which XLA's CPU backend runs
 # several times slower than K plain ones (REFERENCE.md section 6), and the matmuls of the gradients
-# into batched matmuls. These batching rules instead unroll the conv and its gradient into K
+# into batched matmuls. The batching rule below instead unrolls the conv and its gradient into K
 # ordinary ones inside the vmapped program; everything else (BatchNorm, activations, optimizer)
-# stays batched. With a kernel shared by the batch, vmap's own rules apply (the batch is folded into
-# the conv's batch dimension, which is what they do already).
+# stays batched. With a kernel shared by the batch, vmap's own rules apply (they fold the batch into
+# the conv's batch dimension).
 
 
-def _unstack(args, in_batched, i):
-  return [a[i] if b else a for a, b in zip(args, in_batched)]
+def _once_per_kernel(fn: Callable) -> Callable:
+  """`fn(x, w, ...)`, whose vmap over a batched kernel `w` runs `fn` once per kernel."""
+  wrapped = jax.custom_batching.custom_vmap(fn)
+
+  @wrapped.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    if not in_batched[1]:  # a shared kernel: vmap's own rules
+      out = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched))(*args)
+    else:
+      outs = [wrapped(*(a[i] if b else a for a, b in zip(args, in_batched)))
+              for i in range(axis_size)]
+      out = jax.tree.map(lambda *o: jnp.stack(o), *outs)
+    return out, jax.tree.map(lambda _: True, out)
+  return wrapped
 
 
 @functools.cache
 def _plain_conv(strides, padding):
-  def conv_one(x, w):
-    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
-
-  conv = jax.custom_batching.custom_vmap(conv_one)
-
-  @conv.def_vmap
-  def _rule(axis_size, in_batched, x, w):
-    if not in_batched[1]:
-      return jax.vmap(conv_one, in_axes=(0, None))(x, w), True
-    return jnp.stack([conv(*_unstack((x, w), in_batched, i)) for i in range(axis_size)]), True
-  return conv
+  return _once_per_kernel(functools.partial(lax.conv_general_dilated, window_strides=strides,
+                                            padding=padding, dimension_numbers=_NHWC))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -158,17 +162,7 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 @functools.cache
 def _plain_bwd(strides, padding):
-  bwd_one = functools.partial(_conv_bwd_one, strides, padding)
-  bwd = jax.custom_batching.custom_vmap(bwd_one)
-
-  @bwd.def_vmap
-  def _rule(axis_size, in_batched, x, w, dy):
-    if not in_batched[1]:
-      in_axes = tuple(0 if b else None for b in in_batched)
-      return jax.vmap(bwd_one, in_axes=in_axes)(x, w, dy), (True, True)
-    outs = [bwd(*_unstack((x, w, dy), in_batched, i)) for i in range(axis_size)]
-    return tuple(jnp.stack(o) for o in zip(*outs)), (True, True)
-  return bwd
+  return _once_per_kernel(functools.partial(_conv_bwd_one, strides, padding))
 
 
 def _conv_bwd_one(strides, padding, x, w, dy):
