@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -281,13 +282,44 @@ def test_step_trains(trained):
   assert float(jnp.abs(states[-1].g_params["feat_8"]["NoiseInjection_0"]["weight"])) > 0
 
 
-def test_ema_update_formula(trained, cfg):
+def _hand_ema(g_history, decay):
+  """sum_i (1 - d) d^(t-i) g_i / (1 - d^t) in float64, from G's parameters after steps 1..t."""
+  t = len(g_history)
+  w = np.array([(1 - decay) * decay ** (t - i) for i in range(1, t + 1)]) / (1 - decay ** t)
+  return jax.tree.map(
+      lambda *gs: np.tensordot(w, np.stack([np.asarray(g, np.float64) for g in gs]), 1), *g_history)
+
+
+def test_ema_is_the_bias_corrected_average_of_g(trained, cfg):
   states, _ = trained
-  prev, new = states[1], states[2]
-  d = cfg.ema_decay
-  expect = jax.tree.map(lambda e, p: d * e + (1 - d) * p, prev.ema_params, new.g_params)
-  for a, b in zip(jax.tree.leaves(expect), jax.tree.leaves(new.ema_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+  # After one step the random init carries no weight at all: the EMA generator is G.
+  for a, b in zip(jax.tree.leaves(states[1].ema_params), jax.tree.leaves(states[1].g_params)):
+    np.testing.assert_array_equal(a, b)
+  for n in (1, 2, 3):
+    expect = _hand_ema([s.g_params for s in states[1:n + 1]], cfg.ema_decay)
+    for a, b in zip(jax.tree.leaves(states[n].ema_params), jax.tree.leaves(expect)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("decay,n", [(0.999, 3000), (0.9, 300), (0.0, 5)])
+def test_ema_update_over_long_runs(decay, n):
+  """Many steps, where the reference's uncorrected average would still hold decay^n of the init."""
+  rng = np.random.default_rng(0)
+  walk = (1.0 + np.cumsum(rng.normal(scale=0.01, size=(n, 6)), axis=0)).astype(np.float32)
+  init = jnp.full((6,), 123.0)  # a stand-in random init that must carry no weight
+
+  def body(ema, xs):
+    g, t = xs
+    return gan_step_lib.ema_update(ema, g, t, decay), None
+
+  ema, _ = jax.jit(lambda e, w: jax.lax.scan(body, e, (w, jnp.arange(1, n + 1))))(init, walk)
+  np.testing.assert_allclose(ema, _hand_ema(list(walk), decay), rtol=2e-5)
+  # optax's own debiased EMA is the same average.
+  tx = optax.ema(decay, debias=True)
+  opt_state = tx.init(walk[0])
+  for g in walk:
+    expect, opt_state = tx.update(g, opt_state)
+  np.testing.assert_allclose(ema, expect, rtol=2e-5)
 
 
 def test_step_is_deterministic_for_a_key(jit_step, trained, state0):

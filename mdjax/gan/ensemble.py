@@ -428,9 +428,11 @@ def _fingerprint(images: np.ndarray) -> str:
 def _meta(classes, images, gan_config, seed) -> dict:
   keys = ("resolution", "batch_size", "ngf", "ndf", "nz", "learning_rate", "beta1", "beta2",
           "ema_decay", "recon_loss", "diffaug")
-  return {"classes": [int(k) for k in classes], "counts": [len(x) for x in images],
-          "data": [_fingerprint(x) for x in images], "seed": int(seed),
-          "gan": {k: gan_config.get(k) for k in keys}}
+  # "ema": checkpoints from before the bias-corrected EMA (mdjax.gan.step.ema_update) hold a
+  # different average under the same config; they must not be resumed as if they were the same.
+  return {"ema": "bias_corrected", "classes": [int(k) for k in classes],
+          "counts": [len(x) for x in images], "data": [_fingerprint(x) for x in images],
+          "seed": int(seed), "gan": {k: gan_config.get(k) for k in keys}}
 
 
 def _check_meta(chunk_dir: Path, meta: dict) -> None:
