@@ -14,6 +14,7 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = "cars"
   config.data.image_size = 224
+  config.data.augment = "resized_crop_flip"
   config.model.backbone = "wrn101"
   config.train.epochs = 20
   config.finetune.epochs = 20

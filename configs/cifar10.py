@@ -13,6 +13,7 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = "cifar10"
   config.data.image_size = 32
+  config.data.augment = "crop_flip"
   config.data.val_fraction = 0.1
   config.model.backbone = "wrn101"  # ImageNet-style trunk; give --config.model.weights for transfer
   config.train.epochs = 30

@@ -12,6 +12,7 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = "ham10000"
   config.data.image_size = 224
+  config.data.augment = "resized_crop_flip"
   config.model.backbone = "wrn101"
   config.train.epochs = 20
   config.finetune.epochs = 20

@@ -11,6 +11,7 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.data.name = "heritage"
   config.data.image_size = 128
+  config.data.augment = "resized_crop_flip"
   config.model.backbone = "wrn101"
   config.train.epochs = 20
   config.finetune.epochs = 20

@@ -10,6 +10,7 @@ dataset, and ends with `finalize(config, arg)`, which applies the short argument
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import ml_collections
 
@@ -25,6 +26,7 @@ BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 SAM_PERTURBATIONS = ("per_device", "global")
 GAN_ENSEMBLES = ("auto", "vmap", "unroll", "map")
+AUGMENTATIONS = ("none", "crop", "crop_flip", "resized_crop_flip")
 GAN_RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
 RECON_LOSSES = ("mse", "l1")
 STAGES = ("train", "validate", "gan", "generate", "finetune", "test")
@@ -66,7 +68,13 @@ def base_config() -> ml_collections.ConfigDict:
   d.test_fraction = 0.2  # carved from the whole set where the source has no test split
   d.split_seed = 0
   d.strict = False  # True: a corrupt image file is an error instead of a skipped file
-  d.augment = "crop_flip"  # or "none"
+  # The limited-data regime: keep at most this many training images per class (0 = all), drawn at
+  # random within each class (seed split_seed); validation and test splits are unchanged.
+  d.max_train_per_class = 0
+  # Training augmentation (mdjax.data.pipeline.AUGMENTATIONS): "none", "crop" (shifts; digits and
+  # characters), "crop_flip" (CIFAR), "resized_crop_flip" (photos; evaluation takes a centre crop).
+  d.augment = "crop_flip"
+  d.crop_min_scale = 0.08  # resized_crop_flip: the smallest crop, as a fraction of the image area
   d.num_threads = 2
   d.prefetch = 4
 
@@ -113,6 +121,12 @@ def base_config() -> ml_collections.ConfigDict:
   # a count (int >= 0), or a fraction of n in (0, 1] rounded up.
   mk.nwpc = "auto"
   mk.nsamples_ratio = 0.5
+  # Beyond the paper (He et al., ICLR 2023): keep a generated image only if the trained classifier
+  # gives its class a probability above a threshold. "none" keeps every image (the paper); "1/n"
+  # is one over the number of classes (He et al.'s rule); or a number in (0, 1). A filtering GAN
+  # draws until nSamples images pass or filter_max_draws x nSamples were drawn.
+  mk.filter = "none"
+  mk.filter_max_draws = 10
 
   c.gan = g = ml_collections.ConfigDict()
   g.resolution = 32
@@ -132,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   g.sample_every = 1000
   g.checkpoint_every = 1000
   g.log_every = 50
+  # The independent judge of generated images (mdjax.gan.judge): its input size. EfficientNet-Lite0
+  # was trained at 224; 128 keeps its accuracy on small images at a third of the cost.
+  g.judge_resolution = 128
   return c
 
 
@@ -181,26 +198,33 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.gan.sample_every = 10
   config.gan.checkpoint_every = 10
   config.gan.log_every = 5
+  config.gan.judge_resolution = 64
   # auto: lax.map on CPU, vmap on GPU; both compile the FastGAN step once where unrolling compiles
   # it once per class (minutes on a CPU), and 20 tiny steps cannot repay that.
   config.gan.ensemble = "auto"
 
 
-def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+def finalize(config: ml_collections.ConfigDict, arg: str | None,
+             variants: dict[str, Callable[[ml_collections.ConfigDict], None]] | None = None
+             ) -> ml_collections.ConfigDict:
   """Applies a config argument string such as "smoke,optimizer=adam,nwpc=3".
 
-  Bare words are variants (`smoke`); `key=value` sets a shortcut from ARG_SHORTCUTS or any dotted
-  key (`train.epochs=3`). Values are parsed as bool / int / float, else kept as strings.
+  Bare words are variants: `smoke` for every config, plus the config file's own `variants`
+  (e.g. configs/default.py's `limited`), applied in the order given. `key=value` sets a shortcut
+  from ARG_SHORTCUTS or any dotted key (`train.epochs=3`). Values are parsed as bool / int /
+  float, else kept as strings.
   """
   if not arg:
     return config
+  variants = {"smoke": apply_smoke, **(variants or {})}
   for token in filter(None, (t.strip() for t in arg.split(","))):
     if "=" not in token:
-      if token == "smoke":
-        apply_smoke(config)
+      if token in variants:
+        variants[token](config)
         continue
       raise ConfigError("<config argument>", token,
-                        "'smoke' or key=value with key one of " + ", ".join(ARG_SHORTCUTS))
+                        f"a variant ({', '.join(variants)}) or key=value with key one of "
+                        + ", ".join(ARG_SHORTCUTS))
     key, value = (s.strip() for s in token.split("=", 1))
     dotted = ARG_SHORTCUTS.get(key, key)
     try:
@@ -230,6 +254,13 @@ def nwpc_count(nwpc, num_classes: int) -> int:
   if isinstance(nwpc, float):  # a fraction of the classes, rounded up as the paper does
     return math.ceil(nwpc * num_classes)
   return int(nwpc)
+
+
+def filter_threshold(mistake_filter, num_classes: int) -> float | None:
+  """The class-probability threshold `mistake.filter` sets (None: no filtering)."""
+  if mistake_filter == "none":
+    return None
+  return 1.0 / num_classes if mistake_filter == "1/n" else float(mistake_filter)
 
 
 def parse_seeds(config) -> list[int]:
@@ -264,7 +295,12 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   for key in ("val_fraction", "test_fraction"):
     v = config.data[key]
     _require(isinstance(v, (int, float)) and 0 <= v < 1, f"data.{key}", v, "a fraction in [0, 1)")
-  _one_of(config, "data.augment", ("crop_flip", "none"))
+  _one_of(config, "data.augment", AUGMENTATIONS)
+  _require(0 < config.data.crop_min_scale <= 1, "data.crop_min_scale", config.data.crop_min_scale,
+           "a fraction of the image area in (0, 1]")
+  _require(isinstance(config.data.max_train_per_class, int) and config.data.max_train_per_class >= 0,
+           "data.max_train_per_class", config.data.max_train_per_class,
+           "an integer >= 0 (0 keeps every training image)")
   _require(isinstance(config.data.num_threads, int) and config.data.num_threads >= 0,
            "data.num_threads", config.data.num_threads, "an integer >= 0")
 
@@ -309,6 +345,16 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   if num_classes is not None and isinstance(nwpc, int) and not isinstance(nwpc, bool):
     _require(nwpc <= num_classes, "mistake.nwpc", nwpc,
              f"at most the number of classes ({num_classes})")
+  if isinstance(mk.filter, str) and mk.filter not in ("none", "1/n"):
+    parsed = _parse_value(mk.filter)
+    if isinstance(parsed, float):
+      with mk.ignore_type():
+        mk.filter = parsed
+  _require(mk.filter in ("none", "1/n") or (isinstance(mk.filter, float) and 0 < mk.filter < 1),
+           "mistake.filter", mk.filter,
+           "'none' (keep every generated image), '1/n', or a class-probability threshold in (0, 1)")
+  _require(isinstance(mk.filter_max_draws, int) and mk.filter_max_draws >= 1,
+           "mistake.filter_max_draws", mk.filter_max_draws, "an integer >= 1 (a multiple of nSamples)")
   r = mk.nsamples_ratio
   _require(isinstance(r, (int, float)) and not isinstance(r, bool) and r >= 0,
            "mistake.nsamples_ratio", r, "a number >= 0 (0.5 adds half the class size)")
@@ -318,7 +364,7 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   _one_of(config, "gan.ensemble", GAN_ENSEMBLES)
   _one_of(config, "gan.recon_loss", RECON_LOSSES)
   for key in ("steps", "batch_size", "ngf", "ndf", "nz", "chunk_size", "sample_every",
-              "checkpoint_every", "log_every"):
+              "checkpoint_every", "log_every", "judge_resolution"):
     _require(isinstance(g[key], int) and g[key] > 0, f"gan.{key}", g[key], "a positive integer")
   _require(0 <= g.ema_decay < 1, "gan.ema_decay", g.ema_decay, "a number in [0, 1)")
   policies = [p for p in str(g.diffaug).split(",") if p]

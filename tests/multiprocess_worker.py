@@ -18,7 +18,7 @@ images = np.random.default_rng(0).integers(0, 256, size=(50, 12, 12, 3), dtype=n
 images[:, 0, 0, 0] = np.arange(50)
 src = ArraySource(images, np.arange(50) % 5)
 mesh = pipeline.data_mesh()
-it = pipeline.train_batches(src, batch_size=8, image_size=12, seed=5, mesh=mesh, augment=False)
+it = pipeline.train_batches(src, batch_size=8, image_size=12, seed=5, mesh=mesh, augment="none")
 local_ids = []
 for _ in range(3):
   batch = next(it)

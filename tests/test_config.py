@@ -58,6 +58,32 @@ def test_smoke_shrinks_every_config():
     assert config.train.epochs <= 2 and config.gan.steps <= 50 and config.data.image_size <= 32
 
 
+def test_datasets_choose_their_augmentation():
+  """No mirroring for digits; photos train on random resized crops and evaluate on a centre crop."""
+  assert load_config("default")[0].data.augment == "crop"
+  assert load_config("cifar10")[0].data.augment == "crop_flip"
+  for name in ("cars", "caltech101", "heritage", "ham10000"):
+    assert load_config(name)[0].data.augment == "resized_crop_flip", name
+
+
+def test_limited_variant_keeps_twenty_images_per_class_and_combines_with_others():
+  config, _ = load_config("default", "limited,seed=3")
+  config_lib.validate(config)
+  assert config.data.max_train_per_class == 20 and config.seed == 3
+  assert config.train.epochs > load_config("default")[0].train.epochs  # about as many steps
+  with pytest.raises(ConfigError, match="limited"):  # the error lists the file's variants
+    load_config("default", "limitd")
+
+
+def test_filter_threshold():
+  config, _ = load_config("default")
+  assert config_lib.filter_threshold(config.mistake.filter, 10) is None  # the paper keeps all
+  assert config_lib.filter_threshold("1/n", 10) == pytest.approx(0.1)
+  config.mistake.filter = "0.5"  # as a command-line override arrives
+  config_lib.validate(config)
+  assert config_lib.filter_threshold(config.mistake.filter, 10) == 0.5
+
+
 @pytest.mark.parametrize("arg", ["smok", "no_such_key=1", "train.nope=2"])
 def test_bad_argument_string(arg):
   with pytest.raises(ConfigError):
@@ -78,6 +104,10 @@ def test_bad_argument_string(arg):
     ("gan.diffaug", "color,blur", "subset of color"),
     ("data.val_fraction", 1.5, "a fraction"),
     ("stages", "train,dream", "subset of train"),
+    ("data.augment", "flip", "one of none, crop"),
+    ("data.max_train_per_class", -1, "an integer >= 0"),
+    ("mistake.filter", "high", "'none'"),
+    ("mistake.filter", 1.5, "in (0, 1)"),
     ("seeds", "0,x", "comma-separated integers"),
 ])
 def test_validation_names_key_value_and_allowed(key, value, fragment):

@@ -47,9 +47,28 @@ def test_digits_splits_are_stratified_disjoint_and_reproducible():
     share = counts / counts.sum()
     assert np.all(np.abs(share - 0.1) < 0.02), (name, counts)  # stratified
     np.testing.assert_array_equal(getattr(a, name).labels, getattr(b, name).labels)
-  assert a.train[0]["image"].shape == (32, 32, 3) and a.train[0]["image"].dtype == np.uint8
+  # Native 8x8 (grey as RGB); the input pipeline and the GANs resize to their own sizes.
+  image = a.train[0]["image"]
+  assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+  assert np.array_equal(image[..., 0], image[..., 2]) and image.max() > 200
   other = registry.load_splits(data_config(name="digits", split_seed=1))
   assert not np.array_equal(other.test.labels, a.test.labels)
+
+
+def test_max_train_per_class_limits_only_the_training_split():
+  full = registry.load_splits(data_config(name="digits"))
+  limited = registry.load_splits(data_config(name="digits", max_train_per_class=20))
+  again = registry.load_splits(data_config(name="digits", max_train_per_class=20))
+  assert np.bincount(limited.train.labels, minlength=10).tolist() == [20] * 10
+  np.testing.assert_array_equal(limited.train.labels, again.train.labels)  # seeded
+  assert all(np.array_equal(limited.train[i]["image"], again.train[i]["image"]) for i in range(200))
+  # A subset of the full training split, drawn across each class (not its first 20 images).
+  full_images = {full.train[i]["image"].tobytes() for i in range(len(full.train))}
+  assert all(limited.train[i]["image"].tobytes() in full_images for i in range(200))
+  for name in ("val", "test"):
+    np.testing.assert_array_equal(getattr(limited, name).labels, getattr(full, name).labels)
+  first20 = np.concatenate([np.flatnonzero(full.train.labels == c)[:20] for c in range(10)])
+  assert set(limited.train.indices.tolist()) != set(first20.tolist())
 
 
 def test_digits_split_indices_are_disjoint():

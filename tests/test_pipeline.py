@@ -33,7 +33,7 @@ def test_train_batches_are_deterministic_sharded_and_reshuffled_per_epoch():
   src = make_source()
   mesh = pipeline.data_mesh()
   assert mesh.size == 4
-  kw = dict(batch_size=8, image_size=12, seed=3, mesh=mesh, augment=False)
+  kw = dict(batch_size=8, image_size=12, seed=3, mesh=mesh, augment="none")
   a, b = take(pipeline.train_batches(src, **kw), 12), take(pipeline.train_batches(src, **kw), 12)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
@@ -55,7 +55,7 @@ def test_train_batches_are_deterministic_sharded_and_reshuffled_per_epoch():
 
 def test_resuming_at_a_step_continues_the_same_stream():
   src = make_source()
-  kw = dict(batch_size=8, image_size=12, seed=1, augment=True)
+  kw = dict(batch_size=8, image_size=12, seed=1, augment="crop_flip")
   full = take(pipeline.train_batches(src, **kw), 14)
   resumed = take(pipeline.train_batches(src, start_step=9, **kw), 5)
   for x, y in zip(full[9:], resumed):
@@ -64,12 +64,72 @@ def test_resuming_at_a_step_continues_the_same_stream():
 
 def test_augmentation_crops_and_flips_within_range():
   src = make_source(n=16, size=16)
-  plain = take(pipeline.train_batches(src, batch_size=16, image_size=16, seed=0, augment=False), 1)[0]
-  aug = take(pipeline.train_batches(src, batch_size=16, image_size=16, seed=0, augment=True), 1)[0]
+  plain = take(pipeline.train_batches(src, batch_size=16, image_size=16, seed=0, augment="none"), 1)[0]
+  aug = take(pipeline.train_batches(src, batch_size=16, image_size=16, seed=0, augment="crop_flip"), 1)[0]
   x, y = np.asarray(plain["image"]), np.asarray(aug["image"])
   assert x.min() >= 0 and y.max() <= 1 and x.shape == y.shape
   assert not np.array_equal(x, y)
   np.testing.assert_array_equal(np.asarray(plain["label"]), np.asarray(aug["label"]))
+
+
+def _windows(image, pad):
+  """Every pad-and-crop view of `image` (reflect padding), as the crop policy draws them."""
+  s = image.shape[0]
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+  return [padded[y:y + s, x:x + s] for y in range(2 * pad + 1) for x in range(2 * pad + 1)]
+
+
+@pytest.mark.parametrize("augment,flips", [("crop", False), ("crop_flip", True)])
+def test_crop_policies_shift_and_flip_only_when_asked(augment, flips):
+  """`crop` (digits, characters) never mirrors an image; `crop_flip` does, about half the time."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+  transform = pipeline.train_transform(16, augment)
+  windows = _windows(image, 2)
+  mirrored = 0
+  for seed in range(40):
+    out = transform({"image": image, "label": 0}, np.random.default_rng(seed))["image"]
+    out = np.rint(out * 255).astype(np.uint8)
+    plain = any(np.array_equal(out, w) for w in windows)
+    flipped = any(np.array_equal(out, w[:, ::-1]) for w in windows)
+    assert plain or flipped
+    mirrored += flipped and not plain
+  assert (10 <= mirrored <= 30) if flips else mirrored == 0
+
+
+def test_random_resized_box_stays_inside_with_the_allowed_area_and_ratio():
+  rng = np.random.default_rng(0)
+  for h, w in [(300, 200), (64, 256), (50, 50)]:
+    for _ in range(200):
+      left, top, right, bottom = pipeline.random_resized_box(h, w, rng, min_scale=0.2)
+      assert 0 <= left < right <= w and 0 <= top < bottom <= h
+      cw, ch = right - left, bottom - top
+      assert 3 / 4 - 0.05 <= cw / ch <= 4 / 3 + 0.05
+      assert cw * ch >= 0.2 * h * w * 0.9 or (cw, ch) in ((w, round(w * 3 / 4)), (round(h * 4 / 3), h))
+  # A 1:4 strip admits no 3/4-4/3 region of >= 90% of its area: the fallback is its centred box.
+  assert pipeline.random_resized_box(64, 256, rng, min_scale=0.9) == (85, 0, 170, 64)
+
+
+def test_photos_train_on_random_regions_and_evaluate_on_the_centre():
+  """resized_crop_flip: a non-square photo is never squashed; evaluation sees its centre."""
+  h, w = 40, 80
+  image = np.zeros((h, w, 3), np.uint8)
+  image[:, :16] = 255  # a white band on the left, clear of the centred square (x 20-60)
+  view = pipeline.eval_image(image, 16, "resized_crop_flip")
+  assert view.shape == (16, 16, 3) and view.max() == 0  # the centre crop drops the band
+  assert pipeline.eval_image(image, 16, "crop").max() == 255  # other policies resize the whole image
+  np.testing.assert_array_equal(pipeline.whole_image(image, 16, "resized_crop_flip"), view * 0)
+  transform = pipeline.train_transform(16, "resized_crop_flip", crop_min_scale=0.08)
+  outs = [transform({"image": image, "label": 1}, np.random.default_rng(s))["image"] for s in range(30)]
+  assert all(o.shape == (16, 16, 3) for o in outs)
+  whites = [float(o.mean()) for o in outs]
+  assert min(whites) == 0 and max(whites) > 0.3  # some regions miss the band, some are largely band
+  assert len({round(x, 3) for x in whites}) > 5  # the regions vary
+
+
+def test_unknown_augmentation_is_a_config_error():
+  with pytest.raises(ConfigError, match="data.augment"):
+    pipeline.train_transform(16, "flip")
 
 
 def test_resize_to_image_size():
@@ -111,7 +171,7 @@ def test_two_processes_build_one_global_batch(tmp_path, free_port):
   assert all(p.returncode == 0 for p in procs), outs
   parts = [np.load(tmp_path / f"ids_{i}.npy") for i in range(2)]
   src = make_source()
-  single = take(pipeline.train_batches(src, batch_size=8, image_size=12, seed=5, augment=False), 3)
+  single = take(pipeline.train_batches(src, batch_size=8, image_size=12, seed=5, augment="none"), 3)
   # Process p holds the p-th half of every global batch of the single-process stream.
   for step in range(3):
     np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), ids(single[step]))

@@ -80,8 +80,26 @@ def is_image_file(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] to uint8 [size, size, 3] (bilinear, antialiased when shrinking)."""
-  if image.shape[0] == size and image.shape[1] == size:
+def resize(image: np.ndarray, size: int, box: tuple[float, float, float, float] | None = None
+           ) -> np.ndarray:
+  """uint8 [H, W, 3] (or its region `box` = (left, top, right, bottom)) to uint8 [size, size, 3].
+
+  Bilinear, antialiased when shrinking; cropping through PIL's `box` resamples the region once
+  instead of cropping and then resizing.
+  """
+  if box is None and image.shape[0] == size and image.shape[1] == size:
     return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box),
+                    dtype=np.uint8)
+
+
+def center_box(height: int, width: int, fraction: float = 1.0) -> tuple[float, float, float, float]:
+  """The centred square of side `fraction` x the shorter side, as a PIL box."""
+  side = fraction * min(height, width)
+  top, left = (height - side) / 2, (width - side) / 2
+  return (left, top, left + side, top + side)
+
+
+def center_crop(image: np.ndarray, size: int, fraction: float = 1.0) -> np.ndarray:
+  """The centred square (`center_box`) resized to size x size: no squashing of non-square images."""
+  return resize(image, size, center_box(image.shape[0], image.shape[1], fraction))

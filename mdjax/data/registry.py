@@ -41,12 +41,29 @@ def load_splits(data_config: ml_collections.ConfigDict) -> Splits:
   if data_config.name not in _LOADERS:
     raise DataError(f"unknown dataset {data_config.name!r}; registered: {', '.join(names())}")
   splits = _LOADERS[data_config.name](data_config)
+  if data_config.max_train_per_class:
+    splits.train = limit_per_class(splits.train, int(data_config.max_train_per_class),
+                                   int(data_config.split_seed))
   for name in ("train", "val", "test"):
     if len(getattr(splits, name)) == 0:
       raise DataError(f"dataset {data_config.name!r} has an empty {name} split "
                       f"(data.val_fraction={data_config.val_fraction}, "
                       f"data.test_fraction={data_config.test_fraction}); add data or change the fractions.")
   return splits
+
+
+def limit_per_class(source: Source, max_per_class: int, seed: int) -> Source:
+  """At most `max_per_class` examples of every class, drawn at random (seeded) within each class.
+
+  The limited-data regime (`data.max_train_per_class`): only the training split shrinks, so
+  validation and test accuracy stay comparable with a full-data run on the same split.
+  """
+  rng = np.random.default_rng([seed, max_per_class])
+  keep = []
+  for c in np.unique(source.labels):
+    idx = np.flatnonzero(source.labels == c)
+    keep.append(idx if len(idx) <= max_per_class else rng.choice(idx, max_per_class, replace=False))
+  return source.subset(np.sort(np.concatenate(keep)))
 
 
 def default_root(name: str) -> str:
@@ -73,14 +90,16 @@ def carve(train: Source, test: Source | None, data_config) -> tuple[Source, Sour
 
 @register("digits")
 def load_digits(data_config) -> Splits:
-  """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to image_size RGB."""
+  """scikit-learn's 1,797 real 8x8 handwritten digits as 8x8 RGB.
+
+  Kept at their native size: the classifier's input pipeline and the GANs each resize them once to
+  their own resolution (data.image_size, gan.resolution).
+  """
   from sklearn.datasets import load_digits as sk_digits  # pylint: disable=g-import-not-at-top
 
   digits = sk_digits()
-  grey = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)  # 0..16 -> 0..255
-  size = data_config.image_size
-  images = np.stack([image_io.resize(np.repeat(g[..., None], 3, -1), size) for g in grey])
-  src = ArraySource(images, digits.target)
+  grey = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+  src = ArraySource(np.repeat(grey[..., None], 3, axis=-1), digits.target)
   train, val, test = carve(src, None, data_config)
   return Splits(train, val, test, [str(i) for i in range(10)], origin="scikit-learn load_digits")
 

@@ -106,6 +106,7 @@ def evaluate(model: nn.Module, variables: dict, source, config, mesh: Mesh | Non
   batch_size = pipeline.eval_batch_size(batch_size or int(config.train.batch_size), mesh)
   total = None
   for batch in pipeline.eval_batches(source, batch_size=batch_size, image_size=size, mesh=mesh,
+                                     augment=str(config.data.augment),
                                      num_threads=int(config.data.num_threads),
                                      prefetch=int(config.data.prefetch)):
     out = eval_step(variables, batch)
@@ -214,7 +215,8 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   if start < total_steps:
     batches = pipeline.train_batches(
         train_source, batch_size=batch_size, image_size=image_size, seed=int(config.seed), mesh=mesh,
-        augment=config.data.augment != "none", start_step=start,
+        augment=str(config.data.augment), crop_min_scale=float(config.data.crop_min_scale),
+        start_step=start,
         num_threads=int(config.data.num_threads), prefetch=int(config.data.prefetch))
 
   # --- The loop ----------------------------------------------------------------------------------
