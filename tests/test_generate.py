@@ -143,3 +143,26 @@ def test_target_class_fraction_known_classifier():
   mixed = np.concatenate([dark[:1], light[:3]])  # 3 of 4 assigned to class 1
   fractions = quality.target_class_fraction(classify, {0: dark, 1: mixed}, batch_size=3)
   assert fractions == {0: 1.0, 1: 0.75}
+
+
+def test_generate_accepted_keeps_drawing_until_enough_pass():
+  """The filtered stream is the plain stream with rejected images removed, in draw order."""
+  def sample(state, rng, n):
+    return jnp.clip(state + jax.random.normal(rng, (n, 4, 4, 3)), -1, 1)
+
+  accept = lambda images: images.mean(axis=(1, 2, 3)) > 127.5  # about half of them  # noqa: E731
+  key = jax.random.key(0)
+  out = generate.generate_accepted(sample, jnp.float32(0.0), 10, key, accept, max_draws=200,
+                                   batch_size=4)
+  stream = generate.generate_images(sample, jnp.float32(0.0), out.drawn, key, batch_size=4)
+  expected = stream[accept(stream)]
+  assert out.images.shape == (10, 4, 4, 3) and np.all(accept(out.images))
+  np.testing.assert_array_equal(out.images, expected[:10])
+  assert out.passed == len(expected) >= 10 and out.drawn % 4 == 0
+  assert 0 < out.acceptance_rate < 1 and out.acceptance_rate == out.passed / out.drawn
+  # The cap stops a generator whose images rarely pass; what passed so far is kept.
+  rare = lambda images: images.mean(axis=(1, 2, 3)) > 140  # noqa: E731
+  capped = generate.generate_accepted(sample, jnp.float32(0.0), 10, key, rare, max_draws=9,
+                                      batch_size=4)
+  assert capped.drawn == 9 and len(capped.images) == capped.passed < 10
+  np.testing.assert_array_equal(capped.images, stream[:9][rare(stream[:9])])

@@ -1,6 +1,6 @@
 """Classifier steps and the training loop: sharding invariance, SAM modes, exact resume, NaN
-detection, exact evaluation counts. A tiny conv+BN model keeps most tests fast; one test runs the
-real WRN-16-4 on scikit-learn digits through `train_classifier`."""
+detection, exact evaluation counts. A tiny conv+BN model keeps these tests fast; what a real
+backbone learns on real data is tested against scikit-learn in tests/test_learning.py."""
 
 from __future__ import annotations
 
@@ -266,24 +266,6 @@ def test_non_finite_loss_raises_and_keeps_a_good_checkpoint(tmp_path):
     assert latest is not None and f"step {latest}" in str(info.value)
     restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state))
-
-
-@pytest.mark.slow
-def test_train_classifier_on_digits_with_wrn16_4(tmp_path):
-  """The real backbone (mdjax.models) and data (mdjax.data.registry) through the loop."""
-  from mdjax.data import registry
-  config = _loop_config(optimizer="adam", learning_rate=3e-3, batch_size=32, epochs=3,
-                        checkpoint_every=100)
-  config.data.name = "digits"
-  config.model.backbone = "wrn16_4"
-  config.model.head = "linear"
-  splits = registry.load_splits(config.data)
-  train_src = splits.train.subset(np.arange(64))  # 2 steps per epoch
-  result = clf.train_classifier(config, train_src, splits.val.subset(np.arange(40)),
-                                str(tmp_path), splits.num_classes)
-  loss = result.history["train_loss"]
-  assert loss[-1] < loss[0]
-  assert len(result.history["val_class_wise_accuracy"][-1]) == 10
 
 
 # ------------------------------------------------------------------------------------------------

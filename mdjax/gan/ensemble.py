@@ -396,6 +396,7 @@ class EnsembleResult:
     history: {class index: [{"step": s, "d_loss": ..., "g_loss": ..., ...}]} at logging points.
     nan_restarts: {class index: times its GAN was restored after a NaN/inf}.
     states: {class index: final GAN state as numpy pytree} (only with `keep_states=True`).
+    acceptance: {class index: generate.Accepted} (only with an `accept` filter).
     workdir: where checkpoints, sample grids and TensorBoard logs are.
     strategy: "vmap" or "unroll", as resolved.
   """
@@ -407,6 +408,7 @@ class EnsembleResult:
   states: dict[int, Any]
   workdir: Path
   strategy: str
+  acceptance: dict[int, Any] = dataclasses.field(default_factory=dict)
 
 
 def balanced_chunks(class_indices: Sequence[int], chunk_size: int) -> list[list[int]]:
@@ -460,8 +462,10 @@ def _host_metrics(metrics, num_real: int) -> dict[str, np.ndarray]:
 def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_collections.ConfigDict,
                      workdir: str, seed: int, *, step_fns: GanFns | None = None,
                      num_samples: int | Mapping[int, int] | None = None,
-                     mesh: jax.sharding.Mesh | None = None, max_nan_restarts: int = 3,
-                     keep_states: bool = False, progress: bool = True) -> EnsembleResult:
+                     accept: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                     max_draws: int = 10, mesh: jax.sharding.Mesh | None = None,
+                     max_nan_restarts: int = 3, keep_states: bool = False,
+                     progress: bool = True) -> EnsembleResult:
   """Trains one GAN per class in `images_by_class`, K classes per compiled program; resumable.
 
   Args:
@@ -475,6 +479,10 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
     step_fns: the single-class GAN; default: FastGAN from mdjax.gan.step.
     num_samples: images to generate per class from the final EMA generator (int for all, or per
       class); None generates nothing (use `generate.generate_images` later from saved states).
+    accept: filters the generated images: `accept(class index, uint8 [B, R, R, 3]) -> bool [B]`;
+      each class draws until `num_samples` images pass or `max_draws` x `num_samples` were drawn
+      (`generate.generate_accepted`); `result.acceptance` holds the counts.
+    max_draws: the draw cap with `accept`, as a multiple of the class's `num_samples`.
     mesh: 1-D mesh with axis "class" (default: all devices).
     max_nan_restarts: restorations after NaN/inf allowed per class before giving up.
     keep_states: also return every class's final state (numpy; large for full-width FastGANs).
@@ -581,8 +589,14 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
         state = _local_class_state(ens, p, mesh)
         if n > 0:
           gen_key = jax.random.fold_in(class_keys(seed, k)[1], _GENERATE_STREAM)
-          result.generated[k] = generate.generate_images(
-              fns.sample, state, n, gen_key, batch_size=4 * g.batch_size)
+          if accept is None:
+            result.generated[k] = generate.generate_images(
+                fns.sample, state, n, gen_key, batch_size=4 * g.batch_size)
+          else:
+            out = generate.generate_accepted(
+                fns.sample, state, n, gen_key, functools.partial(accept, k),
+                max_draws=max_draws * n, batch_size=4 * g.batch_size)
+            result.generated[k], result.acceptance[k] = out.images, out
         if keep_states:
           result.states[k] = jax.device_get(state)
       writer.flush()

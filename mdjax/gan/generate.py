@@ -21,14 +21,16 @@ PNG is lossless, so what is read back is bit-identical to what the generator pro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,13 @@ def _jit_sample(sample_fn):
   return jax.jit(sample_fn, static_argnums=2)
 
 
+def _batches(sample_fn, state, rng: jax.Array, batch_size: int) -> Iterator[np.ndarray]:
+  """Endless uint8 batches from one GAN; batch i uses `fold_in(rng, i)`."""
+  sample = _jit_sample(sample_fn)
+  for i in itertools.count():
+    yield to_uint8(sample(state, jax.random.fold_in(rng, i), batch_size))
+
+
 def generate_images(sample_fn: Callable[[Any, jax.Array, int], jax.Array], state, n: int,
                     rng: jax.Array, *, batch_size: int = 64) -> np.ndarray:
   """Draws `n` images from one GAN in batches; returns uint8 [n, R, R, 3].
@@ -73,11 +82,43 @@ def generate_images(sample_fn: Callable[[Any, jax.Array, int], jax.Array], state
   """
   if n <= 0:
     return np.zeros((0,), np.uint8)
-  sample = _jit_sample(sample_fn)
-  batches = []
-  for i in range(-(-n // batch_size)):
-    batches.append(to_uint8(sample(state, jax.random.fold_in(rng, i), batch_size)))
-  return np.concatenate(batches)[:n]
+  stream = _batches(sample_fn, state, rng, batch_size)
+  return np.concatenate([next(stream) for _ in range(-(-n // batch_size))])[:n]
+
+
+@dataclasses.dataclass
+class Accepted:
+  """What `generate_accepted` returns: the kept images, and how many were drawn to get them."""
+  images: np.ndarray  # uint8 [<= n, R, R, 3]
+  drawn: int  # images generated in all
+  passed: int  # of those, how many `accept` kept (>= len(images): the last batch's surplus)
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.passed / self.drawn if self.drawn else float("nan")
+
+
+def generate_accepted(sample_fn: Callable[[Any, jax.Array, int], jax.Array], state, n: int,
+                      rng: jax.Array, accept: Callable[[np.ndarray], np.ndarray], *,
+                      max_draws: int, batch_size: int = 64) -> Accepted:
+  """Draws from one GAN until `n` images pass `accept` or `max_draws` images were drawn.
+
+  The same stream as `generate_images` (with the same `rng` and `batch_size`), filtered:
+  `accept(uint8 [B, R, R, 3]) -> bool [B]` keeps an image. Returns the first `n` kept images in
+  draw order (fewer if the cap was reached first) with the counts for the acceptance rate.
+  """
+  kept, drawn, passed = [], 0, 0
+  if n > 0:
+    for batch in _batches(sample_fn, state, rng, batch_size):
+      batch = batch[:max_draws - drawn]
+      drawn += len(batch)
+      ok = np.asarray(accept(batch), bool)
+      passed += int(ok.sum())
+      kept.append(batch[ok])
+      if passed >= n or drawn >= max_draws:
+        break
+  images = np.concatenate(kept)[:n] if kept else np.zeros((0,), np.uint8)
+  return Accepted(images, drawn, passed)
 
 
 # ------------------------------------------------------------------------------------------------

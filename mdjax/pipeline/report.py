@@ -9,6 +9,9 @@ import numpy as np
 from PIL import Image
 
 GRID = 16  # images per grid
+CONTROL_LABELS = {"control_real_finetune": "control: same fine-tune on real data only",
+                  "control_full_gan": "control: full GAN augmentation (nWPC = n)",
+                  "control_filtered": "control: mistake-driven, generated images filtered (p > 1/n)"}
 
 
 def _plot_class_accuracy(path: str, names, before, after, weak, title: str) -> None:
@@ -70,10 +73,9 @@ def write_report(workdir: str, results: dict, run) -> str:
       f"| baseline: trained, without mistake-driven training | {_fmt(b['test_accuracy'])} |",
       f"| final: fine-tuned on real + generated images | {_fmt(f['test_accuracy'])} |",
   ]
-  labels = {"control_real_finetune": "control: same fine-tune on real data only",
-            "control_full_gan": "control: full GAN augmentation (nWPC = n)"}
   for name, r in results.get("controls", {}).items():
-    lines.append(f"| {labels.get(name, name)} | {_fmt(r['test_accuracy'])} |")
+    if "test_accuracy" in r:
+      lines.append(f"| {CONTROL_LABELS.get(name, name)} | {_fmt(r['test_accuracy'])} |")
   fig = os.path.join("figures", "class_accuracy.png")
   _plot_class_accuracy(os.path.join(workdir, fig), names, b["test_class_accuracy"],
                        f["test_class_accuracy"], weak, "per-class test accuracy")
@@ -82,17 +84,23 @@ def write_report(workdir: str, results: dict, run) -> str:
     lines.append("None: mistake-driven training was off (nWPC = 0).")
   else:
     lines += ["| class | val accuracy (selection) | test before | test after | generated | "
-              "classifier says target | Frechet distance |", "|---|---|---|---|---|---|---|"]
+              "judge says target | classifier says target | Frechet distance |",
+              "|---|---|---|---|---|---|---|---|"]
     quality = results.get("gan_quality", {})
     for k in weak:
       q = quality.get(str(k), {})
       lines.append(f"| {names[k]} | {_fmt(results['val_class_accuracy'][k])} | "
                    f"{_fmt(b['test_class_accuracy'][k])} | {_fmt(f['test_class_accuracy'][k])} | "
-                   f"{results['generated_per_class'].get(k, 0)} | {_fmt(q.get('target_class_fraction'), 3)} | "
-                   f"{_fmt(q.get('frechet_distance'), 2)} |")
-    lines += ["", "The target fraction is the share of a class's generated images that the trained "
-              "classifier assigns to that class; the Frechet distance compares real and generated "
-              "images of the class in the classifier's pooled feature space (lower is closer).", ""]
+                   f"{results['generated_per_class'].get(k, 0)} | {_fmt(q.get('judge_fraction'), 3)} | "
+                   f"{_fmt(q.get('target_class_fraction'), 3)} | {_fmt(q.get('frechet_distance'), 2)} |")
+    judge = results.get("judge") or {}
+    lines += ["", "The judge is a " + judge.get("model", "classifier the pipeline did not train")
+              + (f" (held-out accuracy on the real validation images {judge['heldout_accuracy']:.3f})"
+                 if "heldout_accuracy" in judge else "")
+              + "; its column is the share of a class's generated images it assigns to that class. "
+              "The classifier column is the same share under the trained classifier; the Frechet "
+              "distance compares real and generated images of the class in the classifier's pooled "
+              "feature space (lower is closer).", ""]
     gen_dir = os.path.join(workdir, "generated")
     from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
     if generate.is_complete(gen_dir):
@@ -125,7 +133,8 @@ def write_summary_report(workdir: str, results: dict) -> str:
            f"| baseline | {b['test_accuracy']:.4f} +- {b['test_accuracy_std']:.4f} |",
            f"| mistake-driven | {f['test_accuracy']:.4f} +- {f['test_accuracy_std']:.4f} |"]
   for name, r in results.get("controls", {}).items():
-    lines.append(f"| {name} | {r['test_accuracy']:.4f} +- {r['test_accuracy_std']:.4f} |")
+    lines.append(f"| {CONTROL_LABELS.get(name, name)} | {r['test_accuracy']:.4f} +- "
+                 f"{r['test_accuracy_std']:.4f} |")
   fig = os.path.join("figures", "class_accuracy.png")
   _plot_class_accuracy(os.path.join(workdir, fig), names, b["test_class_accuracy"],
                        f["test_class_accuracy"], results["worst_classes"],

@@ -77,8 +77,16 @@ def run_seed(config, workdir: str, splits) -> dict:
   return results
 
 
+def _weak_mean(summary: dict, weak) -> float | None:
+  """Mean test accuracy over the weak classes (those selected on validation)."""
+  return float(np.mean([summary["test_class_accuracy"][k] for k in weak])) if weak else None
+
+
 def collect(config, splits, records: dict) -> dict:
   validate, generate = records["validate"], records.get("generate", {})
+  weak = validate["worst_classes"]
+  controls = {n: records[n] for n in CONTROL_STAGES if n in records}
+  ran = {n: r for n, r in controls.items() if "skipped" not in r}
   results = {
       "config": config.to_dict(),
       "classes": list(splits.class_names),
@@ -92,8 +100,13 @@ def collect(config, splits, records: dict) -> dict:
       "nwpc": validate["nwpc"],
       "generated_per_class": {int(k): v for k, v in generate.get("generated_per_class", {}).items()},
       "gan_quality": generate.get("quality", {}),
+      "judge": generate.get("judge"),
+      # The weak classes' mean test accuracy, before (baseline), after, and in each control.
+      "weak_class_accuracy": {"baseline": _weak_mean(validate["baseline"], weak),
+                              "final": _weak_mean(records["test"]["final"], weak),
+                              **{n: _weak_mean(r, weak) for n, r in ran.items()}},
       "stage_seconds": {n: r.get("seconds") for n, r in records.items()},
-      "controls": {n: records[n] for n in CONTROL_STAGES if n in records},
+      "controls": controls,
       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
   return results
@@ -125,12 +138,20 @@ def aggregate(config, per_seed: list[dict]) -> dict:
                           for k in first["stage_seconds"]}
   controls = {}
   for name in CONTROL_STAGES:
-    vals = [r["controls"][name]["test_accuracy"] for r in per_seed if name in r["controls"]]
+    vals = [r["controls"][name]["test_accuracy"] for r in per_seed
+            if "test_accuracy" in r["controls"].get(name, {})]
     if vals:
       s = _stats(vals)
       controls[name] = {"test_accuracy": s["mean"], "test_accuracy_std": s["std"],
                         "test_accuracy_per_seed": s["values"]}
   out["controls"] = controls
+  weak = {}
+  for name in first.get("weak_class_accuracy", {}):
+    vals = [r["weak_class_accuracy"].get(name) for r in per_seed]
+    if all(v is not None for v in vals):
+      s = _stats(vals)
+      weak[name] = {"mean": s["mean"], "std": s["std"], "per_seed": s["values"]}
+  out["weak_class_accuracy"] = weak
   return out
 
 
@@ -145,4 +166,5 @@ def print_summary(results: dict) -> None:
   for k in results.get("worst_classes", []):
     say(f"  weak class {names[k]}: {b['test_class_accuracy'][k]:.4f} -> {f['test_class_accuracy'][k]:.4f}")
   for name, r in results.get("controls", {}).items():
-    say(f"control {name}: test accuracy {r['test_accuracy']:.4f}{std(r)}")
+    if "test_accuracy" in r:
+      say(f"control {name}: test accuracy {r['test_accuracy']:.4f}{std(r)}")

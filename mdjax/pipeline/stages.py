@@ -3,8 +3,10 @@
     train     train the classifier m on D_train (checkpointed; resumes mid-epoch)
     validate  class-wise accuracy on D_val; the nWPC worst classes; the baseline's test accuracy
     gan       one FastGAN per weak class, all in one compiled program (checkpointed)
-    generate  ceil(ratio x |C|) images per weak class from its EMA generator, stored atomically,
-              with their quality (target-class fraction, Frechet distance)
+    generate  ceil(ratio x |C|) images per weak class from its EMA generator (optionally only those
+              the classifier finds confident, `mistake.filter`), stored atomically, with their
+              quality: the classifier's target-class fraction and Frechet distance, and the share
+              an independent judge assigns to the class (mdjax.gan.judge)
     finetune  fine-tune the trained m (not a fresh one) on D_train + generated images
     test      test the fine-tuned m on D_test
 
@@ -25,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdjax import config as config_lib
-from mdjax.data import images as image_io
 from mdjax.data import pipeline
 from mdjax.data.sources import ArraySource, Concat, Splits
 from mdjax.errors import UserError
@@ -48,10 +49,10 @@ def num_generated(class_size: int, ratio: float) -> int:
   return int(math.ceil(ratio * class_size - 1e-9))
 
 
-def class_images(source, labels: np.ndarray, k: int, size: int) -> np.ndarray:
-  """All training images of class k as uint8 [N, size, size, 3]."""
+def class_images(source, labels: np.ndarray, k: int, size: int, augment: str = "none") -> np.ndarray:
+  """All training images of class k as uint8 [N, size, size, 3] (`pipeline.whole_image`)."""
   idx = np.flatnonzero(labels == k)
-  return np.stack([image_io.resize(source[int(i)]["image"], size) for i in idx])
+  return np.stack([pipeline.whole_image(source[int(i)]["image"], size, augment) for i in idx])
 
 
 def _summary(result: dict) -> dict:
@@ -73,6 +74,7 @@ class Run:
                  if config.mistake.enabled else 0)
     self._variables: dict[str, Any] = {}
     self._eval_step = None
+    self._judge = None
 
   # --- helpers ---------------------------------------------------------------------------------
 
@@ -123,7 +125,33 @@ class Run:
 
   def weak_images(self, classes) -> dict[int, np.ndarray]:
     r = int(self.config.gan.resolution)
-    return {k: class_images(self.splits.train, self.splits.train.labels, k, r) for k in classes}
+    augment = str(self.config.data.augment)
+    return {k: class_images(self.splits.train, self.splits.train.labels, k, r, augment)
+            for k in classes}
+
+  def judge(self):
+    """The independent judge of generated images, fit once per run on the real training images."""
+    if self._judge is None:
+      from mdjax.gan import judge as judge_lib  # pylint: disable=g-import-not-at-top
+      r, augment = int(self.config.gan.resolution), str(self.config.data.augment)
+      view = lambda src: np.stack([pipeline.whole_image(src[i]["image"], r, augment)  # noqa: E731
+                                   for i in range(len(src))])
+      self._judge = judge_lib.fit_judge(
+          view(self.splits.train), self.splits.train.labels, view(self.splits.val),
+          self.splits.val.labels, self.num_classes, seed=int(self.config.seed),
+          resolution=int(self.config.gan.judge_resolution))
+    return self._judge
+
+  def accept_fn(self, threshold: float):
+    """`accept(class, uint8 images) -> bool`: the trained classifier's probability of the class
+    is above `threshold` (mistake.filter)."""
+    logits_fn = self.image_fn(self.classifier("train"), "logits")
+
+    def accept(k: int, images: np.ndarray) -> np.ndarray:
+      probs = jax.nn.softmax(logits_fn(jnp.asarray(images, jnp.float32) / 255.0), axis=-1)
+      return np.asarray(probs[:, k] > threshold)
+
+    return accept
 
   def generated_source(self, gen_dir: str) -> ArraySource:
     from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
@@ -168,34 +196,56 @@ class Run:
     if not weak:
       return {"skipped": "nWPC = 0", "generated_per_class": {}}
     self.require("gan", "generate")
+    threshold = config_lib.filter_threshold(self.config.mistake.filter, self.num_classes)
     return self._generate(weak, os.path.join(self.workdir, "gan"),
-                          os.path.join(self.workdir, "generated"))
+                          os.path.join(self.workdir, "generated"), threshold)
 
-  def _generate(self, classes, gan_dir: str, out_dir: str) -> dict:
+  def _generate(self, classes, gan_dir: str, out_dir: str, threshold: float | None = None) -> dict:
     from mdjax.gan import ensemble, generate, quality  # pylint: disable=g-import-not-at-top
     counts = {k: int((self.splits.train.labels == k).sum()) for k in classes}
     wanted = {k: num_generated(counts[k], float(self.config.mistake.nsamples_ratio)) for k in classes}
     real = self.weak_images(classes)
+    acceptance = {}
     if any(wanted.values()):
       # Finished GANs are restored, not retrained: this only samples their EMA generators.
-      result = ensemble.train_class_gans(real, self.config.gan, gan_dir, int(self.config.seed),
-                                         num_samples=wanted, progress=False)
+      result = ensemble.train_class_gans(
+          real, self.config.gan, gan_dir, int(self.config.seed), num_samples=wanted,
+          accept=None if threshold is None else self.accept_fn(threshold),
+          max_draws=int(self.config.mistake.filter_max_draws), progress=False)
       images = {k: v for k, v in result.generated.items() if len(v)}
+      acceptance = result.acceptance
     else:
       images = {}
     if workdir_lib.is_writer():
       generate.write_generated(out_dir, images, class_names=self.splits.class_names,
                                source_step=int(self.config.gan.steps))
     workdir_lib.barrier(f"generated {out_dir}")
-    record = {"generated_per_class": {str(k): int(wanted[k]) for k in classes},
+    record = {"generated_per_class": {str(k): len(images.get(k, ())) for k in classes},
               "class_sizes": {str(k): counts[k] for k in classes}, "dir": out_dir}
+    if threshold is not None:
+      record["filter"] = {"threshold": threshold, "wanted": {str(k): wanted[k] for k in classes},
+                          "acceptance": {str(k): {"drawn": a.drawn, "passed": a.passed,
+                                                  "rate": a.acceptance_rate}
+                                         for k, a in acceptance.items()}}
+      short = {k: wanted[k] - len(images.get(k, ())) for k in classes}
+      if any(short.values()):
+        say("filter: the draw cap left classes short of nSamples: " + ", ".join(
+            f"{self.splits.class_names[k]} {len(images.get(k, ()))}/{wanted[k]}"
+            for k in classes if short[k]))
     if images:
       variables = self.classifier("train")
       fractions = quality.target_class_fraction(self.image_fn(variables, "logits"), images)
       fd = quality.class_frechet_distances(self.image_fn(variables, "features"), real, images) \
           if all(len(v) >= 2 for v in images.values()) and all(len(real[k]) >= 2 for k in images) else {}
+      judge = self.judge()
+      verdicts = judge.fractions(images)
+      record["judge"] = judge.record()
       record["quality"] = {str(k): {"target_class_fraction": fractions[k],
-                                    "frechet_distance": fd.get(k)} for k in images}
+                                    "frechet_distance": fd.get(k),
+                                    "judge_fraction": verdicts[k]} for k in images}
+      say("generated images judged their class (independent judge, held-out accuracy "
+          f"{judge.heldout_accuracy:.3f}): " + ", ".join(
+              f"{self.splits.class_names[k]} {verdicts[k]:.2f}" for k in sorted(images)))
     return record
 
   def finetune(self) -> dict:
@@ -251,9 +301,25 @@ class Run:
     variables = self._finetuned("control_full_gan", Concat(parts))
     return _summary(self.evaluate(variables, self.splits.test))
 
+  def control_filtered(self) -> dict:
+    """Mistake-driven training with generated images filtered by the classifier's confidence
+    (He et al., ICLR 2023: its class probability above 1/n), against the paper's unfiltered set."""
+    weak = self.require("validate", "control_filtered")["worst_classes"]
+    if not weak:
+      return {"skipped": "nWPC = 0"}
+    if self.config.mistake.filter != "none":
+      return {"skipped": "the main run already filters (mistake.filter)"}
+    self.require("gan", "control_filtered")
+    out = os.path.join(self.workdir, "control_filtered", "generated")
+    record = self._generate(weak, os.path.join(self.workdir, "gan"), out,
+                            config_lib.filter_threshold("1/n", self.num_classes))
+    variables = self._finetuned("control_filtered",
+                                Concat([self.splits.train, self.generated_source(out)]))
+    return {**_summary(self.evaluate(variables, self.splits.test)), "generate": record}
+
 
 STAGE_ORDER = ("train", "validate", "gan", "generate", "finetune", "test")
-CONTROL_STAGES = ("control_real_finetune", "control_full_gan")
+CONTROL_STAGES = ("control_real_finetune", "control_full_gan", "control_filtered")
 
 
 def run_stage(run: Run, name: str) -> dict:
