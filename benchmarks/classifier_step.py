@@ -6,7 +6,7 @@
 
 mdjax's side is exactly what training runs: `mdjax.models.build_classifier` (linear head),
 `mdjax.optim.make_optimizer` and `mdjax.train.steps.make_train_step` on one device (float32, batch
-already on device; on CPU with the matmul weight gradients of mdjax.train.cpu_conv, which
+already on device; on CPU with the matmul weight gradients of mdjax.core.cpu_conv, which
 --profile compares with XLA's own). PyTorch's side is a plain torch.nn re-implementation of the same networks
 (ImageNet normalisation, pre-activation WRN / torchvision-layout ResNet-50, BN momentum 0.1,
 dropout head) with torch.optim.Adam and the usual two-pass SAM (perturb, second backward, restore,
@@ -28,7 +28,7 @@ import numpy as np
 
 from mdjax import config as config_lib
 from mdjax import models, optim
-from mdjax.train import cpu_conv
+from mdjax.core import cpu_conv
 from mdjax.train import steps as steps_lib
 
 NUM_CLASSES = 10

@@ -9,7 +9,7 @@ Three ways to run the K GANs inside that one program (`gan.ensemble`):
 
 * "vmap": `jax.vmap` over the stacked states. The accelerator path: one batched kernel per layer.
   On CPU the convolutions and their gradients are not batched (that makes grouped convolutions,
-  slow on XLA's CPU backend): mdjax.train.cpu_conv's batching rules unroll them into K plain
+  slow on XLA's CPU backend): mdjax.core.cpu_conv's batching rules unroll them into K plain
   ones, while every other op (BatchNorm, GLU, losses, Adam, EMA) runs batched over the classes.
 * "map": `jax.lax.map` over the stacked states, a loop over the classes inside the one program:
   the single-class step is compiled once (compile time independent of K) and runs as fast as K
@@ -33,7 +33,7 @@ config's width; quiet machine):
 
 REFERENCE.md section 6 measured naive vmap 4x slower and an unrolled program 1.3x faster than
 separate programs, but against separate programs running XLA's own convolution gradients. With
-those as matmuls (mdjax.train.cpu_conv) a single-class step is compute-bound (11 GFLOP at ~60
+those as matmuls (mdjax.core.cpu_conv) a single-class step is compute-bound (11 GFLOP at ~60
 GFLOP/s at 32x32, and 87% parallel efficiency on the 2 cores: 0.33 s on one core against 0.19 s
 on two), so one program has little left to save: no form reached 1.3x here. Profiled
 (`benchmarks/gan_ensemble.py --profile`, K = 5, 32x32, quiet machine): the separate steps keep at

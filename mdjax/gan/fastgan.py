@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from mdjax.train import cpu_conv
+from mdjax.core import cpu_conv
 
 RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
 

@@ -14,7 +14,7 @@ over "data": each device computes its own gradient and perturbation, and only g'
 metrics and BatchNorm running averages) is averaged across devices. Plain optimizers always use the
 global form, for which the result does not depend on the number of devices.
 
-CPU: convolution weight gradients are computed as matmuls (mdjax.train.cpu_conv) when the mesh is
+CPU: convolution weight gradients are computed as matmuls (mdjax.core.cpu_conv) when the mesh is
 made of CPU devices, about halving the step time there; GPUs keep XLA's (cuDNN's) gradients.
 Random bits (init, dropout) use the non-partitionable threefry, see INIT_THREEFRY_PARTITIONABLE.
 """
@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mdjax.errors import ConfigError
-from mdjax.train import cpu_conv
+from mdjax.core import cpu_conv
 
 DATA_AXIS = "data"
 
@@ -187,7 +187,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   shows up there before it reaches the loss.
 
   `fast_conv_grads` (default: when the mesh's devices are CPUs) computes convolution weight
-  gradients as matmuls (mdjax.train.cpu_conv): the same gradients, about twice as fast a WRN step
+  gradients as matmuls (mdjax.core.cpu_conv): the same gradients, about twice as fast a WRN step
   on XLA's CPU backend; other backends keep XLA's own convolution gradients untouched.
   """
   if fast_conv_grads is None:
