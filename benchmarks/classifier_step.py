@@ -29,6 +29,7 @@ import numpy as np
 from mdjax import config as config_lib
 from mdjax import models, optim
 from mdjax.core import cpu_conv
+from mdjax.core import mesh as mesh_lib
 from mdjax.train import steps as steps_lib
 
 NUM_CLASSES = 10
@@ -75,7 +76,7 @@ def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
   rs = np.random.RandomState(0)
   batch_arrays = jax.device_put(
       {"image": rs.rand(batch, size, size, 3).astype(np.float32),
-       "label": rs.randint(0, NUM_CLASSES, batch).astype(np.int32)}, steps_lib.batch_sharding(mesh))
+       "label": rs.randint(0, NUM_CLASSES, batch).astype(np.int32)}, mesh_lib.batch_sharding(mesh))
   holder = [state]
 
   def run():

@@ -91,6 +91,7 @@ def main():
   if args.devices > 1:
     jax.config.update("jax_num_cpu_devices", args.devices)
   from mdjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from mdjax.core import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from mdjax.gan import chunks, class_data, program  # pylint: disable=import-outside-toplevel
 
   cfg = config_lib.base_config().gan
@@ -101,7 +102,7 @@ def main():
     if value is not None:
       cfg[key] = value
   k, r, b = args.classes, cfg.resolution, cfg.batch_size
-  mesh = program.class_mesh(jax.devices()[:args.devices])
+  mesh = mesh_lib.class_mesh(jax.devices()[:args.devices])
   strategy = program.resolve_strategy(cfg.ensemble, mesh.devices.flat[0].platform)
   fns = program.default_gan_fns(cfg)
   print(f"K={k} R={r} strategy={strategy} ngf={cfg.ngf} ndf={cfg.ndf} nz={cfg.nz} batch={b} "
@@ -114,7 +115,7 @@ def main():
 
   # --- one program -------------------------------------------------------------------------------
   padded = classes + [classes[-1]] * (-k % mesh.size)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(program.CLASS_AXIS))
+  sharding = mesh_lib.class_sharding(mesh)
   data, counts = class_data.stack_class_images([images[c] for c in padded])
   data, counts = jax.device_put((data, counts), sharding)
   ens = chunks.init_ensemble(fns, args.seed, padded, mesh)

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from mdjax import config as config_lib
+from mdjax.core import mesh as mesh_lib
 from mdjax.errors import NonFiniteLossError, UserError
 from mdjax.gan import chunks, class_data, ensemble, generate, program
 
@@ -183,7 +184,7 @@ def test_one_program_equals_separate_trainings_standin(strategy, devices):
   fns = tiny()
   classes = [2, 5, 11]
   images = [noisy_images(5, 0), noisy_images(9, 1), noisy_images(3, 2)]
-  mesh = program.class_mesh(jax.devices()[:devices])
+  mesh = mesh_lib.class_mesh(jax.devices()[:devices])
   ens, _ = run_ensemble(fns, 7, classes, images, 4, 4, strategy, mesh)
   for p, k in enumerate(classes):
     ref = separate_training(fns, 7, k, images[p], 4, 4)
@@ -198,7 +199,7 @@ def test_classes_never_see_other_images(strategy):
   classes = [0, 1, 2]
   values = [40, 120, 200]  # constant images; the padding slots are 0 (never a class value)
   images = [class_images(n, v) for n, v in zip((1, 3, 7), values)]
-  mesh = program.class_mesh(jax.devices()[:2])  # 2 devices: 2 classes per device, one padded
+  mesh = mesh_lib.class_mesh(jax.devices()[:2])  # 2 devices: 2 classes per device, one padded
   _, metrics = run_ensemble(fns, 0, classes, images, 5, 4, strategy, mesh)
   for m in metrics:
     for p, v in enumerate(values):
@@ -366,7 +367,7 @@ def fastgan_equivalence():
   fns = program.default_gan_fns(cfg)
   data = {k: class_data.prepare_class_images(x, 32) for k, x in digits_by_class().items()}
   classes, images = list(data), list(data.values())
-  mesh = program.class_mesh(jax.devices()[:1])
+  mesh = mesh_lib.class_mesh(jax.devices()[:1])
   runs = {s: run_ensemble(fns, 0, classes, images, 2, cfg.batch_size, s, mesh)
           for s in ("unroll", "vmap", "map")}
   separate = [separate_training(fns, 0, k, data[k], 2, cfg.batch_size) for k in classes]
@@ -393,7 +394,7 @@ def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
   del fastgan_equivalence  # compiled the unrolled 2-class program this run reuses
   cfg = fastgan_config()
   result = ensemble.train_class_gans(digits_by_class(), cfg, str(tmp_path), seed=0,
-                                     num_samples=5, mesh=program.class_mesh(jax.devices()[:1]),
+                                     num_samples=5, mesh=mesh_lib.class_mesh(jax.devices()[:1]),
                                      keep_states=True, progress=False)
   for k in (0, 1):
     d_losses = [h["d_loss"] for h in result.history[k]]
@@ -406,8 +407,8 @@ def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
     # the untrained outputs are tiny (std ~1e-3), so 8 steps barely move them in uint8 levels.
     fns = program.default_gan_fns(cfg)
     key = jax.random.PRNGKey(5)
-    sample = program._jit(fns.sample, (2,))
-    before = np.asarray(sample(program._jit(fns.init)(chunks.class_keys(0, k)[0]), key, 16))
+    sample = program.jit_once(fns.sample, (2,))
+    before = np.asarray(sample(program.jit_once(fns.init)(chunks.class_keys(0, k)[0]), key, 16))
     after = np.asarray(sample(result.states[k], key, 16))
     assert np.linalg.norm(after - before) > 0.05 * np.linalg.norm(before)
   out = generate.write_generated(tmp_path / "generated", result.generated, source_step=result.steps)

@@ -15,7 +15,8 @@ import pytest
 
 from mdjax import config as config_lib
 from mdjax import optim
-from mdjax.data import pipeline, sources
+from mdjax.core import mesh as mesh_lib
+from mdjax.data import sources
 from mdjax.errors import NonFiniteLossError
 from mdjax.train import classifier as clf
 from mdjax.train import steps
@@ -68,7 +69,7 @@ def _arrays(n=16, seed=0):
 
 
 def _mesh(n):
-  return pipeline.data_mesh(jax.devices()[:n])
+  return mesh_lib.data_mesh(jax.devices()[:n])
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,7 +156,7 @@ def test_per_device_sam_is_m_sharpness():
 
 
 def test_explicit_mesh_and_dropout():
-  """jax.make_mesh builds Explicit axes (pipeline.data_mesh Auto ones); both give the same step,
+  """jax.make_mesh builds Explicit axes (mesh_lib.data_mesh Auto ones); both give the same step,
   dropout included, and the dropout key changes with the step."""
   explicit, losses = _run("sgd", lr=0.0, dropout=0.5, explicit_mesh=True, n_steps=3)
   auto, _ = _run("sgd", lr=0.0, dropout=0.5, n_steps=3)
@@ -186,7 +187,7 @@ def test_evaluate_counts_every_example_once_with_padded_last_batch():
     variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
   src = _source(13)  # batch 8 on 4 devices: the second batch holds 5 real examples and 3 pads
   config = _config(batch_size=8)
-  counts = clf.evaluate(model, variables, src, config, pipeline.data_mesh())
+  counts = clf.evaluate(model, variables, src, config, mesh_lib.data_mesh())
   images = np.stack([src[i]["image"] for i in range(13)]).astype(np.float32) / 255.0
   pred = np.asarray(jnp.argmax(model.apply(variables, images), -1))
   labels = src.labels

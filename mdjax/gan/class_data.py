@@ -1,18 +1,34 @@
-"""Each weak class's images for its GAN: checked, resized, stacked and padded, and drawn as batches.
+"""Each weak class's images for its GAN: checked, resized, stacked, padded, drawn as batches.
 
-Moved out of mdjax.gan.ensemble; see that module's docstring ("Data").
+The classes' images are stacked into one uint8 array [K, capacity, R, R, 3] padded with zeros
+beyond each class's count, kept on device (sharded like the GAN states), and each step draws a
+batch for class k from row k only: indices are a random permutation of [0, count_k) (padding slots
+get a score above every real one, so they are never chosen), so a class can never see another
+class's images or padding. Within a batch sampling is without replacement (with wrap-around when a
+class has fewer images than the batch). Images are resized to `gan.resolution` here with PIL
+bicubic (non-square images are stretched; crop before calling if that matters) and mapped to
+[-1, 1] inside the step.
+
+Classes are trained in chunks of at most `gan.chunk_size` (Stanford Cars selects 40 weak classes;
+40 stacked FastGAN states or 40 unrolled copies of the step are more than one program should hold):
+chunks run one after the other, their sizes are balanced (10 classes with chunk_size 8 -> 5 + 5,
+not 8 + 2) and every chunk uses the same padded image capacity, so all chunks of one size share one
+compiled program.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from mdjax.errors import DataError
+
 
 def prepare_class_images(images: np.ndarray, resolution: int, *, class_index: int = -1) -> np.ndarray:
   """Checks one class's images and resizes them to uint8 [N, R, R, 3] (PIL bicubic)."""
@@ -31,7 +47,6 @@ def prepare_class_images(images: np.ndarray, resolution: int, *, class_index: in
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
   if images.shape[1:3] != (resolution, resolution):
-    from PIL import Image  # pylint: disable=import-outside-toplevel
     images = np.stack([
         np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BICUBIC))
         for im in images])
@@ -76,3 +91,6 @@ def balanced_chunks(class_indices: Sequence[int], chunk_size: int) -> list[list[
   return chunks
 
 
+def fingerprint(images: np.ndarray) -> str:
+  """A short digest of a class's images: which data a checkpoint was trained on."""
+  return hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]

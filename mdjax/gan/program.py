@@ -1,26 +1,81 @@
-"""The compiled program that advances K class GANs by one step, and its three strategies.
+"""The ONE compiled program that advances K class GANs by one step, and its strategies.
 
-Moved out of mdjax.gan.ensemble; see that module's docstring for the strategies and sharding.
+The K states are stacked along a leading "class" axis and one jitted step advances all of them.
+Three ways to run the K GANs inside that one program (`gan.ensemble`, the STRATEGIES registry):
+
+* "vmap": `jax.vmap` over the stacked states. The accelerator path: one batched kernel per layer.
+  On CPU the convolutions and their gradients are not batched (that makes grouped convolutions,
+  slow on XLA's CPU backend): mdjax.core.cpu_conv's batching rules unroll them into K plain
+  ones, while every other op (BatchNorm, GLU, losses, Adam, EMA) runs batched over the classes.
+* "map": `jax.lax.map` over the stacked states, a loop over the classes inside the one program:
+  the single-class step is compiled once (compile time independent of K) and runs as fast as K
+  separate programs. The CPU path.
+* "unroll": a static Python loop over the K states inside the one jit; compile time grows
+  linearly with K.
+
+Measured on this 2-core CPU with benchmarks/gan_ensemble.py (K = 5 one program against 5
+separately compiled single-class steps, interleaved; ngf = ndf = 16, nz 64, batch 8, the default
+config's width; quiet machine):
+
+  32x32   map 0.918 s/step vs separate 0.913 s (1.00x), compile 43 s vs 30 s
+          unroll 0.93-1.11 s vs 1.01 s (1.08x and 0.91x in two runs), compile 200-270 s
+          vmap with grouped convs 1.35 s/step (compile 40 s); 1.14 s with forward convs as batched
+          im2col matmuls; with convs and their gradients unrolled per class (the vmap path now)
+          0.848 s vs 0.940 s (1.11x, profile: 1.37 busy threads vs 1.31, 1.19 vs 1.24 s of op
+          time per step), compile 79 s vs 31 s
+  64x64   map 1.875 s/step vs separate 1.952 s (1.04x), compile 50 s vs 41 s
+          unroll 1.876 vs 1.873 s (1.00x), compile 484 s vs 43 s
+          vmap (convs unrolled) 1.580 vs 1.619 s (1.02x), compile 102 s vs 40 s
+
+REFERENCE.md section 6 measured naive vmap 4x slower and an unrolled program 1.3x faster than
+separate programs, but against separate programs running XLA's own convolution gradients. With
+those as matmuls (mdjax.core.cpu_conv) a single-class step is compute-bound (11 GFLOP at ~60
+GFLOP/s at 32x32, and 87% parallel efficiency on the 2 cores: 0.33 s on one core against 0.19 s
+on two), so one program has little left to save: no form reached 1.3x here. Profiled
+(`benchmarks/gan_ensemble.py --profile`, K = 5, 32x32, quiet machine): the separate steps keep at
+least 1.31 worker threads busy inside HLO ops on average (a lower bound: YNNPACK's helper work on
+the other core is not traced); the unrolled program overlaps more (1.44) but its ops then take 18%
+longer (1.33 against 1.13 s of op time per step), so the wall time stays the same (0.88 against
+0.87 s): the two cores are already in use. The map program: 1.27 against 1.30, 0.94 against 0.95 s.
+What vmap (convs unrolled) saves is the small ops: a single-class step at 32x32 runs ~4,000 HLO
+ops, ~3,500 of them under 100 us (47 ms of its 0.23 s of op time); batched over the classes they
+are K times fewer. The convolutions' matmuls, most of the time, are the same work either way.
+Sharding the classes over two CPU devices (one per core) was slower too (0.83x unrolled, 0.61x
+vmapped). The full-width FastGAN (ngf = ndf = 64, 32x32, K = 5) measured one program and separate
+programs at parity (42.5 vs 39.6 s per step under load, before the matmul gradients), and the
+unrolled program took 17 min to compile against 2.7 min for the single-class one.
+
+"auto" picks map on CPU and vmap on GPU/TPU.
+
+Several devices: the class axis is sharded over a 1-D mesh with axis "class"
+(mdjax.core.mesh.class_mesh) and the step is a `jax.shard_map` of the per-device step: each device
+runs its own classes (vmapped, mapped or unrolled over its local classes) with no communication at
+all, since the GANs are independent. K is padded to a multiple of the device count with copies of
+the chunk's last class (same data, same keys); the copies' results are dropped. On one device
+shard_map is the identity.
+
+NaN/inf: the step folds a per-class "all finite" flag (losses and updated parameters) into the
+state, to be read by the host at its next logging / sampling / checkpoint point.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax import lax
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mdjax.config import GAN_ENSEMBLES as STRATEGIES
+from mdjax.core import loop
+from mdjax.core.mesh import CLASS_AXIS
 from mdjax.errors import ConfigError
 from mdjax.gan import class_data
+from mdjax.gan import step as step_lib
 
-CLASS_AXIS = "class"
 
 class GanFns(NamedTuple):
   """The single-class GAN as pure functions (the contract of mdjax.gan.step, config bound)."""
@@ -35,31 +90,37 @@ def default_gan_fns(gan_config: ml_collections.ConfigDict) -> GanFns:
   Any object with `init`, `step` and `sample` attributes of the GanFns signatures works as
   `step_fns` (mdjax.gan.step.make_gan_fns returns one).
   """
-  from mdjax.gan import step as step_lib  # pylint: disable=import-outside-toplevel
-  if hasattr(step_lib, "make_gan_fns"):
-    return step_lib.make_gan_fns(gan_config)
-  return GanFns(
-      init=lambda rng: step_lib.init_gan_state(rng, gan_config),
-      step=lambda state, batch, rng: step_lib.gan_step(state, batch, rng, config=gan_config),
-      sample=lambda state, rng, n: step_lib.sample(state, rng, n, config=gan_config))
+  return step_lib.make_gan_fns(gan_config)
+
+
+def _vmapped(one, gan, *per_class):
+  return jax.vmap(one)(gan, *per_class)
+
+
+def _mapped(one, gan, *per_class):
+  return lax.map(lambda args: one(*args), (gan, *per_class))
+
+
+def _unrolled(one, gan, *per_class):
+  outs = [one(jax.tree.map(lambda x, i=i: x[i], gan), *(a[i] for a in per_class))
+          for i in range(per_class[0].shape[0])]
+  return tuple(stack_states(list(part)) for part in zip(*outs))
+
+
+# How one program runs its K classes: f(one, stacked gan states, *per-class arrays) applies the
+# single-class step `one` to every class and stacks its outputs (module docstring).
+STRATEGIES: dict[str, Callable] = {"vmap": _vmapped, "unroll": _unrolled, "map": _mapped}
+# What `gan.ensemble` accepts: a strategy, or "auto" (resolved per platform).
+ENSEMBLES = ("auto", *STRATEGIES)
 
 
 def resolve_strategy(strategy: str, platform: str | None = None) -> str:
   """"auto" -> "map" on CPU, "vmap" elsewhere (see the module docstring)."""
-  if strategy not in STRATEGIES:
-    raise ConfigError("gan.ensemble", strategy, " | ".join(STRATEGIES))
+  if strategy not in ENSEMBLES:
+    raise ConfigError("gan.ensemble", strategy, "one of " + ", ".join(ENSEMBLES))
   if strategy != "auto":
     return strategy
   return "map" if (platform or jax.default_backend()) == "cpu" else "vmap"
-
-
-def class_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh over `devices` (default: all) with the axis the class dimension is sharded on."""
-  devices = list(devices if devices is not None else jax.devices())
-  # Auto axis: the host-side code slices single classes out of the stacked state, which explicit
-  # sharding would refuse; inside the step shard_map makes the layout explicit anyway.
-  return jax.make_mesh((len(devices),), (CLASS_AXIS,), (jax.sharding.AxisType.Auto,),
-                       devices=devices)
 
 
 def class_step(fns: GanFns, gan_state, rng: jax.Array, images: jax.Array, count: jax.Array,
@@ -75,16 +136,8 @@ def class_step(fns: GanFns, gan_state, rng: jax.Array, images: jax.Array, count:
   return fns.step(gan_state, batch, gan_key)
 
 
-# ------------------------------------------------------------------------------------------------
-# The one compiled program.
-# ------------------------------------------------------------------------------------------------
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _stack(trees):
+def stack_states(trees: list) -> Any:
+  """Per-class pytrees -> one pytree with a leading class axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
@@ -93,19 +146,10 @@ def _local_step(ens, images, counts, step, *, fns: GanFns, batch_size: int, stra
 
   def one(gan_state, rng, imgs, count):
     new_state, metrics = class_step(fns, gan_state, rng, imgs, count, step, batch_size=batch_size)
-    finite = _all_finite(metrics) & _all_finite(new_state)
+    finite = loop.all_finite(metrics) & loop.all_finite(new_state)
     return new_state, metrics, finite
 
-  if strategy == "vmap":
-    new_gan, metrics, finite = jax.vmap(one)(ens["gan"], ens["rng"], images, counts)
-  elif strategy == "map":
-    new_gan, metrics, finite = jax.lax.map(lambda args: one(*args),
-                                           (ens["gan"], ens["rng"], images, counts))
-  else:
-    outs = [one(jax.tree.map(lambda x, i=i: x[i], ens["gan"]), ens["rng"][i], images[i], counts[i])
-            for i in range(ens["rng"].shape[0])]
-    new_gan, metrics, finite = _stack([o[0] for o in outs]), _stack([o[1] for o in outs]), \
-        jnp.stack([o[2] for o in outs])
+  new_gan, metrics, finite = STRATEGIES[strategy](one, ens["gan"], ens["rng"], images, counts)
   new = dict(ens, gan=new_gan, ok=ens["ok"] & finite)
   return new, metrics
 
@@ -128,7 +172,7 @@ def make_ensemble_step(fns: GanFns, *, batch_size: int, strategy: str,
 
 
 @functools.lru_cache(maxsize=32)
-def _jit(fn: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
+def jit_once(fn: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
   """One jitted wrapper per function, so repeated calls reuse its compiled programs."""
   return jax.jit(fn, static_argnums=static_argnums)
 
@@ -145,7 +189,7 @@ def _replicate_class(mesh: jax.sharding.Mesh) -> Callable:
       out_shardings=NamedSharding(mesh, P()))
 
 
-def _local_class_state(ens: dict, position: int, mesh: jax.sharding.Mesh):
+def local_class_state(ens: dict, position: int, mesh: jax.sharding.Mesh):
   """The class at `position`, as arrays on this process's first device (works across processes).
 
   The class's shard may live on another process's device: it is first replicated to every device
@@ -153,21 +197,3 @@ def _local_class_state(ens: dict, position: int, mesh: jax.sharding.Mesh):
   """
   replicated = _replicate_class(mesh)(ens["gan"], jnp.int32(position))
   return jax.tree.map(lambda x: x.addressable_data(0), replicated)
-
-
-def _to_host(tree):
-  """Numpy copy of a class-sharded pytree, the whole of it on every process."""
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def _is_writer() -> bool:
-  return jax.process_index() == 0
-
-
-class _NoWriter:
-  """Stands in for the TensorBoard writer on processes other than 0."""
-
-  def __getattr__(self, name):
-    return lambda *args, **kwargs: None
-
-

@@ -8,10 +8,14 @@ import os
 import numpy as np
 from PIL import Image
 
+from mdjax.gan import generate
+
 GRID = 16  # images per grid
 
 
 def _plot_class_accuracy(path: str, names, before, after, weak, title: str) -> None:
+  # Imported here: matplotlib takes about a second to import and only the report plots; the
+  # backend must be chosen before pyplot is imported.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -36,7 +40,6 @@ def _plot_class_accuracy(path: str, names, before, after, weak, title: str) -> N
 
 
 def _side_by_side(path: str, real: np.ndarray, generated: np.ndarray) -> None:
-  from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
   left, right = generate.make_grid(real[:GRID]), generate.make_grid(generated[:GRID])
   h = max(left.shape[0], right.shape[0])
   gap = np.full((h, 8, 3), 255, np.uint8)
@@ -94,7 +97,6 @@ def write_report(workdir: str, results: dict, run) -> str:
               "classifier assigns to that class; the Frechet distance compares real and generated "
               "images of the class in the classifier's pooled feature space (lower is closer).", ""]
     gen_dir = os.path.join(workdir, "generated")
-    from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
     if generate.is_complete(gen_dir):
       images, labels = generate.load_generated(gen_dir)
       real = run.weak_images(weak)

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from mdjax import config as config_lib
+from mdjax.core import files, process
 from mdjax.data import registry
 from mdjax.pipeline import report, stages as stages_lib
 from mdjax.pipeline import workdir as workdir_lib
@@ -44,9 +45,9 @@ def run(config, workdir: str) -> dict:
     say(f"--- seed {seed} ---")
     per_seed.append(run_seed(seed_config, seed_dir, splits))
   results = aggregate(config, per_seed)
-  if workdir_lib.is_writer():
+  if process.is_writer():
     with workdir_lib.os_errors(workdir):
-      workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
+      files.write_json_atomic(os.path.join(workdir, "results.json"), results)
       report.write_summary_report(workdir, results)
   print_summary(results)
   return results
@@ -69,9 +70,9 @@ def run_seed(config, workdir: str, splits) -> dict:
         "reaches it.")
     return {}
   results = collect(config, splits, records)
-  if workdir_lib.is_writer():
+  if process.is_writer():
     with workdir_lib.os_errors(workdir):
-      workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
+      files.write_json_atomic(os.path.join(workdir, "results.json"), results)
       report.write_report(workdir, results, run_)
   print_summary(results)
   return results

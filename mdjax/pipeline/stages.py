@@ -25,15 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdjax import config as config_lib
+from mdjax import models
+from mdjax.core import mesh as mesh_lib
+from mdjax.core import process
 from mdjax.data import images as image_io
-from mdjax.data import pipeline
 from mdjax.data.sources import ArraySource, Concat, Splits
 from mdjax.errors import UserError
+from mdjax.gan import ensemble, generate, quality
 from mdjax.pipeline import workdir as workdir_lib
+from mdjax.train import classifier as clf
+from mdjax.train import steps as steps_lib
 
 
 def say(message: str) -> None:
-  if jax.process_index() == 0:
+  if process.is_writer():
     print(f"mdjax: {message}", flush=True)
 
 
@@ -65,9 +70,8 @@ class Run:
   def __init__(self, config, workdir: str, splits: Splits):
     self.config, self.workdir, self.splits = config, workdir, splits
     self.stages = workdir_lib.Stages(workdir)
-    self.mesh = pipeline.data_mesh()
+    self.mesh = mesh_lib.data_mesh()
     self.num_classes = splits.num_classes
-    from mdjax import models  # pylint: disable=g-import-not-at-top
     self.model = models.build_classifier(config.model, self.num_classes)
     self.nwpc = (config_lib.nwpc_count(config.mistake.nwpc, self.num_classes)
                  if config.mistake.enabled else 0)
@@ -87,7 +91,6 @@ class Run:
     """Trains (or restores the finished training of) the classifier stage `tag`."""
     if tag in self._variables:
       return self._variables[tag]
-    from mdjax.train import classifier as clf  # pylint: disable=g-import-not-at-top
     init = self.classifier("train") if init_from else None
     result = clf.train_classifier(
         self.config, train_source if train_source is not None else self.splits.train,
@@ -98,8 +101,6 @@ class Run:
     return result.variables
 
   def evaluate(self, variables: dict, source) -> dict:
-    from mdjax.train import classifier as clf  # pylint: disable=g-import-not-at-top
-    from mdjax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
     if self._eval_step is None:
       # One jitted eval step for every evaluation of the run (val, test, each control), so each
       # input shape compiles once instead of once per call.
@@ -126,7 +127,6 @@ class Run:
     return {k: class_images(self.splits.train, self.splits.train.labels, k, r) for k in classes}
 
   def generated_source(self, gen_dir: str) -> ArraySource:
-    from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
     images, labels = generate.load_generated(gen_dir)
     return ArraySource(images, labels)
 
@@ -156,7 +156,6 @@ class Run:
     weak = self.require("validate", "gan")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0"}
-    from mdjax.gan import ensemble  # pylint: disable=g-import-not-at-top
     result = ensemble.train_class_gans(self.weak_images(weak), self.config.gan,
                                        os.path.join(self.workdir, "gan"), int(self.config.seed))
     return {"classes": weak, "strategy": result.strategy, "steps": result.steps,
@@ -172,7 +171,6 @@ class Run:
                           os.path.join(self.workdir, "generated"))
 
   def _generate(self, classes, gan_dir: str, out_dir: str) -> dict:
-    from mdjax.gan import ensemble, generate, quality  # pylint: disable=g-import-not-at-top
     counts = {k: int((self.splits.train.labels == k).sum()) for k in classes}
     wanted = {k: num_generated(counts[k], float(self.config.mistake.nsamples_ratio)) for k in classes}
     real = self.weak_images(classes)
@@ -183,10 +181,10 @@ class Run:
       images = {k: v for k, v in result.generated.items() if len(v)}
     else:
       images = {}
-    if workdir_lib.is_writer():
+    if process.is_writer():
       generate.write_generated(out_dir, images, class_names=self.splits.class_names,
                                source_step=int(self.config.gan.steps))
-    workdir_lib.barrier(f"generated {out_dir}")
+    process.barrier(f"generated {out_dir}")
     record = {"generated_per_class": {str(k): int(wanted[k]) for k in classes},
               "class_sizes": {str(k): counts[k] for k in classes}, "dir": out_dir}
     if images:
@@ -242,7 +240,6 @@ class Run:
     if others:
       # A class's GAN depends only on (seed, class, images), so the weak classes' GANs are reused
       # and only the others are trained here.
-      from mdjax.gan import ensemble  # pylint: disable=g-import-not-at-top
       gan_dir = os.path.join(self.workdir, "control_full_gan", "gan")
       ensemble.train_class_gans(self.weak_images(others), self.config.gan, gan_dir, int(self.config.seed))
       out = os.path.join(self.workdir, "control_full_gan", "generated")

@@ -30,13 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from mdjax.errors import ConfigError
 from mdjax.core import cpu_conv
-
-DATA_AXIS = "data"
-
+from mdjax.core.mesh import DATA_AXIS, auto_mesh, batch_sharding, replicated
+from mdjax.errors import ConfigError
 
 @flax.struct.dataclass
 class TrainState:
@@ -53,27 +51,6 @@ class TrainState:
     if self.batch_stats:
       v["batch_stats"] = self.batch_stats
     return v
-
-
-def auto_mesh(mesh: Mesh) -> Mesh:
-  """The same devices and axis names with Auto axis types.
-
-  `jax.make_mesh` makes Explicit axes by default, under which sharding is part of every array's
-  type; flax.linen layers are not written for that (Dropout's `select` of an unsharded mask with a
-  batch-sharded input is a ShardingTypeError). Steps therefore compile against the Auto form of
-  whatever mesh they are given; arrays placed on the Explicit mesh are accepted as they are."""
-  if all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
-    return mesh
-  return Mesh(mesh.devices, mesh.axis_names,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(auto_mesh(mesh), P())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(auto_mesh(mesh), P(DATA_AXIS))
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
