@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdjax.config import GAN_ENSEMBLES
+from mdjax.gan.program import ENSEMBLES
 
 
 def _parse():
@@ -51,7 +51,7 @@ def _parse():
   p.add_argument("--resolution", type=int, default=32)
   p.add_argument("--steps", type=int, default=5, help="timed steps (after compilation)")
   p.add_argument("--check-steps", type=int, default=2, help="steps of the equivalence check")
-  p.add_argument("--strategy", default="auto", choices=GAN_ENSEMBLES)
+  p.add_argument("--strategy", default="auto", choices=ENSEMBLES)
   p.add_argument("--ngf", type=int, default=None, help="default: config.gan.ngf (64)")
   p.add_argument("--ndf", type=int, default=None, help="default: config.gan.ndf (64)")
   p.add_argument("--nz", type=int, default=None, help="default: config.gan.nz (256)")

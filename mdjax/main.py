@@ -132,7 +132,8 @@ def main() -> None:
     workdir = _WORKDIR.value or default_workdir(config, sys.argv)
     enable_compilation_cache()
     init_distributed()
-    # Imported late: keeps `--help` and config errors fast (no JAX start-up).
+    # Imported here, not at the top, as JAX is everywhere below: `--help` and flag errors are
+    # answered without starting JAX (config.validate imports its registries the same way).
     from mdjax.pipeline import run  # pylint: disable=g-import-not-at-top
     run.run(config, workdir)
   except UserError as e:

@@ -9,6 +9,7 @@ import pytest
 
 from mdjax import config as config_lib
 from mdjax.errors import ConfigError
+from mdjax.pipeline import plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = ["default", "cifar10", "caltech101", "cars", "heritage", "ham10000"]
@@ -35,11 +36,11 @@ def test_paper_hyperparameters():
   assert (cifar.train.epochs, cifar.finetune.epochs, cifar.train.batch_size) == (30, 30, 28)
   assert (cars.train.epochs, cars.train.batch_size) == (20, 20)
   assert cars.mistake.nsamples_ratio == 0.5
-  assert config_lib.nwpc_count("auto", 196) == 40  # ceil(0.2 n) above 20 classes
-  assert config_lib.nwpc_count("auto", 10) == 5  # ceil(0.5 n) otherwise
-  assert config_lib.nwpc_count("auto", 7) == 4
-  assert config_lib.nwpc_count(0.25, 10) == 3  # a fraction, rounded up
-  assert config_lib.nwpc_count(3, 10) == 3
+  assert plan.nwpc_count("auto", 196) == 40  # ceil(0.2 n) above 20 classes
+  assert plan.nwpc_count("auto", 10) == 5  # ceil(0.5 n) otherwise
+  assert plan.nwpc_count("auto", 7) == 4
+  assert plan.nwpc_count(0.25, 10) == 3  # a fraction, rounded up
+  assert plan.nwpc_count(3, 10) == 3
 
 
 def test_argument_string_selects_ablations():

@@ -50,6 +50,10 @@ def _to_unit_float(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) * (1.0 / 255.0)
 
 
+# `config.data.augment`: "crop_flip" is `train_transform(augment=True)`, "none" resizes only.
+AUGMENTATIONS = ("crop_flip", "none")
+
+
 def train_transform(image_size: int, augment: bool):
   """Resize to image_size, then pad by 1/8 (reflect), random-crop back and random-flip."""
   pad = max(1, image_size // 8)

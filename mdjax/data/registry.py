@@ -20,7 +20,8 @@ from mdjax.data import tfds_source
 from mdjax.data.sources import ArraySource, FileSource, Splits, carve, stratified_split
 from mdjax.errors import DataError
 
-_LOADERS: dict[str, Callable[[ml_collections.ConfigDict], Splits]] = {}
+# `config.data.name` -> its loader; filled by @register below, in the order the loaders appear.
+DATASETS: dict[str, Callable[[ml_collections.ConfigDict], Splits]] = {}
 
 # Where a dataset is looked for when config.data.root is empty.
 DATA_DIR_ENV = "MDJAX_DATA_DIR"
@@ -28,20 +29,20 @@ DATA_DIR_ENV = "MDJAX_DATA_DIR"
 
 def register(name: str):
   def wrap(fn):
-    _LOADERS[name] = fn
+    DATASETS[name] = fn
     return fn
   return wrap
 
 
 def names() -> list[str]:
-  return sorted(_LOADERS)
+  return sorted(DATASETS)
 
 
 def load_splits(data_config: ml_collections.ConfigDict) -> Splits:
   """Loads `data_config.name`; every split is non-empty and labels index `class_names`."""
-  if data_config.name not in _LOADERS:
+  if data_config.name not in DATASETS:
     raise DataError(f"unknown dataset {data_config.name!r}; registered: {', '.join(names())}")
-  splits = _LOADERS[data_config.name](data_config)
+  splits = DATASETS[data_config.name](data_config)
   for name in ("train", "val", "test"):
     if len(getattr(splits, name)) == 0:
       raise DataError(f"dataset {data_config.name!r} has an empty {name} split "

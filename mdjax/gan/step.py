@@ -76,7 +76,8 @@ def _policy(text) -> tuple[str, ...]:
     return diffaug.parse_policy(text)
   except ValueError:
     raise ConfigError("gan.diffaug", text,
-                      "a comma-separated subset of color,translation,cutout (or empty)") from None
+                      "a comma-separated subset of " + ",".join(diffaug.POLICIES) + " (or empty)"
+                      ) from None
 
 
 @flax.struct.dataclass

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdjax import config as config_lib
 from mdjax import models
 from mdjax.core import mesh as mesh_lib
 from mdjax.core import process
@@ -32,6 +31,7 @@ from mdjax.data import images as image_io
 from mdjax.data.sources import ArraySource, Concat, Splits
 from mdjax.errors import UserError
 from mdjax.gan import ensemble, generate, quality
+from mdjax.pipeline import plan
 from mdjax.pipeline import workdir as workdir_lib
 from mdjax.train import classifier as clf
 from mdjax.train import steps as steps_lib
@@ -73,7 +73,7 @@ class Run:
     self.mesh = mesh_lib.data_mesh()
     self.num_classes = splits.num_classes
     self.model = models.build_classifier(config.model, self.num_classes)
-    self.nwpc = (config_lib.nwpc_count(config.mistake.nwpc, self.num_classes)
+    self.nwpc = (plan.nwpc_count(config.mistake.nwpc, self.num_classes)
                  if config.mistake.enabled else 0)
     self._variables: dict[str, Any] = {}
     self._eval_step = None
@@ -249,7 +249,6 @@ class Run:
     return _summary(self.evaluate(variables, self.splits.test))
 
 
-STAGE_ORDER = ("train", "validate", "gan", "generate", "finetune", "test")
 CONTROL_STAGES = ("control_real_finetune", "control_full_gan")
 
 

@@ -21,6 +21,9 @@ from typing import Any
 from mdjax.core import files, process
 from mdjax.errors import UserError
 
+# `config.resume`: continue a workdir made by the same config (auto), by any config (force), or
+# refuse a workdir that already holds a run (never).
+RESUME = ("auto", "force", "never")
 # Keys that change how a run is executed or logged, not what it computes.
 IGNORED_KEYS = ("stages", "resume", "seeds", "controls", "data.num_threads", "data.prefetch",
                 "train.log_every", "gan.log_every", "gan.sample_every")

@@ -36,6 +36,10 @@ from mdjax.core import cpu_conv
 from mdjax.core.mesh import DATA_AXIS, auto_mesh, batch_sharding, replicated
 from mdjax.errors import ConfigError
 
+# Where SAM's perturbation is computed (`config.train.sam_perturbation`, module docstring).
+SAM_PERTURBATIONS = ("per_device", "global")
+
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a classifier run needs to continue: a pytree orbax can save as is."""
