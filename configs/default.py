@@ -1,12 +1,11 @@
 """The embedded default: scikit-learn's real 8x8 handwritten digits, upsampled to 32x32 RGB.
 
 No download; under 10 minutes on a 2-core CPU. A small CIFAR-style WRN-10-2 trunk stands in for
-the ImageNet Wide-ResNet (no pretrained weights at 32x32; WRN-16-4 costs ~7 s per SAM step here),
-with the paper's Progressive SpinalNet head, SELU and SAM. The class GANs run 200 steps with
-gan.ensemble=auto: `lax.map` over the classes on CPU (measured here for 5 classes at ngf = 16: 43 s
-to compile, 0.92 s per step, as fast as 5 separate programs), vmap on GPUs. On this CPU vmap
-steps in 0.85 s (1.11x faster than separate programs) but compiles for 79 s, and unrolling compiles
-for 200-270 s: 200 steps repay neither.
+the ImageNet Wide-ResNet (no pretrained weights at 32x32; a WRN-16-4 SAM step takes seconds on such
+a CPU), with the paper's Progressive SpinalNet head, SELU and SAM. The class GANs run 200 steps
+with gan.ensemble=auto: `lax.map` over the classes on CPU, as fast as separate programs and
+compiled once for all classes; vmap on GPUs. On a CPU vmap and unrolling compile longer than 200
+steps can repay (figures: benchmarks/RESULTS.md).
 
     python -m mdjax.main --config=configs/default.py
     python -m mdjax.main --config=configs/default.py:smoke --workdir=/tmp/mdjax-smoke

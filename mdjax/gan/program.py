@@ -13,37 +13,10 @@ Three ways to run the K GANs inside that one program (`gan.ensemble`, the STRATE
 * "unroll": a static Python loop over the K states inside the one jit; compile time grows
   linearly with K.
 
-Measured on this 2-core CPU with benchmarks/gan_ensemble.py (K = 5 one program against 5
-separately compiled single-class steps, interleaved; ngf = ndf = 16, nz 64, batch 8, the default
-config's width; quiet machine):
-
-  32x32   map 0.918 s/step vs separate 0.913 s (1.00x), compile 43 s vs 30 s
-          unroll 0.93-1.11 s vs 1.01 s (1.08x and 0.91x in two runs), compile 200-270 s
-          vmap with grouped convs 1.35 s/step (compile 40 s); 1.14 s with forward convs as batched
-          im2col matmuls; with convs and their gradients unrolled per class (the vmap path now)
-          0.848 s vs 0.940 s (1.11x, profile: 1.37 busy threads vs 1.31, 1.19 vs 1.24 s of op
-          time per step), compile 79 s vs 31 s
-  64x64   map 1.875 s/step vs separate 1.952 s (1.04x), compile 50 s vs 41 s
-          unroll 1.876 vs 1.873 s (1.00x), compile 484 s vs 43 s
-          vmap (convs unrolled) 1.580 vs 1.619 s (1.02x), compile 102 s vs 40 s
-
-REFERENCE.md section 6 measured naive vmap 4x slower and an unrolled program 1.3x faster than
-separate programs, but against separate programs running XLA's own convolution gradients. With
-those as matmuls (mdjax.core.cpu_conv) a single-class step is compute-bound (11 GFLOP at ~60
-GFLOP/s at 32x32, and 87% parallel efficiency on the 2 cores: 0.33 s on one core against 0.19 s
-on two), so one program has little left to save: no form reached 1.3x here. Profiled
-(`benchmarks/gan_ensemble.py --profile`, K = 5, 32x32, quiet machine): the separate steps keep at
-least 1.31 worker threads busy inside HLO ops on average (a lower bound: YNNPACK's helper work on
-the other core is not traced); the unrolled program overlaps more (1.44) but its ops then take 18%
-longer (1.33 against 1.13 s of op time per step), so the wall time stays the same (0.88 against
-0.87 s): the two cores are already in use. The map program: 1.27 against 1.30, 0.94 against 0.95 s.
-What vmap (convs unrolled) saves is the small ops: a single-class step at 32x32 runs ~4,000 HLO
-ops, ~3,500 of them under 100 us (47 ms of its 0.23 s of op time); batched over the classes they
-are K times fewer. The convolutions' matmuls, most of the time, are the same work either way.
-Sharding the classes over two CPU devices (one per core) was slower too (0.83x unrolled, 0.61x
-vmapped). The full-width FastGAN (ngf = ndf = 64, 32x32, K = 5) measured one program and separate
-programs at parity (42.5 vs 39.6 s per step under load, before the matmul gradients), and the
-unrolled program took 17 min to compile against 2.7 min for the single-class one.
+On a CPU, "map" runs as fast as K separate programs and compiles the single-class step once;
+"vmap" (convolutions unrolled per class) steps a little faster but compiles about twice as long,
+and "unroll" compiles K times as long. `python benchmarks/gan_ensemble.py --classes 5 --resolution
+32` compares a strategy with K separate programs; its figures are in benchmarks/RESULTS.md.
 
 "auto" picks map on CPU and vmap on GPU/TPU.
 
