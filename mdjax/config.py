@@ -9,9 +9,11 @@ dataset, and ends with `finalize(config, arg)`, which applies the short argument
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
-from mdjax.errors import ConfigError
+from mdjax.errors import ConfigError, UnknownConfigKeyError
 from mdjax.pipeline import plan
 
 # Short names accepted in the config argument string, mapped to the key they set.
@@ -116,7 +118,30 @@ def base_config() -> ml_collections.ConfigDict:
   g.sample_every = 1000
   g.checkpoint_every = 1000
   g.log_every = 50
+  c.lock()  # a key base_config does not define is a typo wherever it is set (see mdjax.main)
   return c
+
+
+def config_keys(config: ml_collections.ConfigDict | None = None, prefix: str = "") -> list[str]:
+  """Every dotted key of `config` (default: base_config()), sections included."""
+  config = base_config() if config is None else config
+  keys = []
+  for name, value in config.items():
+    keys.append(prefix + name)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += config_keys(value, f"{prefix}{name}.")
+  return keys
+
+
+def closest_key(key: str, config: ml_collections.ConfigDict | None = None) -> str | None:
+  """The defined key most like the misspelt `key` ("train.epoch" -> "train.epochs"), if any."""
+  keys = config_keys(config)
+  match = difflib.get_close_matches(key, keys, n=1)
+  if not match:  # a right leaf in the wrong section, or a leaf without its section
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+    match = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
+  return match[0] if match else None
 
 
 def _parse_value(text: str):
@@ -187,11 +212,11 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
                         "'smoke' or key=value with key one of " + ", ".join(ARG_SHORTCUTS))
     key, value = (s.strip() for s in token.split("=", 1))
     dotted = ARG_SHORTCUTS.get(key, key)
-    try:
-      _set(config, dotted, _parse_value(value))
-    except (KeyError, AttributeError):
-      raise ConfigError("<config argument>", token,
-                        "a known key: one of " + ", ".join(ARG_SHORTCUTS) + " or a dotted config key") from None
+    if dotted not in config_keys(config):
+      raise UnknownConfigKeyError(
+          dotted, f"in the config argument {token!r} (keys there: a dotted key or one of "
+          f"{', '.join(ARG_SHORTCUTS)})", closest_key(dotted, config))
+    _set(config, dotted, _parse_value(value))
   return config
 
 
