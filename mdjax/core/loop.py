@@ -1,4 +1,4 @@
-"""Small pieces of a training loop: when to log / checkpoint / sample, and whether values are finite.
+"""Small pieces of a training loop: when to log, checkpoint or sample; whether values are finite.
 
 Loops keep their metrics on device and read them only at the points `itstime` picks, so the host
 does not wait for every step; non-finite values are found there (host side) or folded into the

@@ -172,7 +172,7 @@ class _Progress:
 
   def __init__(self, workdir: Path, fns: program.GanFns, seed: int, steps: int, num_chunks: int,
                show: bool):
-    self.workdir, self.fns, self.seed, self.steps, self.num_chunks = workdir, fns, seed, steps, num_chunks
+    self.workdir, self.seed, self.steps, self.num_chunks = workdir, seed, steps, num_chunks
     self.show = show and process.is_writer()
     self.writer = process.metric_writer(str(workdir / "tensorboard"))
     self.bar = tqdm(total=steps * num_chunks, disable=not self.show, desc="class GANs",
@@ -187,7 +187,8 @@ class _Progress:
     self.writer.close()
 
   def start_chunk(self, j: int, classes: Sequence[int], step: int) -> None:
-    self.bar.set_description(f"class GANs (chunk {j + 1}/{self.num_chunks}: {len(classes)} classes)")
+    self.bar.set_description(
+        f"class GANs (chunk {j + 1}/{self.num_chunks}: {len(classes)} classes)")
     self.seek(j, step)
 
   def seek(self, j: int, step: int) -> None:
