@@ -8,6 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from mdjax.core import files
 from mdjax.gan import generate
 
 GRID = 16  # images per grid
@@ -110,9 +111,7 @@ def write_report(workdir: str, results: dict, run) -> str:
   lines += ["## Stage wall times", "", "| stage | seconds |", "|---|---|"]
   lines += [f"| {n} | {_fmt(s, 1)} |" for n, s in results["stage_seconds"].items()]
   path = os.path.join(workdir, "report.md")
-  with open(path + ".tmp", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  os.replace(path + ".tmp", path)
+  files.write_atomic(path, "\n".join(lines) + "\n")
   return path
 
 
@@ -138,7 +137,5 @@ def write_summary_report(workdir: str, results: dict) -> str:
                 for s, w in zip(results["seeds"], results["worst_classes_per_seed"])), ""]
   lines += [f"- [seed {s}](seed_{s}/report.md)" for s in results["seeds"]]
   path = os.path.join(workdir, "report.md")
-  with open(path + ".tmp", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  os.replace(path + ".tmp", path)
+  files.write_atomic(path, "\n".join(lines) + "\n")
   return path
