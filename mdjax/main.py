@@ -5,6 +5,11 @@ Flags:
              any key can be overridden: --config.train.epochs=3
   --workdir  where the run's stages write their outputs; rerunning resumes it. Default:
              runs/<config name>-<hash of the config>, so the same command resumes the same run.
+  --coordinator_address, --num_processes, --process_id: a multi-process run (launch/local.sh); on
+             SLURM (launch/slurm.sbatch) they come from the task's environment instead.
+
+With MDJAX_DRY_RUN=1 in the environment nothing runs: the process prints one line with the command,
+its CUDA_VISIBLE_DEVICES and the arguments it would pass to jax.distributed.initialize, and exits.
 
 A mistake in the command line, the config or the data prints one line starting with
 "mdjax: error:" and exits with status 2; the traceback is kept for bugs only.
@@ -25,6 +30,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from mdjax import config as config_lib
+from mdjax.core import distributed
 from mdjax.errors import UnknownConfigKeyError, UserError
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -158,14 +164,25 @@ def enable_compilation_cache() -> None:
                       os.path.join(os.path.expanduser("~"), ".cache", "mdjax", "jax"))
 
 
-def init_distributed() -> None:
-  """Joins a multi-process run: from the flags, or on SLURM from its environment."""
-  import jax  # pylint: disable=g-import-not-at-top
+def distributed_setup(env) -> distributed.Setup | None:
+  """This process's part of a multi-process run: from the flags (launch/local.sh), else from its
+  SLURM task's environment (launch/slurm.sbatch); None for a single process."""
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()  # SLURM: everything comes from the environment
+    if not _COORDINATOR.value or _PROCESS_ID.value is None:
+      raise UserError("--num_processes > 1 needs --coordinator_address=HOST:PORT and --process_id "
+                      "(launch/local.sh passes all three).")
+    return distributed.Setup(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  return distributed.slurm_task(env)
+
+
+def init_distributed(setup: distributed.Setup | None) -> None:
+  """Joins the multi-process run `setup` describes (nothing for a single process)."""
+  if setup is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  # Every argument comes from the launcher: JAX's own cluster detection, which would choose the
+  # local devices by its own rule, is switched off.
+  jax.distributed.initialize(**setup.kwargs(), cluster_detection_method="deactivate")
 
 
 def main() -> None:
@@ -174,10 +191,15 @@ def main() -> None:
     fail(f"unexpected arguments {argv[1:]}; use --config=... and --workdir=...")
   logging.set_verbosity(logging.WARNING)
   try:
+    setup = distributed_setup(os.environ)
+    if os.environ.get("MDJAX_DRY_RUN", "") not in ("", "0"):
+      print(distributed.describe(setup, os.environ, [sys.executable, "-m", "mdjax.main",
+                                                     *sys.argv[1:]]), flush=True)
+      return
     config_lib.validate(config)
     workdir = _WORKDIR.value or default_workdir(config, sys.argv)
     enable_compilation_cache()
-    init_distributed()
+    init_distributed(setup)
     # Imported here, not at the top, as JAX is everywhere below: `--help` and flag errors are
     # answered without starting JAX (config.validate imports its registries the same way).
     from mdjax.pipeline import run  # pylint: disable=g-import-not-at-top
