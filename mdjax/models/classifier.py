@@ -35,10 +35,8 @@ from mdjax.models.backbones import build_backbone
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# `config.model.dtype` -> the dtype of the model's computations (parameters stay float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# Backbones with weights shipped by a package on the registry (no download at run time).
-SHIPPED_WEIGHTS = ("efficientnet_lite0",)
 
 
 class Classifier(nn.Module):
@@ -87,10 +85,10 @@ def resolve_weights(backbone: str, weights: str) -> str:
   if weights == "random":
     return ""
   if weights == "":
-    return "shipped" if backbone in SHIPPED_WEIGHTS else ""
-  if weights == "shipped" and backbone not in SHIPPED_WEIGHTS:
+    return "shipped" if backbone in pretrained.SHIPPED_WEIGHTS else ""
+  if weights == "shipped" and backbone not in pretrained.SHIPPED_WEIGHTS:
     raise ConfigError("model.weights", weights,
-                      f"a state_dict file path or 'random': only {', '.join(SHIPPED_WEIGHTS)} "
+                      f"a state_dict file path or 'random': only {', '.join(pretrained.SHIPPED_WEIGHTS)} "
                       f"has shipped weights, {backbone} does not")
   return weights
 

