@@ -6,7 +6,7 @@
 
 mdjax's side is exactly what training runs: `mdjax.models.build_classifier` (linear head),
 `mdjax.optim.make_optimizer` and `mdjax.train.steps.make_train_step` on one device (float32, batch
-already on device; on CPU with the matmul weight gradients of mdjax.train.cpu_conv, which
+already on device; on CPU with the matmul weight gradients of mdjax.core.cpu_conv, which
 --profile compares with XLA's own). PyTorch's side is a plain torch.nn re-implementation of the same networks
 (ImageNet normalisation, pre-activation WRN / torchvision-layout ResNet-50, BN momentum 0.1,
 dropout head) with torch.optim.Adam and the usual two-pass SAM (perturb, second backward, restore,
@@ -28,7 +28,8 @@ import numpy as np
 
 from mdjax import config as config_lib
 from mdjax import models, optim
-from mdjax.train import cpu_conv
+from mdjax.core import cpu_conv
+from mdjax.core import mesh as mesh_lib
 from mdjax.train import steps as steps_lib
 
 NUM_CLASSES = 10
@@ -75,7 +76,7 @@ def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
   rs = np.random.RandomState(0)
   batch_arrays = jax.device_put(
       {"image": rs.rand(batch, size, size, 3).astype(np.float32),
-       "label": rs.randint(0, NUM_CLASSES, batch).astype(np.int32)}, steps_lib.batch_sharding(mesh))
+       "label": rs.randint(0, NUM_CLASSES, batch).astype(np.int32)}, mesh_lib.batch_sharding(mesh))
   holder = [state]
 
   def run():

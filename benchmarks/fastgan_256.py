@@ -2,28 +2,14 @@
 
     /work/venv/bin/python benchmarks/fastgan_256.py [--iters 3] [--parts] [--resolution 256]
 
-The official PyTorch FastGAN takes about 9.5 s per iteration on the project's 2-core CPU
-(REFERENCE.md section 2, MSE instead of LPIPS). This script times the jitted `gan_step` (median of
+The official PyTorch FastGAN (github.com/odegeasslbc/FastGAN-pytorch) is the yardstick: mdjax's
+iteration should not be slower than its `train.py` iteration on the same CPU (with MSE in place of
+its LPIPS reconstruction loss, as mdjax uses). This script times the jitted `gan_step` (median of
 `--iters` runs after compiling), and with `--parts` also the pieces of it, each jitted on its own:
 G forward, D forward on a real batch (with the decoders), D loss gradient, and G gradient through
 D, so one can see where the time goes. The last line is JSON with every figure. The machine is
-shared: run it when it is quiet, and read the spread (min / max) next to the median.
-
-Measured on the quiet 2-core machine (jax 0.10.2, one iteration after compiling; profiles taken
-with `jax.profiler.trace` and summed per HLO op):
-  plain XLA                                      23.9 s/iteration, 847 GFLOP, 35 GFLOP/s
-    (XLA's conv weight gradients were 14.4 s of it: the 256/128-pixel up-block convs of G and
-    the last up-block of each D decoder)
-  + cpu_conv matmul weight gradients             13.2 s
-  + up-block convs at the input resolution       11.3 s, 557 GFLOP (fastgan.upsample_conv3x3)
-  + stride-1 input gradients as one matmul       10.2 s (cpu_conv._input_grad)
-  + strided (D's 4x4 stride-2) input gradients   8.9-9.1 s (same col2im, interior padding)
-against ~9.5 s for the official PyTorch code. The last row is two runs interleaved with the row
-before on the same quiet machine (9.44 / 9.29 s before, 9.14 / 8.90 s after; 3 iterations each),
-and that run timed the row before at 9.3-9.4 s, not 10.2: machine-to-machine noise of ~8%. What is
-left is a long tail: no op above 0.3 s; the largest are G's 128-pixel forward convs, the matmul
-gradients themselves and the im2col patches of D's 3-channel stem. Forward convs as im2col + one
-matmul were tried and are slower here (9.9 s against 9.2 s).
+shared: run it when it is quiet, and read the spread (min / max) next to the median. What each
+CPU change bought, step by step, is in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
         [--ngf 64 --ndf 64 --nz 256 --batch-size 8 --devices 1]
 
 First checks equivalence: from the same initial states and seeds, `--check-steps` steps of the
-one-program ensemble (mdjax.gan.ensemble.make_ensemble_step) and of K separate jitted single-class
-steps (ensemble.class_step, exactly what a one-class training runs) must give the same parameters
+one-program ensemble (mdjax.gan.program.make_ensemble_step) and of K separate jitted single-class
+steps (program.class_step, exactly what a one-class training runs) must give the same parameters
 (max_abs_diff over every leaf of every class's GAN state, Adam moments included). Then times both
 on the same process, interleaved (one ensemble step, then the K separate steps, repeated
 `--steps` times; medians), so load from other processes on a shared machine hits both alike.
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdjax.config import GAN_ENSEMBLES
+from mdjax.gan.program import ENSEMBLES
 
 
 def _parse():
@@ -51,7 +51,7 @@ def _parse():
   p.add_argument("--resolution", type=int, default=32)
   p.add_argument("--steps", type=int, default=5, help="timed steps (after compilation)")
   p.add_argument("--check-steps", type=int, default=2, help="steps of the equivalence check")
-  p.add_argument("--strategy", default="auto", choices=GAN_ENSEMBLES)
+  p.add_argument("--strategy", default="auto", choices=ENSEMBLES)
   p.add_argument("--ngf", type=int, default=None, help="default: config.gan.ngf (64)")
   p.add_argument("--ndf", type=int, default=None, help="default: config.gan.ndf (64)")
   p.add_argument("--nz", type=int, default=None, help="default: config.gan.nz (256)")
@@ -91,7 +91,8 @@ def main():
   if args.devices > 1:
     jax.config.update("jax_num_cpu_devices", args.devices)
   from mdjax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from mdjax.gan import ensemble  # pylint: disable=import-outside-toplevel
+  from mdjax.core import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from mdjax.gan import chunks, class_data, program  # pylint: disable=import-outside-toplevel
 
   cfg = config_lib.base_config().gan
   cfg.resolution = args.resolution
@@ -101,9 +102,9 @@ def main():
     if value is not None:
       cfg[key] = value
   k, r, b = args.classes, cfg.resolution, cfg.batch_size
-  mesh = ensemble.class_mesh(jax.devices()[:args.devices])
-  strategy = ensemble.resolve_strategy(cfg.ensemble, mesh.devices.flat[0].platform)
-  fns = ensemble.default_gan_fns(cfg)
+  mesh = mesh_lib.class_mesh(jax.devices()[:args.devices])
+  strategy = program.resolve_strategy(cfg.ensemble, mesh.devices.flat[0].platform)
+  fns = program.default_gan_fns(cfg)
   print(f"K={k} R={r} strategy={strategy} ngf={cfg.ngf} ndf={cfg.ndf} nz={cfg.nz} batch={b} "
         f"devices={mesh.size} backend={jax.default_backend()} cpus={os.cpu_count()}", flush=True)
 
@@ -114,22 +115,22 @@ def main():
 
   # --- one program -------------------------------------------------------------------------------
   padded = classes + [classes[-1]] * (-k % mesh.size)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(ensemble.CLASS_AXIS))
-  data, counts = ensemble.stack_class_images([images[c] for c in padded])
+  sharding = mesh_lib.class_sharding(mesh)
+  data, counts = class_data.stack_class_images([images[c] for c in padded])
   data, counts = jax.device_put((data, counts), sharding)
-  ens = ensemble.init_ensemble(fns, args.seed, padded, mesh)
-  one_step = ensemble.make_ensemble_step(fns, batch_size=b, strategy=strategy, mesh=mesh)
+  ens = chunks.init_ensemble(fns, args.seed, padded, mesh)
+  one_step = program.make_ensemble_step(fns, batch_size=b, strategy=strategy, mesh=mesh)
 
   # --- K separate programs (each class its own jitted step, as a one-class training) ------------
-  single = jax.jit(functools.partial(ensemble.class_step, fns, batch_size=b), donate_argnums=0)
+  single = jax.jit(functools.partial(program.class_step, fns, batch_size=b), donate_argnums=0)
   sep_states, sep_rngs, sep_data = [], [], []
   for c in classes:
-    init_key, stream = ensemble.class_keys(args.seed, c)
+    init_key, stream = chunks.class_keys(args.seed, c)
     sep_states.append(jax.jit(fns.init)(init_key))
     sep_rngs.append(stream)
     # Padded to the common capacity so the K classes share ONE compiled single-class program
     # (K trainings would compile K identical-size programs; only compile time would differ, and
-    # batches do not depend on the padding: ensemble.batch_indices).
+    # batches do not depend on the padding: class_data.batch_indices).
     padded_images = np.zeros((max(len(x) for x in images), r, r, 3), np.uint8)
     padded_images[:len(images[c])] = images[c]
     sep_data.append((jnp.asarray(padded_images), jnp.int32(len(images[c]))))
@@ -159,7 +160,7 @@ def main():
 
   max_diff = 0.0
   for c in classes:
-    a = jax.device_get(ensemble.unstack_class(ens, c))
+    a = jax.device_get(program.unstack_class(ens, c))
     bb = jax.device_get(sep_states[c])
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(bb)):
       if np.issubdtype(np.asarray(x).dtype, np.inexact):

@@ -9,28 +9,13 @@ dataset, and ends with `finalize(config, arg)`, which applies the short argument
 
 from __future__ import annotations
 
-import math
+import difflib
 from collections.abc import Callable
 
 import ml_collections
 
-from mdjax.errors import ConfigError
-
-DATASETS = ("digits", "cifar10", "caltech101", "cars", "heritage", "ham10000", "folder")
-BACKBONES = ("wrn10_1", "wrn10_2", "wrn16_2", "wrn16_4", "wrn28_10", "resnet18", "resnet50", "wrn101", "efficientnet_b0",
-             "efficientnet_b7", "efficientnet_lite0")
-HEADS = ("linear", "spinal", "progressive_spinal")
-ACTIVATIONS = ("selu", "gelu", "relu", "mish", "swish")
-OPTIMIZERS = ("sgd", "adam", "adamw", "sam")
-BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "step")
-SAM_PERTURBATIONS = ("per_device", "global")
-GAN_ENSEMBLES = ("auto", "vmap", "unroll", "map")
-AUGMENTATIONS = ("none", "crop", "crop_flip", "resized_crop_flip")
-GAN_RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
-RECON_LOSSES = ("mse", "l1")
-STAGES = ("train", "validate", "gan", "generate", "finetune", "test")
-RESUME = ("auto", "force", "never")
+from mdjax.errors import ConfigError, UnknownConfigKeyError
+from mdjax.pipeline import plan
 
 # Short names accepted in the config argument string, mapped to the key they set.
 ARG_SHORTCUTS = {
@@ -53,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # Several seeds ("0,1,2") run the whole pipeline once per seed and report mean and std.
   c.seeds = ""
-  c.stages = ",".join(STAGES)
+  c.stages = ",".join(plan.STAGES)
   # auto: resume a workdir made by the same config; force: resume even if the config differs;
   # never: refuse a workdir that already holds a run.
   c.resume = "auto"
@@ -149,7 +134,30 @@ def base_config() -> ml_collections.ConfigDict:
   # The independent judge of generated images (mdjax.gan.judge): its input size. EfficientNet-Lite0
   # was trained at 224; 128 keeps its accuracy on small images at a third of the cost.
   g.judge_resolution = 128
+  c.lock()  # a key base_config does not define is a typo wherever it is set (see mdjax.main)
   return c
+
+
+def config_keys(config: ml_collections.ConfigDict | None = None, prefix: str = "") -> list[str]:
+  """Every dotted key of `config` (default: base_config()), sections included."""
+  config = base_config() if config is None else config
+  keys = []
+  for name, value in config.items():
+    keys.append(prefix + name)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += config_keys(value, f"{prefix}{name}.")
+  return keys
+
+
+def closest_key(key: str, config: ml_collections.ConfigDict | None = None) -> str | None:
+  """The defined key most like the misspelt `key` ("train.epoch" -> "train.epochs"), if any."""
+  keys = config_keys(config)
+  match = difflib.get_close_matches(key, keys, n=1)
+  if not match:  # a right leaf in the wrong section, or a leaf without its section
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+    match = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
+  return match[0] if match else None
 
 
 def _parse_value(text: str):
@@ -227,11 +235,11 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None,
                         + ", ".join(ARG_SHORTCUTS))
     key, value = (s.strip() for s in token.split("=", 1))
     dotted = ARG_SHORTCUTS.get(key, key)
-    try:
-      _set(config, dotted, _parse_value(value))
-    except (KeyError, AttributeError):
-      raise ConfigError("<config argument>", token,
-                        "a known key: one of " + ", ".join(ARG_SHORTCUTS) + " or a dotted config key") from None
+    if dotted not in config_keys(config):
+      raise UnknownConfigKeyError(
+          dotted, f"in the config argument {token!r} (keys there: a dotted key or one of "
+          f"{', '.join(ARG_SHORTCUTS)})", closest_key(dotted, config))
+    _set(config, dotted, _parse_value(value))
   return config
 
 
@@ -247,55 +255,35 @@ def _one_of(config, key: str, allowed) -> None:
   _require(value in allowed, key, value, "one of " + ", ".join(map(str, allowed)))
 
 
-def nwpc_count(nwpc, num_classes: int) -> int:
-  """The number of worst-performing classes for `nwpc` ("auto", a count, or a fraction of n)."""
-  if nwpc == "auto":
-    return math.ceil((0.2 if num_classes > 20 else 0.5) * num_classes)
-  if isinstance(nwpc, float):  # a fraction of the classes, rounded up as the paper does
-    return math.ceil(nwpc * num_classes)
-  return int(nwpc)
-
-
-def filter_threshold(mistake_filter, num_classes: int) -> float | None:
-  """The class-probability threshold `mistake.filter` sets (None: no filtering)."""
-  if mistake_filter == "none":
-    return None
-  return 1.0 / num_classes if mistake_filter == "1/n" else float(mistake_filter)
-
-
-def parse_seeds(config) -> list[int]:
-  if not str(config.seeds).strip():
-    return [int(config.seed)]
-  try:
-    return [int(s) for s in str(config.seeds).split(",") if s.strip()]
-  except ValueError:
-    raise ConfigError("seeds", config.seeds, "comma-separated integers such as 0,1,2") from None
-
-
-def parse_stages(config) -> list[str]:
-  stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
-  bad = [s for s in stages if s not in STAGES]
-  _require(not bad and bool(stages), "stages", config.stages,
-           "a comma-separated subset of " + ",".join(STAGES))
-  return stages
-
-
 def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) -> None:
   """Checks every value mdjax reads; raises ConfigError naming the first bad key.
 
-  `num_classes`, once the dataset is known, also checks nWPC against it.
+  The allowed names come from the registries of the modules that own them. `num_classes`, once
+  the dataset is known, also checks nWPC against it.
   """
+  # Imported here, not at the top: config files import this module while the command line is
+  # parsed, and these modules import JAX, which mdjax.main starts only once the flags are read.
+  # pylint: disable=g-import-not-at-top
+  from mdjax.data import pipeline as data_pipeline
+  from mdjax.data import registry
+  from mdjax.gan import diffaug, fastgan, losses, program
+  from mdjax.models import backbones, classifier, heads
+  from mdjax.optim import factory
+  from mdjax.pipeline import workdir
+  from mdjax.train import steps
+  # pylint: enable=g-import-not-at-top
+
   _require(isinstance(config.seed, int), "seed", config.seed, "an integer")
-  parse_seeds(config)
-  parse_stages(config)
-  _one_of(config, "resume", RESUME)
-  _one_of(config, "data.name", DATASETS)
+  plan.parse_seeds(config)
+  plan.parse_stages(config)
+  _one_of(config, "resume", workdir.RESUME)
+  _one_of(config, "data.name", registry.DATASETS)
   _require(isinstance(config.data.image_size, int) and 8 <= config.data.image_size <= 1024,
            "data.image_size", config.data.image_size, "an integer from 8 to 1024")
   for key in ("val_fraction", "test_fraction"):
     v = config.data[key]
     _require(isinstance(v, (int, float)) and 0 <= v < 1, f"data.{key}", v, "a fraction in [0, 1)")
-  _one_of(config, "data.augment", AUGMENTATIONS)
+  _one_of(config, "data.augment", data_pipeline.AUGMENTATIONS)
   _require(0 < config.data.crop_min_scale <= 1, "data.crop_min_scale", config.data.crop_min_scale,
            "a fraction of the image area in (0, 1]")
   _require(isinstance(config.data.max_train_per_class, int) and config.data.max_train_per_class >= 0,
@@ -304,10 +292,10 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   _require(isinstance(config.data.num_threads, int) and config.data.num_threads >= 0,
            "data.num_threads", config.data.num_threads, "an integer >= 0")
 
-  _one_of(config, "model.backbone", BACKBONES)
-  _one_of(config, "model.head", HEADS)
-  _one_of(config, "model.activation", ACTIVATIONS)
-  _one_of(config, "model.dtype", ("float32", "bfloat16"))
+  _one_of(config, "model.backbone", backbones.BACKBONES)
+  _one_of(config, "model.head", heads.HEADS)
+  _one_of(config, "model.activation", heads.ACTIVATIONS)
+  _one_of(config, "model.dtype", classifier.DTYPES)
   _require(isinstance(config.model.head_width, int) and config.model.head_width > 0,
            "model.head_width", config.model.head_width, "a positive integer")
   _require(0 <= config.model.dropout < 1, "model.dropout", config.model.dropout, "a fraction in [0, 1)")
@@ -317,10 +305,10 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   t = config.train
   for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "max_checkpoints"):
     _require(isinstance(t[key], int) and t[key] > 0, f"train.{key}", t[key], "a positive integer")
-  _one_of(config, "train.optimizer", OPTIMIZERS)
-  _one_of(config, "train.base_optimizer", BASE_OPTIMIZERS)
-  _one_of(config, "train.schedule", SCHEDULES)
-  _one_of(config, "train.sam_perturbation", SAM_PERTURBATIONS)
+  _one_of(config, "train.optimizer", factory.OPTIMIZERS)
+  _one_of(config, "train.base_optimizer", factory.BASE_OPTIMIZERS)
+  _one_of(config, "train.schedule", factory.SCHEDULES)
+  _one_of(config, "train.sam_perturbation", steps.SAM_PERTURBATIONS)
   _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a number > 0")
   _require(t.sam_rho >= 0, "train.sam_rho", t.sam_rho, "a number >= 0")
   _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
@@ -342,9 +330,8 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   ok = nwpc == "auto" or (isinstance(nwpc, int) and not isinstance(nwpc, bool) and nwpc >= 0) or (
       isinstance(nwpc, float) and 0 < nwpc <= 1)
   _require(ok, "mistake.nwpc", nwpc, "'auto', a class count >= 0, or a fraction of the classes in (0, 1]")
-  if num_classes is not None and isinstance(nwpc, int) and not isinstance(nwpc, bool):
-    _require(nwpc <= num_classes, "mistake.nwpc", nwpc,
-             f"at most the number of classes ({num_classes})")
+  if num_classes is not None:
+    plan.check_nwpc(nwpc, num_classes)
   if isinstance(mk.filter, str) and mk.filter not in ("none", "1/n"):
     parsed = _parse_value(mk.filter)
     if isinstance(parsed, float):
@@ -360,13 +347,13 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
            "mistake.nsamples_ratio", r, "a number >= 0 (0.5 adds half the class size)")
 
   g = config.gan
-  _one_of(config, "gan.resolution", GAN_RESOLUTIONS)
-  _one_of(config, "gan.ensemble", GAN_ENSEMBLES)
-  _one_of(config, "gan.recon_loss", RECON_LOSSES)
+  _one_of(config, "gan.resolution", fastgan.RESOLUTIONS)
+  _one_of(config, "gan.ensemble", program.ENSEMBLES)
+  _one_of(config, "gan.recon_loss", losses.RECON_LOSSES)
   for key in ("steps", "batch_size", "ngf", "ndf", "nz", "chunk_size", "sample_every",
               "checkpoint_every", "log_every", "judge_resolution"):
     _require(isinstance(g[key], int) and g[key] > 0, f"gan.{key}", g[key], "a positive integer")
   _require(0 <= g.ema_decay < 1, "gan.ema_decay", g.ema_decay, "a number in [0, 1)")
   policies = [p for p in str(g.diffaug).split(",") if p]
-  _require(all(p in ("color", "translation", "cutout") for p in policies), "gan.diffaug", g.diffaug,
-           "a comma-separated subset of color,translation,cutout (or empty)")
+  _require(all(p in diffaug.POLICIES for p in policies), "gan.diffaug", g.diffaug,
+           "a comma-separated subset of " + ",".join(diffaug.POLICIES) + " (or empty)")

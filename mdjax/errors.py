@@ -20,6 +20,17 @@ class ConfigError(UserError):
     super().__init__(f"config.{key}={value!r} is not valid: expected {allowed}.")
 
 
+class UnknownConfigKeyError(UserError):
+  """A key `mdjax.config.base_config()` does not define was set (a typo): configs are locked."""
+
+  def __init__(self, key: str, where: str, suggestion: str | None = None):
+    self.key, self.where, self.suggestion = key, where, suggestion
+    hint = f"; did you mean {suggestion!r}?" if suggestion else "."
+    super().__init__(f"unknown config key {key!r} {where}{hint} Every key is one that "
+                     "mdjax/config.py:base_config() defines (a misspelt one would otherwise be "
+                     "ignored silently).")
+
+
 class DataError(UserError):
   """Data is missing, unreadable or laid out in a way mdjax does not understand."""
 

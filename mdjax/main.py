@@ -5,6 +5,11 @@ Flags:
              any key can be overridden: --config.train.epochs=3
   --workdir  where the run's stages write their outputs; rerunning resumes it. Default:
              runs/<config name>-<hash of the config>, so the same command resumes the same run.
+  --coordinator_address, --num_processes, --process_id: a multi-process run (launch/local.sh); on
+             SLURM (launch/slurm.sbatch) they come from the task's environment instead.
+
+With MDJAX_DRY_RUN=1 in the environment nothing runs: the process prints one line with the command,
+its CUDA_VISIBLE_DEVICES and the arguments it would pass to jax.distributed.initialize, and exits.
 
 A mistake in the command line, the config or the data prints one line starting with
 "mdjax: error:" and exits with status 2; the traceback is kept for bugs only.
@@ -14,15 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import linecache
 import os
 import re
 import sys
+import traceback
 
-from absl import app, flags, logging
+import ml_collections
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mdjax import config as config_lib
-from mdjax.errors import UserError
+from mdjax.core import distributed
+from mdjax.errors import UnknownConfigKeyError, UserError
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -43,7 +52,7 @@ def _define_config_flag():
   # ml_collections reads sys.argv while the flag is defined (to register the overrides), so a bad
   # override already fails here: defining it inside parse_flags lets that become one clear line.
   return config_flags.DEFINE_config_file("config", _default_config_path(), "mdjax config file[:arg]",
-                                         lock_config=False)
+                                         lock_config=True)
 
 
 def fail(message: str, code: int = 2):
@@ -51,14 +60,55 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
-def _unknown_key_message(argv: list[str], error: Exception) -> str:
-  name = str(error).strip("\"'")
+def _config_file(argv: list[str]) -> str:
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  return spec.split(":", 1)[0] if spec else _default_config_path()
+
+
+def _key_path(roots: dict, node) -> str:
+  """"train." when `node` is the `train` section of a ConfigDict among `roots`; "" for a root."""
+  def find(d, prefix):
+    if d is node:
+      return prefix
+    for name, value in d.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        found = find(value, f"{prefix}{name}.")
+        if found is not None:
+          return found
+    return None
+  for value in roots.values():
+    if isinstance(value, ml_collections.ConfigDict):
+      found = find(value, "")
+      if found is not None:
+        return found
+  return ""
+
+
+def _unknown_key(argv: list[str], error: Exception) -> UnknownConfigKeyError | None:
+  """Names an unknown key and where it was set: in the config file, or by a --config.KEY flag.
+
+  The base config is locked, so ml_collections refuses the key where it is set. For a config
+  file the traceback holds both places: the file's own frame (its line) and ml_collections' frame
+  of the section being written (its key and the section itself, whose path gives the dotted key).
+  """
+  frames = list(traceback.walk_tb(error.__traceback__))
+  path = _config_file(argv)
+  in_file = [(f, n) for f, n in frames
+             if os.path.abspath(f.f_code.co_filename) == os.path.abspath(path)]
+  sections = [f for f, _ in frames if isinstance(f.f_locals.get("self"), ml_collections.ConfigDict)]
+  if in_file and sections:
+    frame, line = in_file[-1]
+    inner = sections[-1].f_locals
+    key = _key_path(frame.f_locals, inner["self"]) + str(inner.get("attribute", inner.get("key")))
+    source = linecache.getline(frame.f_code.co_filename, line).strip()
+    return UnknownConfigKeyError(key, f"(set in {path} line {line}: `{source}`)",
+                                 config_lib.closest_key(key))
+  known = config_lib.config_keys()
   for token in argv:
-    if token.startswith("--config.") and re.search(rf"\b{re.escape(name)}\b", token.split("=")[0]):
-      key = token.split("=")[0][len("--config."):]
-      return (f"unknown config key {key!r} (from {token}); the keys are those of "
-              "mdjax/config.py:base_config(), e.g. --config.train.epochs=3")
-  return f"unknown config key {name!r}; the keys are those of mdjax/config.py:base_config()"
+    key = token.split("=", 1)[0][len("--config."):]
+    if token.startswith("--config.") and key not in known:
+      return UnknownConfigKeyError(key, f"(from the flag {token})", config_lib.closest_key(key))
+  return None
 
 
 def _one_line(error: Exception) -> str:
@@ -80,8 +130,10 @@ def parse_flags(argv: list[str]):
     fail(str(e))
   except flags.Error as e:
     fail(_one_line(e).replace("flag --", "--"))
-  except AttributeError as e:
-    fail(_unknown_key_message(argv, e))
+  except (AttributeError, KeyError) as e:
+    unknown = _unknown_key(argv, e)
+    fail(str(unknown) if unknown else f"cannot load the config file ({_one_line(e)}); pass "
+         "--config=PATH/TO/config.py[:arg]")
   except (OSError, SyntaxError, ImportError) as e:
     fail(f"cannot load the config file ({_one_line(e)}); pass --config=PATH/TO/config.py[:arg]")
   except (TypeError, ValueError) as e:
@@ -112,14 +164,25 @@ def enable_compilation_cache() -> None:
                       os.path.join(os.path.expanduser("~"), ".cache", "mdjax", "jax"))
 
 
-def init_distributed() -> None:
-  """Joins a multi-process run: from the flags, or on SLURM from its environment."""
-  import jax  # pylint: disable=g-import-not-at-top
+def distributed_setup(env) -> distributed.Setup | None:
+  """This process's part of a multi-process run: from the flags (launch/local.sh), else from its
+  SLURM task's environment (launch/slurm.sbatch); None for a single process."""
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()  # SLURM: everything comes from the environment
+    if not _COORDINATOR.value or _PROCESS_ID.value is None:
+      raise UserError("--num_processes > 1 needs --coordinator_address=HOST:PORT and --process_id "
+                      "(launch/local.sh passes all three).")
+    return distributed.Setup(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  return distributed.slurm_task(env)
+
+
+def init_distributed(setup: distributed.Setup | None) -> None:
+  """Joins the multi-process run `setup` describes (nothing for a single process)."""
+  if setup is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  # Every argument comes from the launcher: JAX's own cluster detection, which would choose the
+  # local devices by its own rule, is switched off.
+  jax.distributed.initialize(**setup.kwargs(), cluster_detection_method="deactivate")
 
 
 def main() -> None:
@@ -128,11 +191,17 @@ def main() -> None:
     fail(f"unexpected arguments {argv[1:]}; use --config=... and --workdir=...")
   logging.set_verbosity(logging.WARNING)
   try:
+    setup = distributed_setup(os.environ)
+    if os.environ.get("MDJAX_DRY_RUN", "") not in ("", "0"):
+      print(distributed.describe(setup, os.environ, [sys.executable, "-m", "mdjax.main",
+                                                     *sys.argv[1:]]), flush=True)
+      return
     config_lib.validate(config)
     workdir = _WORKDIR.value or default_workdir(config, sys.argv)
     enable_compilation_cache()
-    init_distributed()
-    # Imported late: keeps `--help` and config errors fast (no JAX start-up).
+    init_distributed(setup)
+    # Imported here, not at the top, as JAX is everywhere below: `--help` and flag errors are
+    # answered without starting JAX (config.validate imports its registries the same way).
     from mdjax.pipeline import run  # pylint: disable=g-import-not-at-top
     run.run(config, workdir)
   except UserError as e:

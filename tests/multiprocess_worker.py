@@ -10,6 +10,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 
 import numpy as np  # noqa: E402
 
+from mdjax.core import mesh as mesh_lib
 from mdjax.data import pipeline  # noqa: E402
 from mdjax.data.sources import ArraySource  # noqa: E402
 
@@ -17,7 +18,7 @@ assert jax.process_count() == 2 and jax.device_count() == 4
 images = np.random.default_rng(0).integers(0, 256, size=(50, 12, 12, 3), dtype=np.uint8)
 images[:, 0, 0, 0] = np.arange(50)
 src = ArraySource(images, np.arange(50) % 5)
-mesh = pipeline.data_mesh()
+mesh = mesh_lib.data_mesh()
 it = pipeline.train_batches(src, batch_size=8, image_size=12, seed=5, mesh=mesh, augment="none")
 local_ids = []
 for _ in range(3):

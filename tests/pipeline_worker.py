@@ -29,8 +29,8 @@ def install(stage: str, n: int) -> None:
 
     clf.train_classifier = patched
   elif stage == "gan":
-    from mdjax.gan import ensemble
-    original = ensemble.make_ensemble_step
+    from mdjax.gan import program
+    original = program.make_ensemble_step
     calls = [0]
 
     def patched(*args, **kwargs):
@@ -43,7 +43,7 @@ def install(stage: str, n: int) -> None:
         return step_fn(*a, **k)
       return counted
 
-    ensemble.make_ensemble_step = patched
+    program.make_ensemble_step = patched
   elif stage == "generate":
     from mdjax.gan import generate
     original = generate._write_png  # pylint: disable=protected-access

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from mdjax import config as config_lib
-from mdjax.errors import ConfigError
+from mdjax.errors import ConfigError, UnknownConfigKeyError, UserError
+from mdjax.pipeline import plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = ["default", "cifar10", "caltech101", "cars", "heritage", "ham10000"]
@@ -35,11 +36,11 @@ def test_paper_hyperparameters():
   assert (cifar.train.epochs, cifar.finetune.epochs, cifar.train.batch_size) == (30, 30, 28)
   assert (cars.train.epochs, cars.train.batch_size) == (20, 20)
   assert cars.mistake.nsamples_ratio == 0.5
-  assert config_lib.nwpc_count("auto", 196) == 40  # ceil(0.2 n) above 20 classes
-  assert config_lib.nwpc_count("auto", 10) == 5  # ceil(0.5 n) otherwise
-  assert config_lib.nwpc_count("auto", 7) == 4
-  assert config_lib.nwpc_count(0.25, 10) == 3  # a fraction, rounded up
-  assert config_lib.nwpc_count(3, 10) == 3
+  assert plan.nwpc_count("auto", 196) == 40  # ceil(0.2 n) above 20 classes
+  assert plan.nwpc_count("auto", 10) == 5  # ceil(0.5 n) otherwise
+  assert plan.nwpc_count("auto", 7) == 4
+  assert plan.nwpc_count(0.25, 10) == 3  # a fraction, rounded up
+  assert plan.nwpc_count(3, 10) == 3
 
 
 def test_argument_string_selects_ablations():
@@ -77,17 +78,54 @@ def test_limited_variant_keeps_twenty_images_per_class_and_combines_with_others(
 
 def test_filter_threshold():
   config, _ = load_config("default")
-  assert config_lib.filter_threshold(config.mistake.filter, 10) is None  # the paper keeps all
-  assert config_lib.filter_threshold("1/n", 10) == pytest.approx(0.1)
+  assert plan.filter_threshold(config.mistake.filter, 10) is None  # the paper keeps all
+  assert plan.filter_threshold("1/n", 10) == pytest.approx(0.1)
   config.mistake.filter = "0.5"  # as a command-line override arrives
   config_lib.validate(config)
-  assert config_lib.filter_threshold(config.mistake.filter, 10) == 0.5
+  assert plan.filter_threshold(config.mistake.filter, 10) == 0.5
 
 
 @pytest.mark.parametrize("arg", ["smok", "no_such_key=1", "train.nope=2"])
 def test_bad_argument_string(arg):
-  with pytest.raises(ConfigError):
+  with pytest.raises(UserError):
     load_config("default", arg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Locked configs: a key base_config() does not define is refused wherever it is set.
+# ------------------------------------------------------------------------------------------------
+def test_base_config_is_locked_also_the_untyped_mistake_section():
+  config = config_lib.base_config()
+  config.train.epochs = 3  # defined keys still take values
+  config.mistake.nwpc = 0.5  # mistake is not type-safe: any type, but still only its own keys
+  for section, key in ((config.train, "epoch"), (config.mistake, "nwpcc"), (config, "trian")):
+    with pytest.raises(AttributeError, match="locked"):
+      setattr(section, key, 3)
+
+
+def test_argument_string_typo_names_the_key_and_the_argument():
+  with pytest.raises(UnknownConfigKeyError) as info:
+    load_config("default", "smoke,train.epoch=3")
+  message = str(info.value)
+  assert "'train.epoch'" in message and "config argument 'train.epoch=3'" in message
+  assert "did you mean 'train.epochs'?" in message and "\n" not in message
+
+
+def write_typo_config(tmp_path, line="config.train.epoch = 3", name="typo.py"):
+  path = tmp_path / name
+  path.write_text("from mdjax import config as config_lib\n\n\ndef get_config(arg=None):\n"
+                  f"  config = config_lib.base_config()\n  {line}\n"
+                  "  return config_lib.finalize(config, arg)\n")
+  return path
+
+
+def test_config_file_typo_is_refused_when_the_file_runs(tmp_path):
+  spec = importlib.util.spec_from_file_location("typo", write_typo_config(tmp_path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.raises(AttributeError, match='"epoch" does not exist'):
+    module.get_config()
+
 
 
 @pytest.mark.parametrize("key, value, fragment", [
@@ -155,6 +193,41 @@ def test_command_line_errors_are_one_line_with_status_2(args, fragment):
   assert "Traceback" not in result.stderr
   lines = [line for line in result.stderr.splitlines() if line.startswith("mdjax: error:")]
   assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def one_line_error(result) -> str:
+  """The single stderr line of a user mistake (exit status 2, no traceback)."""
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mdjax: error: "), result.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("where", ["file", "file_section_variable", "argument", "flag",
+                                   "flag_mistake"])
+def test_unknown_key_stops_the_run_naming_key_and_place(tmp_path, where):
+  """A typo in the config file, its argument string or a --config flag: one line, status 2."""
+  workdir = tmp_path / "run"
+  args = {
+      "file": [f"--config={write_typo_config(tmp_path)}"],
+      "file_section_variable": [
+          f"--config={write_typo_config(tmp_path, 't = config.train; t.epoch = 3', 'typo2.py')}"],
+      "argument": ["--config=configs/default.py:smoke,train.epoch=3"],
+      "flag": ["--config.train.epoch=3"],
+      "flag_mistake": ["--config.mistake.nwpcc=2"],
+  }[where]
+  line = one_line_error(run_main(*args, f"--workdir={workdir}"))
+  key, suggestion = ("mistake.nwpcc", "mistake.nwpc") if where == "flag_mistake" else \
+      ("train.epoch", "train.epochs")
+  assert f"unknown config key '{key}'" in line and f"did you mean '{suggestion}'?" in line
+  place = {"file": "typo.py line 6: `config.train.epoch = 3`",
+           "file_section_variable": "typo2.py line 6: `t = config.train; t.epoch = 3`",
+           "argument": "config argument 'train.epoch=3'",
+           "flag": "from the flag --config.train.epoch=3",
+           "flag_mistake": "from the flag --config.mistake.nwpcc=2"}[where]
+  assert place in line, line
+  assert not workdir.exists()
 
 
 def test_missing_dataset_says_where_and_how_and_writes_nothing(tmp_path):

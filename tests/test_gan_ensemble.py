@@ -18,8 +18,9 @@ import optax
 import pytest
 
 from mdjax import config as config_lib
+from mdjax.core import mesh as mesh_lib
 from mdjax.errors import NonFiniteLossError, UserError
-from mdjax.gan import ensemble, generate
+from mdjax.gan import chunks, class_data, ensemble, generate, program
 
 RES = 8
 TINY = None
@@ -89,7 +90,7 @@ def tiny_gan_fns(nz=4, lr=1e-2, poison_step=None, poison_prob=0.0):
   def sample(state, rng, n):
     return gen(state["ema"], jax.random.normal(rng, (n, nz))).reshape(n, RES, RES, 3)
 
-  return ensemble.GanFns(init, step, sample)
+  return program.GanFns(init, step, sample)
 
 
 def gan_config(**overrides):
@@ -112,12 +113,12 @@ def noisy_images(n, seed):
 
 @functools.lru_cache
 def _single_class_program(fns, batch_size):
-  return jax.jit(functools.partial(ensemble.class_step, fns, batch_size=batch_size))
+  return jax.jit(functools.partial(program.class_step, fns, batch_size=batch_size))
 
 
 def separate_training(fns, seed, class_index, images, steps, batch_size):
   """The reference: one class trained alone by its own jitted program."""
-  init_key, rng = ensemble.class_keys(seed, class_index)
+  init_key, rng = chunks.class_keys(seed, class_index)
   state = jax.jit(fns.init)(init_key)
   step = _single_class_program(fns, batch_size)
   imgs, count = jnp.asarray(images), jnp.int32(len(images))
@@ -129,12 +130,12 @@ def separate_training(fns, seed, class_index, images, steps, batch_size):
 def run_ensemble(fns, seed, classes, images, steps, batch_size, strategy, mesh):
   padded = classes + [classes[-1]] * (-len(classes) % mesh.size)
   capacity = max(len(x) for x in images)
-  data, counts = ensemble.stack_class_images(
+  data, counts = class_data.stack_class_images(
       [images[classes.index(k)] for k in padded], capacity)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("class"))
   data, counts = jax.device_put((data, counts), sharding)
-  ens = ensemble.init_ensemble(fns, seed, padded, mesh)
-  step = ensemble.make_ensemble_step(fns, batch_size=batch_size, strategy=strategy, mesh=mesh)
+  ens = chunks.init_ensemble(fns, seed, padded, mesh)
+  step = program.make_ensemble_step(fns, batch_size=batch_size, strategy=strategy, mesh=mesh)
   metrics = []
   for s in range(steps):
     ens, m = step(ens, data, counts, jnp.int32(s))
@@ -153,7 +154,7 @@ def assert_trees_close(a, b, atol):
 def test_batch_indices_stay_within_the_class():
   for count in (1, 3, 8, 13):
     for s in range(5):
-      idx = np.asarray(ensemble.batch_indices(jax.random.PRNGKey(s), jnp.int32(count), 16, 8))
+      idx = np.asarray(class_data.batch_indices(jax.random.PRNGKey(s), jnp.int32(count), 16, 8))
       assert idx.min() >= 0 and idx.max() < count
       if count >= 8:
         assert len(set(idx.tolist())) == 8  # without replacement when the class is big enough
@@ -162,14 +163,14 @@ def test_batch_indices_stay_within_the_class():
 
 
 def test_balanced_chunks_and_strategy():
-  assert ensemble.balanced_chunks(list(range(10)), 8) == [list(range(5)), list(range(5, 10))]
-  assert [len(c) for c in ensemble.balanced_chunks(list(range(40)), 8)] == [8] * 5
-  assert ensemble.balanced_chunks([4, 9], 8) == [[4, 9]]
-  assert ensemble.resolve_strategy("auto", "cpu") == "map"
-  assert ensemble.resolve_strategy("auto", "gpu") == "vmap"
-  assert ensemble.resolve_strategy("vmap", "cpu") == "vmap"
+  assert class_data.balanced_chunks(list(range(10)), 8) == [list(range(5)), list(range(5, 10))]
+  assert [len(c) for c in class_data.balanced_chunks(list(range(40)), 8)] == [8] * 5
+  assert class_data.balanced_chunks([4, 9], 8) == [[4, 9]]
+  assert program.resolve_strategy("auto", "cpu") == "map"
+  assert program.resolve_strategy("auto", "gpu") == "vmap"
+  assert program.resolve_strategy("vmap", "cpu") == "vmap"
   with pytest.raises(UserError, match="gan.ensemble"):
-    ensemble.resolve_strategy("pmap")
+    program.resolve_strategy("pmap")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,13 +184,13 @@ def test_one_program_equals_separate_trainings_standin(strategy, devices):
   fns = tiny()
   classes = [2, 5, 11]
   images = [noisy_images(5, 0), noisy_images(9, 1), noisy_images(3, 2)]
-  mesh = ensemble.class_mesh(jax.devices()[:devices])
+  mesh = mesh_lib.class_mesh(jax.devices()[:devices])
   ens, _ = run_ensemble(fns, 7, classes, images, 4, 4, strategy, mesh)
   for p, k in enumerate(classes):
     ref = separate_training(fns, 7, k, images[p], 4, 4)
-    assert_trees_close(ensemble.unstack_class(ens, p), ref, atol=1e-5)
+    assert_trees_close(program.unstack_class(ens, p), ref, atol=1e-5)
   # Different classes really are different GANs.
-  assert not np.allclose(ensemble.unstack_class(ens, 0)["g"]["w"], ensemble.unstack_class(ens, 1)["g"]["w"])
+  assert not np.allclose(program.unstack_class(ens, 0)["g"]["w"], program.unstack_class(ens, 1)["g"]["w"])
 
 
 @pytest.mark.parametrize("strategy", ["unroll", "vmap", "map"])
@@ -198,7 +199,7 @@ def test_classes_never_see_other_images(strategy):
   classes = [0, 1, 2]
   values = [40, 120, 200]  # constant images; the padding slots are 0 (never a class value)
   images = [class_images(n, v) for n, v in zip((1, 3, 7), values)]
-  mesh = ensemble.class_mesh(jax.devices()[:2])  # 2 devices: 2 classes per device, one padded
+  mesh = mesh_lib.class_mesh(jax.devices()[:2])  # 2 devices: 2 classes per device, one padded
   _, metrics = run_ensemble(fns, 0, classes, images, 5, 4, strategy, mesh)
   for m in metrics:
     for p, v in enumerate(values):
@@ -363,10 +364,10 @@ def digits_by_class():
 @pytest.fixture(scope="module")
 def fastgan_equivalence():
   cfg = fastgan_config()
-  fns = ensemble.default_gan_fns(cfg)
-  data = {k: ensemble.prepare_class_images(x, 32) for k, x in digits_by_class().items()}
+  fns = program.default_gan_fns(cfg)
+  data = {k: class_data.prepare_class_images(x, 32) for k, x in digits_by_class().items()}
   classes, images = list(data), list(data.values())
-  mesh = ensemble.class_mesh(jax.devices()[:1])
+  mesh = mesh_lib.class_mesh(jax.devices()[:1])
   runs = {s: run_ensemble(fns, 0, classes, images, 2, cfg.batch_size, s, mesh)
           for s in ("unroll", "vmap", "map")}
   separate = [separate_training(fns, 0, k, data[k], 2, cfg.batch_size) for k in classes]
@@ -383,9 +384,9 @@ def test_one_program_equals_separate_trainings_fastgan(fastgan_equivalence, stra
   # loop body), moving a parameter by up to 2 * lr = 4e-4.
   atol = 1e-6 if strategy == "unroll" else 1e-3
   for p, k in enumerate(classes):
-    assert_trees_close(ensemble.unstack_class(ens, p).g_params, separate[p].g_params, atol=atol)
-    assert_trees_close(ensemble.unstack_class(ens, p).d_params, separate[p].d_params, atol=atol)
-    assert_trees_close(ensemble.unstack_class(ens, p).ema_params, separate[p].ema_params, atol=atol)
+    assert_trees_close(program.unstack_class(ens, p).g_params, separate[p].g_params, atol=atol)
+    assert_trees_close(program.unstack_class(ens, p).d_params, separate[p].d_params, atol=atol)
+    assert_trees_close(program.unstack_class(ens, p).ema_params, separate[p].ema_params, atol=atol)
 
 
 @pytest.mark.slow
@@ -393,7 +394,7 @@ def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
   del fastgan_equivalence  # compiled the unrolled 2-class program this run reuses
   cfg = fastgan_config()
   result = ensemble.train_class_gans(digits_by_class(), cfg, str(tmp_path), seed=0,
-                                     num_samples=5, mesh=ensemble.class_mesh(jax.devices()[:1]),
+                                     num_samples=5, mesh=mesh_lib.class_mesh(jax.devices()[:1]),
                                      keep_states=True, progress=False)
   for k in (0, 1):
     d_losses = [h["d_loss"] for h in result.history[k]]
@@ -404,10 +405,10 @@ def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
     assert result.generated[k].shape == (5, 32, 32, 3) and result.generated[k].dtype == np.uint8
     # The trained EMA generator's samples differ from the untrained one's (same noise). Relative:
     # the untrained outputs are tiny (std ~1e-3), so 8 steps barely move them in uint8 levels.
-    fns = ensemble.default_gan_fns(cfg)
+    fns = program.default_gan_fns(cfg)
     key = jax.random.PRNGKey(5)
-    sample = ensemble._jit(fns.sample, (2,))
-    before = np.asarray(sample(ensemble._jit(fns.init)(ensemble.class_keys(0, k)[0]), key, 16))
+    sample = program.jit_once(fns.sample, (2,))
+    before = np.asarray(sample(program.jit_once(fns.init)(chunks.class_keys(0, k)[0]), key, 16))
     after = np.asarray(sample(result.states[k], key, 16))
     assert np.linalg.norm(after - before) > 0.05 * np.linalg.norm(before)
   out = generate.write_generated(tmp_path / "generated", result.generated, source_step=result.steps)

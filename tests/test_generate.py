@@ -69,7 +69,7 @@ def test_crash_after_rename_before_marker_is_refused(tmp_path, monkeypatch):
   def crash(path, data):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(generate, "_atomic_write_bytes", crash)
+  monkeypatch.setattr(generate.files, "write_atomic", crash)  # the COMPLETE marker's write
   with pytest.raises(KeyboardInterrupt):
     generate.write_generated(out, {0: _images(5, 2)})
   assert out.is_dir() and not generate.is_complete(out)

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from mdjax.core import mesh as mesh_lib
 from mdjax.data import pipeline
 from mdjax.data.sources import ArraySource
 from mdjax.errors import ConfigError
@@ -31,7 +32,7 @@ def take(it, k):
 
 def test_train_batches_are_deterministic_sharded_and_reshuffled_per_epoch():
   src = make_source()
-  mesh = pipeline.data_mesh()
+  mesh = mesh_lib.data_mesh()
   assert mesh.size == 4
   kw = dict(batch_size=8, image_size=12, seed=3, mesh=mesh, augment="none")
   a, b = take(pipeline.train_batches(src, **kw), 12), take(pipeline.train_batches(src, **kw), 12)
@@ -155,7 +156,7 @@ def test_batch_size_must_divide_over_devices():
     next(pipeline.train_batches(make_source(), batch_size=6, image_size=12, seed=0))
   with pytest.raises(ConfigError, match="at most the training set size"):
     next(pipeline.train_batches(make_source(n=4), batch_size=8, image_size=12, seed=0))
-  assert pipeline.eval_batch_size(10, pipeline.data_mesh()) == 12
+  assert pipeline.eval_batch_size(10, mesh_lib.data_mesh()) == 12
 
 
 def test_two_processes_build_one_global_batch(tmp_path, free_port):

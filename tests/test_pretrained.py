@@ -103,7 +103,7 @@ def test_reader_errors(tmp_path):
 def test_efficientnet_lite0_recognises_the_cat(lite0_path):
   skimage_data = pytest.importorskip("skimage.data")
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  module, variables = pretrained.load("efficientnet_lite0")
+  module, variables = classifier.imagenet_classifier("efficientnet_lite0")
   img = Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BILINEAR)
   images = jnp.asarray(np.asarray(img, np.float32)[None] / 255.0)
   logits = np.asarray(jax.jit(functools.partial(module.apply, train=False))(variables, images))

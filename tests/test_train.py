@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 
 import flax.linen as nn
 import jax
@@ -16,7 +15,8 @@ import pytest
 
 from mdjax import config as config_lib
 from mdjax import optim
-from mdjax.data import pipeline, sources
+from mdjax.core import mesh as mesh_lib
+from mdjax.data import sources
 from mdjax.errors import NonFiniteLossError
 from mdjax.train import classifier as clf
 from mdjax.train import steps
@@ -69,7 +69,7 @@ def _arrays(n=16, seed=0):
 
 
 def _mesh(n):
-  return pipeline.data_mesh(jax.devices()[:n])
+  return mesh_lib.data_mesh(jax.devices()[:n])
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,7 +156,7 @@ def test_per_device_sam_is_m_sharpness():
 
 
 def test_explicit_mesh_and_dropout():
-  """jax.make_mesh builds Explicit axes (pipeline.data_mesh Auto ones); both give the same step,
+  """jax.make_mesh builds Explicit axes (mesh_lib.data_mesh Auto ones); both give the same step,
   dropout included, and the dropout key changes with the step."""
   explicit, losses = _run("sgd", lr=0.0, dropout=0.5, explicit_mesh=True, n_steps=3)
   auto, _ = _run("sgd", lr=0.0, dropout=0.5, n_steps=3)
@@ -187,7 +187,7 @@ def test_evaluate_counts_every_example_once_with_padded_last_batch():
     variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
   src = _source(13)  # batch 8 on 4 devices: the second batch holds 5 real examples and 3 pads
   config = _config(batch_size=8)
-  counts = clf.evaluate(model, variables, src, config, pipeline.data_mesh())
+  counts = clf.evaluate(model, variables, src, config, mesh_lib.data_mesh())
   images = np.stack([src[i]["image"] for i in range(13)]).astype(np.float32) / 255.0
   pred = np.asarray(jnp.argmax(model.apply(variables, images), -1))
   labels = src.labels
@@ -268,86 +268,3 @@ def test_non_finite_loss_raises_and_keeps_a_good_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state))
 
 
-# ------------------------------------------------------------------------------------------------
-# CPU convolution weight gradients as matmuls
-
-
-class _ConvNet(nn.Module):
-  """Every branch of cpu_conv: im2col (few channels), per-tap matmuls, strides (the input gradient's
-  col2im places strided taps), odd sizes, asymmetric padding, 1x1, SAME."""
-  grouped: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(4, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False)(x)  # patches
-    x = nn.relu(nn.Conv(20, (3, 3), padding="SAME")(x))  # patches (4 channels), string padding
-    x = nn.relu(nn.Conv(16, (4, 4), (2, 2), padding=((1, 1), (1, 1)))(x))  # FastGAN D's down conv
-    x = nn.relu(nn.Conv(16, (3, 3), (2, 2), padding=((1, 1), (0, 1)))(x))  # taps, stride 2
-    x = nn.Conv(8, (1, 1))(x)  # a single tap
-    if self.grouped:
-      x = nn.Conv(8, (3, 3), feature_group_count=2, padding="SAME")(x)  # grouped: left to XLA
-    return x.sum((1, 2))
-
-
-def test_fast_conv_weight_gradients_match_jax_grad():
-  from mdjax.train import cpu_conv
-  model = _ConvNet()
-  x = jnp.asarray(np.random.RandomState(0).rand(2, 15, 15, 3).astype(np.float32))
-  with jax.threefry_partitionable(False):
-    params = model.init(jax.random.PRNGKey(0), x)["params"]
-
-  def loss(p, x):
-    return jnp.sum(jnp.sin(model.apply({"params": p}, x)))
-
-  def fast_loss(p, x):
-    with cpu_conv.use_fast_conv_grads(True):
-      return loss(p, x)
-
-  ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-  fast = jax.jit(jax.grad(fast_loss, argnums=(0, 1)))(params, x)
-  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
-    np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)
-  # The interceptor really replaced the convolution (a custom_vjp shows up in the jaxpr).
-  assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(fast_loss))(params, x))
-
-
-@pytest.mark.parametrize("batched", ["per_model", "shared_input", "shared_kernel"])
-def test_fast_conv_under_vmap(batched):
-  """vmap over K models' kernels (the GAN ensemble's "vmap" strategy on CPU): the gradients equal
-  jax.grad's, and no convolution becomes a grouped one (feature_group_count = K), which XLA's CPU
-  backend runs slowly: cpu_conv's batching rules unroll them into K ordinary convolutions. A kernel
-  shared by the batch keeps vmap's own rules."""
-  from mdjax.train import cpu_conv
-  k = 5  # not a channel count of _ConvNet: im2col patches are grouped convs over the channels
-  model = _ConvNet(grouped=False)
-  rng = np.random.RandomState(1)
-  x = jnp.asarray(rng.rand(*((2,) if batched == "shared_input" else (k, 2)), 15, 15, 3)
-                  .astype(np.float32))
-  keys = jax.random.split(jax.random.PRNGKey(0), k)
-  if batched == "shared_kernel":
-    params = model.init(keys[0], x[0])["params"]
-  else:
-    params = jax.vmap(lambda key: model.init(key, x if batched == "shared_input" else x[0])
-                      ["params"])(keys)
-
-  def loss(p, x):
-    return jnp.sum(jnp.sin(model.apply({"params": p}, x)))
-
-  def fast_loss(p, x):
-    with cpu_conv.use_fast_conv_grads(True):
-      return loss(p, x)
-
-  in_axes = {"per_model": (0, 0), "shared_input": (0, None), "shared_kernel": (None, 0)}[batched]
-  ref_fn, fast_fn = (jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1)), in_axes=in_axes))
-                     for f in (loss, fast_loss))
-  for a, b in zip(jax.tree.leaves(ref_fn(params, x)), jax.tree.leaves(fast_fn(params, x))):
-    np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)
-
-  def grouped_convs(fn):
-    hlo = fn.lower(params, x).as_text()
-    return [line for line in hlo.splitlines()
-            if "convolution" in line and re.search(rf"(feature|batch)_group_count = {k} :", line)]
-
-  if batched != "shared_kernel":
-    assert grouped_convs(ref_fn)  # what plain vmap does: the check below can see it
-  assert not grouped_convs(fast_fn)

@@ -21,24 +21,12 @@ from collections.abc import Iterator
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
+from mdjax.core import mesh as mesh_lib
 from mdjax.data import images as image_io
 from mdjax.data.sources import Source
 from mdjax.errors import ConfigError
-
-DATA_AXIS = "data"
-
-
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh over all devices (or `devices`) with the data-parallel axis "data"."""
-  devices = list(devices if devices is not None else jax.devices())
-  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
-
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Training drops each epoch's last partial batch; evaluation never does."""
@@ -175,7 +163,7 @@ def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int
   Yields {"image": float32 [B, S, S, 3] in [0, 1], "label": int32 [B]} as global arrays sharded
   over the "data" axis (or as this process's numpy arrays with `place=False`).
   """
-  mesh = mesh or data_mesh()
+  mesh = mesh or mesh_lib.data_mesh()
   local_batch = _check_batch(batch_size, mesh, "train.batch_size")
   steps = steps_per_epoch(len(source), batch_size)
   if steps == 0:
@@ -197,7 +185,7 @@ def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int
   start_epoch, first = divmod(start_step, steps)
   stream = itertools.chain.from_iterable(
       epoch_batches(e, first if e == start_epoch else 0) for e in itertools.count(start_epoch))
-  return _place(stream, batch_sharding(mesh)) if place else stream
+  return _place(stream, mesh_lib.batch_sharding(mesh)) if place else stream
 
 
 def _local_positions(num_batches: int, batch_size: int, local_batch: int, pid: int) -> np.ndarray:
@@ -232,17 +220,18 @@ def eval_batches(source: Source, *, batch_size: int, image_size: int,
   Yields {"image", "label", "mask": float32 [B]}; padding keeps every batch the same shape, so
   the jitted eval step compiles once.
   """
-  mesh = mesh or data_mesh()
+  mesh = mesh or mesh_lib.data_mesh()
   local_batch = _check_batch(batch_size, mesh, "eval batch size")
   n = len(source)
   num_batches = max(1, math.ceil(n / batch_size))
   positions = _local_positions(num_batches, batch_size, local_batch, jax.process_index())
   mask = (positions < n).astype(np.float32)
   positions = np.where(positions < n, positions, 0)  # padding: masked copies of example 0
-  ds = grain.MapDataset.source(_Gather(source, positions, mask)).map(eval_transform(image_size, augment))
+  ds = grain.MapDataset.source(_Gather(source, positions, mask))
+  ds = ds.map(eval_transform(image_size, augment))
   ds = ds.batch(local_batch)
   stream = iter(ds.to_iter_dataset(_read_options(num_threads, prefetch, local_batch)))
-  return _place(stream, batch_sharding(mesh)) if place else stream
+  return _place(stream, mesh_lib.batch_sharding(mesh)) if place else stream
 
 
 def eval_batch_size(requested: int, mesh: jax.sharding.Mesh) -> int:

@@ -16,10 +16,12 @@ import numpy as np
 from absl import logging
 
 from mdjax.data import images as image_io
-from mdjax.data.sources import ArraySource, FileSource, Source, Splits, stratified_split
+from mdjax.data import tfds_source
+from mdjax.data.sources import ArraySource, FileSource, Source, Splits, carve, stratified_split
 from mdjax.errors import DataError
 
-_LOADERS: dict[str, Callable[[ml_collections.ConfigDict], Splits]] = {}
+# `config.data.name` -> its loader; filled by @register below, in the order the loaders appear.
+DATASETS: dict[str, Callable[[ml_collections.ConfigDict], Splits]] = {}
 
 # Where a dataset is looked for when config.data.root is empty.
 DATA_DIR_ENV = "MDJAX_DATA_DIR"
@@ -27,20 +29,20 @@ DATA_DIR_ENV = "MDJAX_DATA_DIR"
 
 def register(name: str):
   def wrap(fn):
-    _LOADERS[name] = fn
+    DATASETS[name] = fn
     return fn
   return wrap
 
 
 def names() -> list[str]:
-  return sorted(_LOADERS)
+  return sorted(DATASETS)
 
 
 def load_splits(data_config: ml_collections.ConfigDict) -> Splits:
   """Loads `data_config.name`; every split is non-empty and labels index `class_names`."""
-  if data_config.name not in _LOADERS:
+  if data_config.name not in DATASETS:
     raise DataError(f"unknown dataset {data_config.name!r}; registered: {', '.join(names())}")
-  splits = _LOADERS[data_config.name](data_config)
+  splits = DATASETS[data_config.name](data_config)
   if data_config.max_train_per_class:
     splits.train = limit_per_class(splits.train, int(data_config.max_train_per_class),
                                    int(data_config.split_seed))
@@ -75,15 +77,6 @@ def _root(data_config, name: str) -> str:
   return os.path.abspath(os.path.expanduser(data_config.root or default_root(name)))
 
 
-def carve(train: Source, test: Source | None, data_config) -> tuple[Source, Source, Source]:
-  """Adds the splits a source lacks: test from everything, then val from train, both stratified."""
-  if test is None:
-    rest, test_idx = stratified_split(train.labels, data_config.test_fraction, data_config.split_seed)
-    train, test = train.subset(rest), train.subset(test_idx)
-  rest, val_idx = stratified_split(train.labels, data_config.val_fraction, data_config.split_seed + 1)
-  return train.subset(rest), train.subset(val_idx), test
-
-
 # ----------------------------------------------------------------------------------------------
 # digits: the embedded default.
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +88,7 @@ def load_digits(data_config) -> Splits:
   Kept at their native size: the classifier's input pipeline and the GANs each resize them once to
   their own resolution (data.image_size, gan.resolution).
   """
+  # Imported here: scikit-learn takes about a second to import, and only this dataset needs it.
   from sklearn.datasets import load_digits as sk_digits  # pylint: disable=g-import-not-at-top
 
   digits = sk_digits()
@@ -246,7 +240,6 @@ def load_caltech101(data_config) -> Splits:
             os.path.join(root, "caltech-101", "101_ObjectCategories")):
     if _has_class_folders(c) and os.path.isdir(os.path.join(c, "accordion")):
       return load_folder_splits(c, data_config, origin=c, exclude=("BACKGROUND_Google",))
-  from mdjax.data import tfds_source  # pylint: disable=g-import-not-at-top
   if tfds_source.is_prepared("caltech101", root):
     return tfds_source.load("caltech101", root, data_config)
   raise _missing(
@@ -261,7 +254,6 @@ def load_cifar10(data_config) -> Splits:
   """CIFAR-10 through `tfds.data_source` from a prepared tfds data dir (ArrayRecord)."""
   root = os.path.abspath(os.path.expanduser(
       data_config.root or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"))
-  from mdjax.data import tfds_source  # pylint: disable=g-import-not-at-top
   if tfds_source.is_prepared("cifar10", root):
     return tfds_source.load("cifar10", root, data_config)
   raise _missing(

@@ -133,3 +133,12 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     carved.append(idx[:n])
     rest.append(idx[n:])
   return np.sort(np.concatenate(rest)), np.sort(np.concatenate(carved))
+
+
+def carve(train: Source, test: Source | None, data_config) -> tuple[Source, Source, Source]:
+  """Adds the splits a source lacks: test from everything, then val from train, both stratified."""
+  if test is None:
+    rest, test_idx = stratified_split(train.labels, data_config.test_fraction, data_config.split_seed)
+    train, test = train.subset(rest), train.subset(test_idx)
+  rest, val_idx = stratified_split(train.labels, data_config.val_fraction, data_config.split_seed + 1)
+  return train.subset(rest), train.subset(val_idx), test

@@ -12,9 +12,10 @@ import io
 import os
 
 import numpy as np
+from PIL import Image
 
 from mdjax.data import images as image_io
-from mdjax.data.sources import Source, Splits
+from mdjax.data.sources import Source, Splits, carve
 from mdjax.errors import DataError
 
 # Which tfds split plays which role; a missing val split is carved from train.
@@ -36,7 +37,6 @@ class TfdsSource(Source):
   def load_image(self, index: int) -> np.ndarray:
     image = self._ds[index]["image"]
     if isinstance(image, (bytes, np.bytes_)):
-      from PIL import Image  # pylint: disable=g-import-not-at-top
       with Image.open(io.BytesIO(image)) as img:
         return np.asarray(image_io.to_rgb(img), np.uint8)
     image = np.asarray(image, np.uint8)
@@ -44,8 +44,9 @@ class TfdsSource(Source):
 
 
 def load(name: str, data_dir: str, data_config) -> Splits:
+  # Imported here: tensorflow_datasets takes over a second to import, and only tfds-prepared
+  # datasets need it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from mdjax.data.registry import carve  # pylint: disable=g-import-not-at-top
 
   train_split, val_split, test_split = SPLITS[name]
   try:

@@ -13,14 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-POLICIES = ("color", "translation", "cutout")
-
-
 def parse_policy(policy: str) -> tuple[str, ...]:
   names = tuple(p.strip() for p in str(policy).split(",") if p.strip())
   bad = [p for p in names if p not in POLICIES]
   if bad:
-    raise ValueError(f"unknown DiffAugment policy {bad}; expected a subset of {POLICIES}")
+    raise ValueError(f"unknown DiffAugment policy {bad}; expected a subset of {tuple(POLICIES)}")
   return names
 
 
@@ -70,7 +67,8 @@ def cutout(x: jax.Array, key: jax.Array, ratio: float = 0.5) -> jax.Array:
   return x * keep[..., None].astype(x.dtype)
 
 
-_FNS = {"color": color, "translation": translation, "cutout": cutout}
+# `config.gan.diffaug` names a comma-separated subset; each transform draws from its own key.
+POLICIES = {"color": color, "translation": translation, "cutout": cutout}
 
 
 def diff_augment(x: jax.Array, key: jax.Array, policy: str | tuple[str, ...]) -> jax.Array:
@@ -78,5 +76,5 @@ def diff_augment(x: jax.Array, key: jax.Array, policy: str | tuple[str, ...]) ->
   names = parse_policy(policy) if isinstance(policy, str) else tuple(policy)
   keys = jax.random.split(key, len(POLICIES))
   for name in names:
-    x = _FNS[name](x, keys[POLICIES.index(name)])
+    x = POLICIES[name](x, keys[list(POLICIES).index(name)])
   return x

@@ -1,6 +1,7 @@
 """FastGAN (Liu et al., ICLR 2021) in flax.linen, NHWC, for 32 to 1024 pixels.
 
-256, 512 and 1024 follow the official PyTorch code layer for layer (REFERENCE.md section 2):
+256, 512 and 1024 follow the official PyTorch code (github.com/odegeasslbc/FastGAN-pytorch,
+`models.py`) layer for layer:
 
 Generator: z -> 4x4 (transposed conv, BN, GLU) -> UpBlockComp 8, UpBlock 16, Comp 32, Up 64,
 Comp 128, Up 256, Comp 512, Up 1024, stopping at the resolution R. Skip-layer excitation (SLE)
@@ -56,7 +57,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from mdjax.train import cpu_conv
+from mdjax.core import cpu_conv
 
 RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
 

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from mdjax.core import files
 from mdjax.errors import DataError
 
 INDEX_FILE = "index.json"
@@ -122,29 +123,13 @@ def generate_accepted(sample_fn: Callable[[Any, jax.Array, int], jax.Array], sta
 
 
 # ------------------------------------------------------------------------------------------------
-# Small atomic-file helpers.
+# Files.
 # ------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
   with open(path, "wb") as f:
     f.write(data)
     f.flush()
     os.fsync(f.fileno())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-  """Writes `path` so readers see the old file or the whole new one, never a prefix."""
-  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-  _write_bytes(tmp, data)
-  os.replace(tmp, path)
-  _fsync_dir(path.parent)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -179,7 +164,7 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, *, ncols: int | None 
   """Writes a PNG grid of uint8 images atomically; returns the path."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  _atomic_write_bytes(path, _png_bytes(make_grid(images, ncols=ncols)))
+  files.write_atomic(path, _png_bytes(make_grid(images, ncols=ncols)))
   return path
 
 
@@ -239,22 +224,22 @@ def write_generated(out_dir: str | os.PathLike, images_by_class: Mapping[int, np
       _write_png(tmp / rel, image)
       entries.append({"file": rel, "class_index": int(k), "class_name": name_of(k),
                       "source_step": step_of(k)})
-    _fsync_dir(cdir)
+    files.fsync_dir(cdir)
     classes.append({"class_index": int(k), "class_name": name_of(k), "count": len(images),
                     "source_step": step_of(k)})
   index = json.dumps({"version": FORMAT_VERSION, "num_images": len(entries), "classes": classes,
                       "images": entries}, indent=1).encode()
   _write_bytes(tmp / INDEX_FILE, index)
-  _fsync_dir(tmp)
+  files.fsync_dir(tmp)
 
   old = None
   if out_dir.exists():
     old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex}"
     os.replace(out_dir, old)
   os.replace(tmp, out_dir)
-  _fsync_dir(out_dir.parent)
+  files.fsync_dir(out_dir.parent)
   marker = {"num_images": len(entries), "index_sha256": hashlib.sha256(index).hexdigest()}
-  _atomic_write_bytes(out_dir / COMPLETE_FILE, json.dumps(marker).encode())
+  files.write_atomic(out_dir / COMPLETE_FILE, json.dumps(marker).encode())
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
   return out_dir

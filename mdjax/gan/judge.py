@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from mdjax import models
 from mdjax.errors import DataError
 from mdjax.gan import quality
 
@@ -32,9 +33,7 @@ JUDGE_DESCRIPTION = ("multinomial logistic regression on frozen ImageNet Efficie
 @functools.lru_cache(maxsize=4)
 def feature_fn(resolution: int):
   """A jitted images [B, H, W, 3] in [0, 1] -> Lite0 ImageNet features [B, 1280] at `resolution`."""
-  from mdjax.models import pretrained  # pylint: disable=import-outside-toplevel
-
-  module, variables = pretrained.load("efficientnet_lite0")
+  module, variables = models.imagenet_classifier("efficientnet_lite0")
 
   @jax.jit
   def features(images):
@@ -86,9 +85,12 @@ def fit_judge(train_images: np.ndarray, train_labels: np.ndarray, heldout_images
       accuracy at a third of the cost (see benchmarks/RESULTS.md).
     seed: the logistic regression's random state (its solver is deterministic anyway).
   """
-  from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
-  from sklearn.pipeline import make_pipeline  # pylint: disable=import-outside-toplevel
-  from sklearn.preprocessing import StandardScaler  # pylint: disable=import-outside-toplevel
+  # Imported here: scikit-learn takes about a second to import, and only the generate stage needs it.
+  # pylint: disable=import-outside-toplevel
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  # pylint: enable=import-outside-toplevel
 
   features = feature_fn(resolution)
   x_train = quality.apply_in_batches(features, train_images, batch_size=64)

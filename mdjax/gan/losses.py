@@ -13,9 +13,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-RECON_LOSSES = ("mse", "l1")
-
-
 def random_margin(key: jax.Array, shape) -> jax.Array:
   """u ~ U(0.8, 1.0) per logit: the reference's `rand_like(pred) * 0.2 + 0.8`."""
   return jax.random.uniform(key, shape, minval=0.8, maxval=1.0)
@@ -33,9 +30,14 @@ def g_loss(logits: jax.Array) -> jax.Array:
   return -jnp.mean(logits)
 
 
+# `config.gan.recon_loss` -> the per-pixel mean error between a reconstruction and its target.
+RECON_LOSSES = {
+    "mse": lambda pred, target: jnp.mean(jnp.square(pred - target)),
+    "l1": lambda pred, target: jnp.mean(jnp.abs(pred - target)),
+}
+
+
 def reconstruction(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
-  if kind == "mse":
-    return jnp.mean(jnp.square(pred - target))
-  if kind == "l1":
-    return jnp.mean(jnp.abs(pred - target))
-  raise ValueError(f"recon_loss {kind!r} not in {RECON_LOSSES}")
+  if kind not in RECON_LOSSES:
+    raise ValueError(f"recon_loss {kind!r} not in {tuple(RECON_LOSSES)}")
+  return RECON_LOSSES[kind](pred, target)

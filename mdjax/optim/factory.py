@@ -33,6 +33,26 @@ from mdjax.optim.sam import sam
 BACKBONE = "backbone"
 
 
+def _constant(lr, t, total, warmup, steps_per_epoch):
+  return lambda step: jnp.full((), lr, jnp.float32)
+
+
+def _cosine(lr, t, total, warmup, steps_per_epoch):
+  decay = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+  return lambda step: decay(jnp.maximum(step - warmup, 0))
+
+
+def _step(lr, t, total, warmup, steps_per_epoch):
+  period = max(int(round(float(t.step_epochs) * steps_per_epoch)), 1)
+  gamma = float(t.step_gamma)
+  return lambda step: lr * gamma ** (jnp.asarray(step) // period).astype(jnp.float32)
+
+
+# `config.train.schedule` -> f(lr, config.train, total steps, warmup steps, steps per epoch), the
+# learning rate after warm-up as a function of the step.
+SCHEDULES = {"constant": _constant, "cosine": _cosine, "step": _step}
+
+
 def make_schedule(config, steps_per_epoch: int, learning_rate: float | None = None,
                   epochs: int | None = None) -> optax.Schedule:
   """The learning rate as a function of the step for `config.train.schedule`."""
@@ -42,17 +62,9 @@ def make_schedule(config, steps_per_epoch: int, learning_rate: float | None = No
   steps_per_epoch = max(int(steps_per_epoch), 1)
   total = max(epochs * steps_per_epoch, 1)
   warmup = int(round(float(t.warmup_epochs) * steps_per_epoch))
-  if t.schedule == "constant":
-    main = lambda step: jnp.full((), lr, jnp.float32)
-  elif t.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
-    main = lambda step: decay(jnp.maximum(step - warmup, 0))
-  elif t.schedule == "step":
-    period = max(int(round(float(t.step_epochs) * steps_per_epoch)), 1)
-    gamma = float(t.step_gamma)
-    main = lambda step: lr * gamma ** (jnp.asarray(step) // period).astype(jnp.float32)
-  else:
-    raise ConfigError("train.schedule", t.schedule, "one of constant, cosine, step")
+  if t.schedule not in SCHEDULES:
+    raise ConfigError("train.schedule", t.schedule, "one of " + ", ".join(SCHEDULES))
+  main = SCHEDULES[t.schedule](lr, t, total, warmup, steps_per_epoch)
   if warmup <= 0:
     return main
 
@@ -77,19 +89,26 @@ def _backbone_labels(params):
       lambda path, _: BACKBONE if getattr(path[0], "key", None) == BACKBONE else "rest", params)
 
 
+# The optimizers SAM can wrap: name -> f(config.train, schedule). adamw decays weights itself; the
+# others get L2 weight decay (train.weight_decay) added to the gradient, kernels only.
+BASE_OPTIMIZERS = {
+    "sgd": lambda t, schedule: optax.sgd(schedule, momentum=float(t.momentum) or None),
+    "adam": lambda t, schedule: optax.adam(schedule),
+    "adamw": lambda t, schedule: optax.adamw(schedule, weight_decay=float(t.weight_decay),
+                                             mask=_is_kernel_tree),
+}
+# `config.train.optimizer`: a base optimizer, or "sam" wrapping `config.train.base_optimizer`.
+OPTIMIZERS = (*BASE_OPTIMIZERS, "sam")
+
+
 def _base_optimizer(name: str, t, schedule) -> optax.GradientTransformation:
+  if name not in BASE_OPTIMIZERS:
+    raise ConfigError("train.base_optimizer" if t.optimizer == "sam" else "train.optimizer", name,
+                      "one of " + ", ".join(BASE_OPTIMIZERS))
   parts = []
   if t.weight_decay and name != "adamw":
     parts.append(optax.add_decayed_weights(t.weight_decay, mask=_is_kernel_tree))
-  if name == "sgd":
-    parts.append(optax.sgd(schedule, momentum=float(t.momentum) or None))
-  elif name == "adam":
-    parts.append(optax.adam(schedule))
-  elif name == "adamw":
-    parts.append(optax.adamw(schedule, weight_decay=float(t.weight_decay), mask=_is_kernel_tree))
-  else:
-    raise ConfigError("train.base_optimizer" if t.optimizer == "sam" else "train.optimizer", name,
-                      "one of sgd, adam, adamw")
+  parts.append(BASE_OPTIMIZERS[name](t, schedule))
   return optax.chain(*parts)
 
 

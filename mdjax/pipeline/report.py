@@ -8,6 +8,9 @@ import os
 import numpy as np
 from PIL import Image
 
+from mdjax.core import files
+from mdjax.gan import generate
+
 GRID = 16  # images per grid
 CONTROL_LABELS = {"control_real_finetune": "control: same fine-tune on real data only",
                   "control_full_gan": "control: full GAN augmentation (nWPC = n)",
@@ -15,6 +18,8 @@ CONTROL_LABELS = {"control_real_finetune": "control: same fine-tune on real data
 
 
 def _plot_class_accuracy(path: str, names, before, after, weak, title: str) -> None:
+  # Imported here: matplotlib takes about a second to import and only the report plots; the
+  # backend must be chosen before pyplot is imported.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -39,7 +44,6 @@ def _plot_class_accuracy(path: str, names, before, after, weak, title: str) -> N
 
 
 def _side_by_side(path: str, real: np.ndarray, generated: np.ndarray) -> None:
-  from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
   left, right = generate.make_grid(real[:GRID]), generate.make_grid(generated[:GRID])
   h = max(left.shape[0], right.shape[0])
   gap = np.full((h, 8, 3), 255, np.uint8)
@@ -102,7 +106,6 @@ def write_report(workdir: str, results: dict, run) -> str:
               "distance compares real and generated images of the class in the classifier's pooled "
               "feature space (lower is closer).", ""]
     gen_dir = os.path.join(workdir, "generated")
-    from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
     if generate.is_complete(gen_dir):
       images, labels = generate.load_generated(gen_dir)
       real = run.weak_images(weak)
@@ -116,9 +119,7 @@ def write_report(workdir: str, results: dict, run) -> str:
   lines += ["## Stage wall times", "", "| stage | seconds |", "|---|---|"]
   lines += [f"| {n} | {_fmt(s, 1)} |" for n, s in results["stage_seconds"].items()]
   path = os.path.join(workdir, "report.md")
-  with open(path + ".tmp", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  os.replace(path + ".tmp", path)
+  files.write_atomic(path, "\n".join(lines) + "\n")
   return path
 
 
@@ -145,7 +146,5 @@ def write_summary_report(workdir: str, results: dict) -> str:
                 for s, w in zip(results["seeds"], results["worst_classes_per_seed"])), ""]
   lines += [f"- [seed {s}](seed_{s}/report.md)" for s in results["seeds"]]
   path = os.path.join(workdir, "report.md")
-  with open(path + ".tmp", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  os.replace(path + ".tmp", path)
+  files.write_atomic(path, "\n".join(lines) + "\n")
   return path

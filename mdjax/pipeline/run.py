@@ -18,18 +18,18 @@ import time
 
 import numpy as np
 
-from mdjax import config as config_lib
+from mdjax.core import files, process
 from mdjax.data import registry
-from mdjax.pipeline import report, stages as stages_lib
+from mdjax.pipeline import plan, report, stages as stages_lib
 from mdjax.pipeline import workdir as workdir_lib
-from mdjax.pipeline.stages import CONTROL_STAGES, STAGE_ORDER, Run, say
+from mdjax.pipeline.stages import CONTROL_STAGES, Run, say
 
 
 def run(config, workdir: str) -> dict:
   # Data and config are checked before anything is written: a mistake leaves no half-made workdir.
   splits = registry.load_splits(config.data)
-  config_lib.validate(config, num_classes=splits.num_classes)
-  seeds = config_lib.parse_seeds(config)
+  plan.check_nwpc(config.mistake.nwpc, splits.num_classes)
+  seeds = plan.parse_seeds(config)
   say(f"dataset {config.data.name}: {splits.summary()}")
   say(f"workdir {os.path.abspath(workdir)}")
   workdir_lib.prepare(workdir, config)
@@ -44,19 +44,19 @@ def run(config, workdir: str) -> dict:
     say(f"--- seed {seed} ---")
     per_seed.append(run_seed(seed_config, seed_dir, splits))
   results = aggregate(config, per_seed)
-  if workdir_lib.is_writer():
+  if process.is_writer():
     with workdir_lib.os_errors(workdir):
-      workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
+      files.write_json_atomic(os.path.join(workdir, "results.json"), results)
       report.write_summary_report(workdir, results)
   print_summary(results)
   return results
 
 
 def run_seed(config, workdir: str, splits) -> dict:
-  wanted = config_lib.parse_stages(config)
+  wanted = plan.parse_stages(config)
   run_ = Run(config, workdir, splits)
   records = {}
-  for name in STAGE_ORDER:
+  for name in plan.STAGES:
     if name in wanted:
       records[name] = stages_lib.run_stage(run_, name)
     elif run_.stages.done(name):
@@ -69,9 +69,9 @@ def run_seed(config, workdir: str, splits) -> dict:
         "reaches it.")
     return {}
   results = collect(config, splits, records)
-  if workdir_lib.is_writer():
+  if process.is_writer():
     with workdir_lib.os_errors(workdir):
-      workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
+      files.write_json_atomic(os.path.join(workdir, "results.json"), results)
       report.write_report(workdir, results, run_)
   print_summary(results)
   return results

@@ -26,15 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdjax import config as config_lib
+from mdjax import models
+from mdjax.core import mesh as mesh_lib
+from mdjax.core import process
 from mdjax.data import pipeline
 from mdjax.data.sources import ArraySource, Concat, Splits
 from mdjax.errors import UserError
+from mdjax.gan import ensemble, generate, judge as judge_lib, quality
+from mdjax.pipeline import plan
 from mdjax.pipeline import workdir as workdir_lib
+from mdjax.train import classifier as clf
+from mdjax.train import steps as steps_lib
 
 
 def say(message: str) -> None:
-  if jax.process_index() == 0:
+  if process.is_writer():
     print(f"mdjax: {message}", flush=True)
 
 
@@ -66,11 +72,10 @@ class Run:
   def __init__(self, config, workdir: str, splits: Splits):
     self.config, self.workdir, self.splits = config, workdir, splits
     self.stages = workdir_lib.Stages(workdir)
-    self.mesh = pipeline.data_mesh()
+    self.mesh = mesh_lib.data_mesh()
     self.num_classes = splits.num_classes
-    from mdjax import models  # pylint: disable=g-import-not-at-top
     self.model = models.build_classifier(config.model, self.num_classes)
-    self.nwpc = (config_lib.nwpc_count(config.mistake.nwpc, self.num_classes)
+    self.nwpc = (plan.nwpc_count(config.mistake.nwpc, self.num_classes)
                  if config.mistake.enabled else 0)
     self._variables: dict[str, Any] = {}
     self._eval_step = None
@@ -89,7 +94,6 @@ class Run:
     """Trains (or restores the finished training of) the classifier stage `tag`."""
     if tag in self._variables:
       return self._variables[tag]
-    from mdjax.train import classifier as clf  # pylint: disable=g-import-not-at-top
     init = self.classifier("train") if init_from else None
     result = clf.train_classifier(
         self.config, train_source if train_source is not None else self.splits.train,
@@ -100,8 +104,6 @@ class Run:
     return result.variables
 
   def evaluate(self, variables: dict, source) -> dict:
-    from mdjax.train import classifier as clf  # pylint: disable=g-import-not-at-top
-    from mdjax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
     if self._eval_step is None:
       # One jitted eval step for every evaluation of the run (val, test, each control), so each
       # input shape compiles once instead of once per call.
@@ -132,7 +134,6 @@ class Run:
   def judge(self):
     """The independent judge of generated images, fit once per run on the real training images."""
     if self._judge is None:
-      from mdjax.gan import judge as judge_lib  # pylint: disable=g-import-not-at-top
       r, augment = int(self.config.gan.resolution), str(self.config.data.augment)
       view = lambda src: np.stack([pipeline.whole_image(src[i]["image"], r, augment)  # noqa: E731
                                    for i in range(len(src))])
@@ -154,7 +155,6 @@ class Run:
     return accept
 
   def generated_source(self, gen_dir: str) -> ArraySource:
-    from mdjax.gan import generate  # pylint: disable=g-import-not-at-top
     images, labels = generate.load_generated(gen_dir)
     return ArraySource(images, labels)
 
@@ -184,7 +184,6 @@ class Run:
     weak = self.require("validate", "gan")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0"}
-    from mdjax.gan import ensemble  # pylint: disable=g-import-not-at-top
     result = ensemble.train_class_gans(self.weak_images(weak), self.config.gan,
                                        os.path.join(self.workdir, "gan"), int(self.config.seed))
     return {"classes": weak, "strategy": result.strategy, "steps": result.steps,
@@ -196,12 +195,11 @@ class Run:
     if not weak:
       return {"skipped": "nWPC = 0", "generated_per_class": {}}
     self.require("gan", "generate")
-    threshold = config_lib.filter_threshold(self.config.mistake.filter, self.num_classes)
+    threshold = plan.filter_threshold(self.config.mistake.filter, self.num_classes)
     return self._generate(weak, os.path.join(self.workdir, "gan"),
                           os.path.join(self.workdir, "generated"), threshold)
 
   def _generate(self, classes, gan_dir: str, out_dir: str, threshold: float | None = None) -> dict:
-    from mdjax.gan import ensemble, generate, quality  # pylint: disable=g-import-not-at-top
     counts = {k: int((self.splits.train.labels == k).sum()) for k in classes}
     wanted = {k: num_generated(counts[k], float(self.config.mistake.nsamples_ratio)) for k in classes}
     real = self.weak_images(classes)
@@ -216,10 +214,10 @@ class Run:
       acceptance = result.acceptance
     else:
       images = {}
-    if workdir_lib.is_writer():
+    if process.is_writer():
       generate.write_generated(out_dir, images, class_names=self.splits.class_names,
                                source_step=int(self.config.gan.steps))
-    workdir_lib.barrier(f"generated {out_dir}")
+    process.barrier(f"generated {out_dir}")
     record = {"generated_per_class": {str(k): len(images.get(k, ())) for k in classes},
               "class_sizes": {str(k): counts[k] for k in classes}, "dir": out_dir}
     if threshold is not None:
@@ -292,7 +290,6 @@ class Run:
     if others:
       # A class's GAN depends only on (seed, class, images), so the weak classes' GANs are reused
       # and only the others are trained here.
-      from mdjax.gan import ensemble  # pylint: disable=g-import-not-at-top
       gan_dir = os.path.join(self.workdir, "control_full_gan", "gan")
       ensemble.train_class_gans(self.weak_images(others), self.config.gan, gan_dir, int(self.config.seed))
       out = os.path.join(self.workdir, "control_full_gan", "generated")
@@ -312,13 +309,12 @@ class Run:
     self.require("gan", "control_filtered")
     out = os.path.join(self.workdir, "control_filtered", "generated")
     record = self._generate(weak, os.path.join(self.workdir, "gan"), out,
-                            config_lib.filter_threshold("1/n", self.num_classes))
+                            plan.filter_threshold("1/n", self.num_classes))
     variables = self._finetuned("control_filtered",
                                 Concat([self.splits.train, self.generated_source(out)]))
     return {**_summary(self.evaluate(variables, self.splits.test)), "generate": record}
 
 
-STAGE_ORDER = ("train", "validate", "gan", "generate", "finetune", "test")
 CONTROL_STAGES = ("control_real_finetune", "control_full_gan", "control_filtered")
 
 

@@ -1,7 +1,7 @@
 """A run's folder: its config, and a completion record per stage.
 
 A stage records completion (`stages/<name>.json`) only after every output it names is complete,
-and the record itself is written atomically (temp file, fsync, rename), so an interrupted stage
+and the record itself is written atomically (mdjax.core.files), so an interrupted stage
 never looks finished: the next run redoes it from its own checkpoints.
 
 In a multi-process run every process runs every stage, process 0 alone writes records and
@@ -16,58 +16,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 from typing import Any
 
+from mdjax.core import files, process
 from mdjax.errors import UserError
 
+# `config.resume`: continue a workdir made by the same config (auto), by any config (force), or
+# refuse a workdir that already holds a run (never).
+RESUME = ("auto", "force", "never")
 # Keys that change how a run is executed or logged, not what it computes.
 IGNORED_KEYS = ("stages", "resume", "seeds", "controls", "data.num_threads", "data.prefetch",
                 "train.log_every", "gan.log_every", "gan.sample_every")
-
-
-def is_writer() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index() == 0
-
-
-def barrier(name: str) -> None:
-  """All processes wait here (a no-op in a single-process run)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as fh:
-      json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
-      fh.write("\n")
-      fh.flush()
-      os.fsync(fh.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _json_default(obj):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if isinstance(obj, np.generic):
-    return obj.item()
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
-  raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def read_json(path: str) -> Any:
-  with open(path) as fh:
-    return json.load(fh)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -99,21 +58,21 @@ def prepare(workdir: str, config) -> None:
     if config.resume == "never":
       raise UserError(f"workdir {workdir} already holds a run and config.resume='never'; "
                       "choose another --workdir.")
-    diffs = config_differences(read_json(path), new)
+    diffs = config_differences(files.read_json(path), new)
     if diffs and config.resume != "force":
       shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
       raise UserError(f"workdir {workdir} was made by a different config ({shown}). Use another "
                       "--workdir, or --config.resume=force to continue it with this config.")
-    if diffs and is_writer():
-      write_json_atomic(os.path.join(workdir, "config.forced.json"), new)
-    barrier(f"prepare {workdir}")
+    if diffs and process.is_writer():
+      files.write_json_atomic(os.path.join(workdir, "config.forced.json"), new)
+    process.barrier(f"prepare {workdir}")
     return
-  barrier(f"checked {workdir}")  # everyone has read the folder before process 0 writes to it
-  if is_writer():
+  process.barrier(f"checked {workdir}")  # everyone has read the folder before process 0 writes to it
+  if process.is_writer():
     with os_errors(workdir):
       os.makedirs(workdir, exist_ok=True)
-      write_json_atomic(path, new)
-  barrier(f"prepare {workdir}")
+      files.write_json_atomic(path, new)
+  process.barrier(f"prepare {workdir}")
 
 
 class Stages:
@@ -129,12 +88,12 @@ class Stages:
     return os.path.exists(self.path(name))
 
   def load(self, name: str) -> dict:
-    return read_json(self.path(name))
+    return files.read_json(self.path(name))
 
   def complete(self, name: str, record: dict) -> None:
-    if is_writer():
-      write_json_atomic(self.path(name), record)
-    barrier(f"stage {name} complete")
+    if process.is_writer():
+      files.write_json_atomic(self.path(name), record)
+    process.barrier(f"stage {name} complete")
 
 
 class os_errors:  # pylint: disable=invalid-name

@@ -22,7 +22,6 @@ process 0 only); a tqdm bar shows steps/s, loss and accuracy.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import zlib
 from typing import Any, Callable
@@ -31,10 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
-from mdjax import optim
+from mdjax import models, optim
+from mdjax.core import loop, mesh as mesh_lib, process
+from mdjax.core.checkpoint import Checkpoints
 from mdjax.data import pipeline
 from mdjax.errors import ConfigError, NonFiniteLossError, UserError
 from mdjax.train import steps as steps_lib
@@ -68,13 +69,6 @@ def _empty_history() -> dict:
           "partial": {"loss": 0.0, "accuracy": 0.0, "steps": 0}}
 
 
-def _fetch(tree):
-  """Host copies of replicated arrays. `jax.device_get` refuses arrays that span other processes'
-  devices; every replica is the same, so the local one is read."""
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array)
-                      else np.asarray(a), tree)
-
-
 def _num_classes(model: nn.Module, variables: dict, image_size: int) -> int:
   dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   return int(jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, dummy).shape[-1])
@@ -98,9 +92,9 @@ def evaluate(model: nn.Module, variables: dict, source, config, mesh: Mesh | Non
     columns: predicted), "accuracy": float, "class_wise_accuracy": float64 [C] (NaN where a class
     has no example)}.
   """
-  mesh = mesh or pipeline.data_mesh()
+  mesh = mesh or mesh_lib.data_mesh()
   size = int(config.data.image_size)
-  variables = jax.device_put(dict(variables), steps_lib.replicated(mesh))
+  variables = jax.device_put(dict(variables), mesh_lib.replicated(mesh))
   if eval_step is None:
     eval_step = steps_lib.make_eval_step(model, _num_classes(model, variables, size), mesh)
   batch_size = pipeline.eval_batch_size(batch_size or int(config.train.batch_size), mesh)
@@ -112,7 +106,7 @@ def evaluate(model: nn.Module, variables: dict, source, config, mesh: Mesh | Non
     out = eval_step(variables, batch)
     # Summed on device: one host transfer per pass, not one per batch.
     total = out if total is None else jax.tree.map(jnp.add, total, out)
-  counts = {k: np.asarray(v, np.int64) for k, v in _fetch(total).items()}
+  counts = {k: np.asarray(v, np.int64) for k, v in process.fetch_replicated(total).items()}
   n = counts["total"].sum()
   counts["accuracy"] = float(counts["correct"].sum() / n) if n else float("nan")
   counts["class_wise_accuracy"] = class_wise_accuracy(counts)
@@ -120,14 +114,15 @@ def evaluate(model: nn.Module, variables: dict, source, config, mesh: Mesh | Non
 
 
 def _check_finite(window: list[dict], first_step: int, checkpoint_dir: str, last_saved) -> None:
-  for i, m in enumerate(window):
-    if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
-      where = (f"the last good checkpoint is step {last_saved} in {checkpoint_dir}"
-               if last_saved is not None else "no checkpoint was written yet")
-      raise NonFiniteLossError(
-          f"Training diverged at step {first_step + i + 1}: loss={float(m['loss'])}, "
-          f"gradient norm={float(m['grad_norm'])}; {where}. Lower train.learning_rate, add "
-          "train.warmup_epochs, or check the data for broken images.")
+  bad = loop.first_non_finite(window, ("loss", "grad_norm"))
+  if bad is not None:
+    m = window[bad]
+    where = (f"the last good checkpoint is step {last_saved} in {checkpoint_dir}"
+             if last_saved is not None else "no checkpoint was written yet")
+    raise NonFiniteLossError(
+        f"Training diverged at step {first_step + bad + 1}: loss={float(m['loss'])}, "
+        f"gradient norm={float(m['grad_norm'])}; {where}. Lower train.learning_rate, add "
+        "train.warmup_epochs, or check the data for broken images.")
 
 
 def train_classifier(config, train_source, val_source, workdir: str, num_classes: int, *,
@@ -159,7 +154,7 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   """
   # --- Set-up: mesh, model, optimizer ------------------------------------------------------------
   t = config.train
-  mesh = mesh or pipeline.data_mesh()
+  mesh = mesh or mesh_lib.data_mesh()
   batch_size, image_size = int(t.batch_size), int(config.data.image_size)
   steps_lib.check_batch_size(batch_size, mesh)
   epochs = int(t.epochs if epochs is None else epochs)
@@ -169,7 +164,6 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
                       f"at most the number of training examples ({len(train_source)})")
   total_steps = epochs * steps_per_epoch
   if model is None:
-    from mdjax import models  # pylint: disable=g-import-not-at-top
     model = models.build_classifier(config.model, num_classes)
   tx = optim.make_optimizer(config, steps_per_epoch, learning_rate=learning_rate, epochs=epochs)
   schedule = optim.make_schedule(config, steps_per_epoch, learning_rate=learning_rate, epochs=epochs)
@@ -179,35 +173,24 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   # --- State: restored from the newest checkpoint, or created directly sharded -------------------
   stage_dir = os.path.join(os.path.abspath(workdir), tag)
   checkpoint_dir = os.path.join(stage_dir, "checkpoints")
-  manager = ocp.CheckpointManager(
-      checkpoint_dir, item_names=("state", "history"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=int(t.max_checkpoints), create=True))
-  latest = manager.latest_step()
+  checkpoints = Checkpoints(checkpoint_dir, max_to_keep=int(t.max_checkpoints), record="history")
+  latest = checkpoints.latest_step()
   if latest is not None:
     abstract = steps_lib.abstract_train_state(model, tx, rng, image_shape, mesh, init_variables)
     try:
-      restored = manager.restore(latest, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      manager.close()
-      raise UserError(
-          f"The checkpoint at step {latest} in {checkpoint_dir} does not fit this model/optimizer "
-          f"({type(e).__name__}: {str(e)[:200]}). It was written by a different config: use "
-          "another workdir, or delete that folder to start this stage over.") from None
-    state, history = restored.state, restored.history
+      state, history = checkpoints.restore(latest, abstract)
+    except UserError:  # written by another config
+      checkpoints.close()
+      raise
   else:
     state = steps_lib.create_train_state(model, tx, rng, image_shape, mesh, init_variables)
     history = _empty_history()
 
   train_step = steps_lib.make_train_step(model, tx, config, mesh)
   eval_step = steps_lib.make_eval_step(model, num_classes, mesh)
-  start = int(_fetch(state.step))
-  is_main = jax.process_index() == 0
-  writer = None
-  if is_main and start < total_steps:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    writer = tensorboardX.SummaryWriter(os.path.join(stage_dir, "tensorboard"))
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  start = int(process.fetch_replicated(state.step))
+  is_main = process.is_writer()
+  writer = process.metric_writer(os.path.join(stage_dir, "tensorboard"), active=start < total_steps)
   bar = tqdm(total=total_steps, initial=start, desc=tag, unit="step", dynamic_ncols=True,
              disable=not is_main or start >= total_steps)
 
@@ -227,11 +210,11 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
       state, metrics = train_step(state, next(batches))
       window.append(metrics)
       done = step + 1
-      epoch_end = done % steps_per_epoch == 0
-      save = epoch_end or done % int(t.checkpoint_every) == 0
-      if save or done % int(t.log_every) == 0 or done == total_steps:
-        host = _fetch(window)
-        _check_finite(host, done - len(host), checkpoint_dir, manager.latest_step())
+      epoch_end = loop.itstime(done, steps_per_epoch)
+      save = epoch_end or loop.itstime(done, int(t.checkpoint_every), total_steps)
+      if save or loop.itstime(done, int(t.log_every), total_steps):
+        host = process.fetch_replicated(window)
+        _check_finite(host, done - len(host), checkpoint_dir, checkpoints.latest_step())
         loss = float(np.mean([m["loss"] for m in host]))
         accuracy = float(np.mean([m["accuracy"] for m in host]))
         partial["loss"] += float(np.sum([m["loss"] for m in host]))
@@ -240,11 +223,10 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
         window = []
         lr = float(schedule(done - 1))
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}", lr=f"{lr:.2e}", refresh=False)
-        if writer is not None:
-          writer.add_scalar(f"{tag}/loss", loss, done)
-          writer.add_scalar(f"{tag}/accuracy", accuracy, done)
-          writer.add_scalar(f"{tag}/learning_rate", lr, done)
-          writer.add_scalar(f"{tag}/grad_norm", float(host[-1]["grad_norm"]), done)
+        writer.add_scalar(f"{tag}/loss", loss, done)
+        writer.add_scalar(f"{tag}/accuracy", accuracy, done)
+        writer.add_scalar(f"{tag}/learning_rate", lr, done)
+        writer.add_scalar(f"{tag}/grad_norm", float(host[-1]["grad_norm"]), done)
       if epoch_end:
         val_acc, cwa = float("nan"), []
         if val_source is not None and len(val_source):
@@ -262,22 +244,18 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
         if is_main:
           bar.write(f"{tag} epoch {done // steps_per_epoch}/{epochs}: train loss "
                     f"{history['train_loss'][-1]:.4f}, val accuracy {val_acc:.4f}")
-        if writer is not None:
-          writer.add_scalar(f"{tag}/val_accuracy", val_acc, done)
-          writer.add_scalar(f"{tag}/epoch_train_loss", history["train_loss"][-1], done)
+        writer.add_scalar(f"{tag}/val_accuracy", val_acc, done)
+        writer.add_scalar(f"{tag}/epoch_train_loss", history["train_loss"][-1], done)
       if save:
-        manager.save(done, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
+        checkpoints.save(done, state, history)
       bar.update(1)
       if step_callback is not None:
         step_callback(done, state)
   finally:
     # Also on errors and interrupts: finish the pending (good) save so a rerun resumes from it.
-    manager.wait_until_finished()
-    manager.close()
+    checkpoints.close()
     bar.close()
-    if writer is not None:
-      writer.close()
+    writer.close()
 
   return TrainResult(variables=state.variables, history={k: v for k, v in history.items()
                                                           if k != "partial"},

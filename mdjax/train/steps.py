@@ -14,7 +14,7 @@ over "data": each device computes its own gradient and perturbation, and only g'
 metrics and BatchNorm running averages) is averaged across devices. Plain optimizers always use the
 global form, for which the result does not depend on the number of devices.
 
-CPU: convolution weight gradients are computed as matmuls (mdjax.train.cpu_conv) when the mesh is
+CPU: convolution weight gradients are computed as matmuls (mdjax.core.cpu_conv) when the mesh is
 made of CPU devices, about halving the step time there; GPUs keep XLA's (cuDNN's) gradients.
 Random bits (init, dropout) use the non-partitionable threefry, see INIT_THREEFRY_PARTITIONABLE.
 """
@@ -30,12 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
+from mdjax.core import cpu_conv
+from mdjax.core.mesh import DATA_AXIS, auto_mesh, batch_sharding, replicated
 from mdjax.errors import ConfigError
-from mdjax.train import cpu_conv
 
-DATA_AXIS = "data"
+# Where SAM's perturbation is computed (`config.train.sam_perturbation`, module docstring).
+SAM_PERTURBATIONS = ("per_device", "global")
 
 
 @flax.struct.dataclass
@@ -53,27 +55,6 @@ class TrainState:
     if self.batch_stats:
       v["batch_stats"] = self.batch_stats
     return v
-
-
-def auto_mesh(mesh: Mesh) -> Mesh:
-  """The same devices and axis names with Auto axis types.
-
-  `jax.make_mesh` makes Explicit axes by default, under which sharding is part of every array's
-  type; flax.linen layers are not written for that (Dropout's `select` of an unsharded mask with a
-  batch-sharded input is a ShardingTypeError). Steps therefore compile against the Auto form of
-  whatever mesh they are given; arrays placed on the Explicit mesh are accepted as they are."""
-  if all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
-    return mesh
-  return Mesh(mesh.devices, mesh.axis_names,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(auto_mesh(mesh), P())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(auto_mesh(mesh), P(DATA_AXIS))
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
@@ -187,7 +168,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   shows up there before it reaches the loss.
 
   `fast_conv_grads` (default: when the mesh's devices are CPUs) computes convolution weight
-  gradients as matmuls (mdjax.train.cpu_conv): the same gradients, about twice as fast a WRN step
+  gradients as matmuls (mdjax.core.cpu_conv): the same gradients, about twice as fast a WRN step
   on XLA's CPU backend; other backends keep XLA's own convolution gradients untouched.
   """
   if fast_conv_grads is None:

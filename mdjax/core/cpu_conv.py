@@ -1,21 +1,21 @@
 """A convolution whose gradients XLA's CPU backend computes as matrix products.
 
-Why: on the 2-core CPU (jax 0.10.2) the weight gradient of a 3x3 64->64 conv at 32x32, batch 128,
-takes ~10x the time of the forward conv (4.5 s against 0.45 s, measured under the same load), while
-the input gradient costs about one forward conv. XLA lowers dW as a convolution whose "batch" is the
-input channels and whose kernel is the whole output gradient, a shape its CPU runtime handles
-badly. The same sum, written as one matmul per kernel tap,
+Why: on XLA's CPU backend the weight gradient of a convolution takes several times as long as the
+forward conv, while the input gradient costs about one forward conv (figures:
+benchmarks/RESULTS.md). XLA lowers dW as a convolution whose "batch" is the input channels and
+whose kernel is the whole output gradient, a shape its CPU runtime handles badly. The same sum,
+written as one matmul per kernel tap,
   dW[i, j] = X_shifted(i, j)^T @ dY   ([C, B*Ho*Wo] @ [B*Ho*Wo, O]),
-runs ~3x faster (matmul-shaped work is what the CPU backend is good at); for few input channels
-(a 7x7 RGB stem) one matmul over im2col patches is better than 49 thin ones.
+runs several times faster (matmul-shaped work is what the CPU backend is good at); for few input
+channels (a 7x7 RGB stem) one matmul over im2col patches is better than 49 thin ones.
 
 Scope: only used on the CPU backend (`enabled()`), only for plain NHWC/HWIO convolutions (no
 dilation, no feature groups); everything else calls `lax.conv_general_dilated` unchanged, and
 GPUs/TPUs never see this code (cuDNN's own gradients are fast). The forward pass and the input
 gradient of 1x1 convs are XLA's own. dW, and dX of every kh*kw > 1 conv (`_input_grad`, added for
-FastGAN's large maps), are rewritten; both are checked against `jax.grad` in tests/test_train.py.
-A forward pass as im2col + one matmul was tried and not kept: on FastGAN it was slower than XLA's
-own forward conv (0.205 against 0.188 s for a 32x32 step at ngf 16; 9.9 against 9.2 s at 256x256).
+FastGAN's large maps), are rewritten; both are checked against `jax.grad` in
+tests/test_cpu_conv.py. A forward pass as im2col + one matmul was tried and not kept: on FastGAN it
+was slower than XLA's own forward conv.
 
 Under `jax.vmap` with per-model kernels (the GAN ensemble's "vmap" strategy), batching rules
 (`jax.custom_batching.custom_vmap`) run the conv and these gradients once per model instead of as
@@ -85,11 +85,11 @@ def _weight_grad(x, dy, kernel_hw, strides, padding, dtype):
 
 # vmap over per-model kernels (the GAN ensemble's "vmap" strategy: K classes' GANs stacked) would
 # turn every convolution into a grouped one (feature_group_count = K), which XLA's CPU backend runs
-# several times slower than K plain ones (REFERENCE.md section 6), and the matmuls of the gradients
-# into batched matmuls. The batching rule below instead unrolls the conv and its gradient into K
-# ordinary ones inside the vmapped program; everything else (BatchNorm, activations, optimizer)
-# stays batched. With a kernel shared by the batch, vmap's own rules apply (they fold the batch into
-# the conv's batch dimension).
+# slower than K plain ones (benchmarks/RESULTS.md, "vmap with grouped convs"), and the matmuls of
+# the gradients into batched matmuls. The batching rule below instead unrolls the conv and its
+# gradient into K ordinary ones inside the vmapped program; everything else (BatchNorm,
+# activations, optimizer) stays batched. With a kernel shared by the batch, vmap's own rules apply
+# (they fold the batch into the conv's batch dimension).
 
 
 def _once_per_kernel(fn: Callable) -> Callable:
@@ -128,10 +128,9 @@ def _input_grad(dy, w, padding, x_shape, strides):
   s-dilated) slices.
 
   Why: XLA's CPU input gradient (a convolution of dY with the flipped kernel, lhs-dilated for
-  strided convs) ran at ~15 GFLOP/s on FastGAN's large maps (1.2 s of an 11 s 256x256 step for
-  one stride-1 layer; D's stride-2 4x4 convs 0.15 s each), while the same multiply-adds as one
-  [B*Ho*Wo, O] @ [O, kh*kw*C] matmul run near matmul speed; the col2im sum is one fused
-  elementwise pass (lax.pad's interior padding places a strided conv's taps).
+  strided convs) runs far below matmul speed on FastGAN's large maps (benchmarks/RESULTS.md), while
+  the same multiply-adds as one [B*Ho*Wo, O] @ [O, kh*kw*C] matmul run near it; the col2im sum is
+  one fused elementwise pass (lax.pad's interior padding places a strided conv's taps).
   """
   kh, kw, c, o = w.shape
   b, ho, wo, _ = dy.shape

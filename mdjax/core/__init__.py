@@ -1,0 +1,9 @@
+"""The runtime every stage shares, below every other package (it imports none of them).
+
+  mesh        the "data" and "class" meshes and their shardings
+  process     process 0 writes, barriers, reading sharded / replicated arrays on the host
+  checkpoint  one orbax CheckpointManager wrapper for every stage
+  files       atomic writes (temp file, fsync, rename)
+  loop        cadence (`itstime`) and finite checks
+  cpu_conv    convolution gradients as matmuls on XLA's CPU backend (used by classifier and GANs)
+"""

@@ -1,0 +1,58 @@
+"""Several processes running one program: who writes, where they meet, how the host reads arrays.
+
+In a multi-process run (launch/local.sh, SLURM) every process runs every stage over the global
+mesh. Process 0 alone writes files, TensorBoard logs and progress output; everyone meets at a
+barrier after a write before anyone reads it. Arrays that span other processes' devices cannot be
+read with `jax.device_get`: replicated ones are read from the local replica (`fetch_replicated`),
+sharded ones are gathered from every process (`fetch_sharded`, a collective).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """All processes wait here until every one has arrived (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def fetch_replicated(tree: Any) -> Any:
+  """Numpy copies of replicated arrays; every replica is the same, so the local one is read."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array)
+                      else np.asarray(a), tree)
+
+
+def fetch_sharded(tree: Any) -> Any:
+  """Numpy copies of arrays sharded over the mesh, the whole of them on every process.
+
+  A collective: every process must call it at the same point.
+  """
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class _NoMetricWriter:
+  """Stands in for the TensorBoard writer where nothing is written (processes other than 0)."""
+
+  def __getattr__(self, name):
+    return lambda *args, **kwargs: None
+
+
+def metric_writer(logdir: str, *, active: bool = True):
+  """A tensorboardX writer for `logdir` on process 0 (when `active`); elsewhere one that does
+  nothing, so loops call it unconditionally."""
+  if not (active and is_writer()):
+    return _NoMetricWriter()
+  # Imported here: tensorboardX pulls in protobuf, and only the writing process needs it.
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  return tensorboardX.SummaryWriter(logdir)

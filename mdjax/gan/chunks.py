@@ -1,0 +1,180 @@
+"""One chunk of classes' GANs on the devices: keys, initial states, checkpoints, NaN recovery.
+
+Randomness: class k's GAN is initialised from, and trained on, keys of its own
+(`fold_in(PRNGKey(seed), k)`), so a class's result does not depend on which other classes share
+its program or chunk. Step s of class k uses `fold_in(rng_k, s)`, split into a data key and the
+GAN step's key, so resuming from a checkpoint at step s replays exactly what uninterrupted
+training does. Sample grids and generated images draw from further streams of the same key.
+
+Checkpoints: `chunk_<j>/checkpoints/` (orbax: stacked states, per-class RNG, restarts, "all
+finite" flags; the step is the checkpoint's number) and `chunk_<j>/meta.json`, which says which
+classes and data the checkpoints belong to: a mismatch on resume is a UserError, never a silent
+mix.
+
+NaN/inf: when the host finds a class's "all finite" flag down (mdjax.gan.program folds it into the
+state every step), the whole chunk is restored from its last checkpoint (always good: the flag is
+checked before every save), the failing classes' RNG streams are refolded
+(`fold_in(rng_k, restarts_k)`) and training continues with a warning. The healthy classes replay
+the same steps with the same keys, so their results are unchanged. After `max_restarts` failures
+of one class, training stops with NonFiniteLossError.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mdjax.core import files, mesh as mesh_lib, process
+from mdjax.core.checkpoint import Checkpoints
+from mdjax.errors import NonFiniteLossError, UserError
+from mdjax.gan import class_data, program
+
+# fold_in constants separating a class's key streams (training uses the class key itself).
+GRID_STREAM, GENERATE_STREAM = 1_000_001, 1_000_002
+# The config keys a chunk's checkpoints depend on (with its classes, their data and the seed).
+_META_KEYS = ("resolution", "batch_size", "ngf", "ndf", "nz", "learning_rate", "beta1", "beta2",
+              "ema_decay", "recon_loss", "diffaug")
+
+
+def class_keys(seed: int, class_index: int) -> tuple[jax.Array, jax.Array]:
+  """(init key, training stream key) of one class: the class index folded into the seed."""
+  init_key, stream_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), class_index))
+  return init_key, stream_key
+
+
+def stream_key(seed: int, class_index: int, stream: int) -> jax.Array:
+  """A key of class `class_index` for `stream` (GRID_STREAM or GENERATE_STREAM)."""
+  return jax.random.fold_in(class_keys(seed, class_index)[1], stream)
+
+
+def init_ensemble(fns: program.GanFns, seed: int, class_indices: Sequence[int],
+                  mesh: jax.sharding.Mesh) -> dict:
+  """Stacked initial states of `class_indices` (already padded to a multiple of the mesh size).
+
+  Each class is initialised by the same jitted single-class `init` a separate training would run,
+  so the ensemble starts from exactly the separate trainings' parameters.
+  """
+  init = program.jit_once(fns.init)
+  states, rngs = [], []
+  for k in class_indices:
+    init_key, stream = class_keys(seed, k)
+    states.append(init(init_key))
+    rngs.append(stream)
+  ens = {"gan": program.stack_states(states), "rng": jnp.stack(rngs),
+         "ok": jnp.ones((len(class_indices),), bool),
+         "restarts": jnp.zeros((len(class_indices),), jnp.int32)}
+  return jax.device_put(ens, mesh_lib.class_sharding(mesh))
+
+
+def _meta(classes, images, gan_config, seed) -> dict:
+  # "ema": checkpoints from before the bias-corrected EMA (mdjax.gan.step.ema_update) hold a
+  # different average under the same config; they must not be resumed as if they were the same.
+  return {"ema": "bias_corrected", "classes": [int(k) for k in classes],
+          "counts": [len(x) for x in images], "data": [class_data.fingerprint(x) for x in images],
+          "seed": int(seed), "gan": {k: gan_config.get(k) for k in _META_KEYS}}
+
+
+def _check_meta(chunk_dir: Path, meta: dict) -> None:
+  path = chunk_dir / "meta.json"
+  if path.exists():
+    old = files.read_json(path)
+    if old != meta:
+      diff = sorted(k for k in meta if old.get(k) != meta[k])
+      raise UserError(
+          f"{chunk_dir} holds GAN checkpoints of a different run (differs in: {', '.join(diff)}). "
+          "Use a new workdir, or delete that directory to retrain these GANs.")
+  elif process.is_writer():
+    files.write_json_atomic(path, meta, indent=1)
+  process.barrier(f"gan meta {chunk_dir}")  # no process reads on before process 0 has written it
+
+
+class Chunk:
+  """The GANs of a few classes, stacked on the class mesh: fresh, or resumed from checkpoints.
+
+  Attributes:
+    classes: the chunk's classes; `padded` adds copies of the last one up to a multiple of the
+      mesh size (their results are dropped).
+    ens: the stacked state {"gan", "rng", "ok", "restarts"}, sharded over "class".
+    step: the GAN steps taken; `fresh`: no checkpoint existed (the chunk starts at step 0).
+  """
+
+  def __init__(self, chunk_dir: Path, classes: Sequence[int], images: Mapping[int, np.ndarray],
+               capacity: int, fns: program.GanFns, gan_config: ml_collections.ConfigDict,
+               seed: int, mesh: jax.sharding.Mesh):
+    self.classes = list(classes)
+    self.padded = self.classes + [self.classes[-1]] * (-len(self.classes) % mesh.size)
+    self.mesh, self._sharding = mesh, mesh_lib.class_sharding(mesh)
+    _check_meta(chunk_dir, _meta(self.classes, [images[k] for k in self.classes], gan_config, seed))
+    data, counts = class_data.stack_class_images([images[k] for k in self.padded], capacity)
+    self.data, self.counts = jax.device_put((data, counts), self._sharding)
+    self.checkpoints = Checkpoints(chunk_dir / "checkpoints")
+    self.ens = init_ensemble(fns, seed, self.padded, mesh)
+    latest = self.checkpoints.latest_step()
+    self.fresh = latest is None
+    if self.fresh:
+      self.step = 0
+      self.checkpoints.save(0, self.ens)
+    else:
+      self.step = latest
+      self.ens, _ = self.checkpoints.restore(latest, self.ens)
+
+  def advance(self, step_fn) -> dict:
+    """One step of every class; returns the step's metrics (device arrays, [K] each)."""
+    self.ens, metrics = step_fn(self.ens, self.data, self.counts, jnp.int32(self.step))
+    self.step += 1
+    return metrics
+
+  def all_finite(self) -> np.ndarray:
+    """Per padded class: no NaN/inf since the last restore (reads the device: a collective)."""
+    return process.fetch_sharded(self.ens["ok"])
+
+  def restarts(self) -> dict[int, int]:
+    counts = process.fetch_sharded(self.ens["restarts"])
+    return {k: int(counts[p]) for p, k in enumerate(self.classes)}
+
+  def save(self) -> None:
+    self.checkpoints.save(self.step, self.ens)
+
+  def class_state(self, position: int):
+    """The GAN state of the class at `position`, on this process (a collective)."""
+    return program.local_class_state(self.ens, position, self.mesh)
+
+  def recover(self, ok: np.ndarray, max_restarts: int) -> None:
+    """Restores the last checkpoint and refolds the RNG of the classes that went non-finite."""
+    bad = [p for p in range(len(ok)) if not ok[p]]
+    bad_classes = sorted({self.padded[p] for p in bad})
+    # Counted from the live state: the checkpoint's counts predate the failures since it was saved.
+    restarts = process.fetch_sharded(self.ens["restarts"]).copy()
+    last = self.checkpoints.latest_step()
+    restored, _ = self.checkpoints.restore(last, self.ens)
+    for p in bad:
+      restarts[p] += 1
+    # Padded copies of a class fail with it; count a class once.
+    worst = max(restarts[p] for p in bad)
+    if worst > max_restarts:
+      raise NonFiniteLossError(
+          f"The GAN of class(es) {bad_classes} produced NaN/inf values again after {max_restarts} "
+          f"restorations of the last good checkpoint (step {last}); stopped at step {self.step}. "
+          "Lower gan.learning_rate, check those classes' images (constant or corrupt images?), or "
+          "train them with more images.")
+    warnings.warn(
+        f"GAN of class(es) {bad_classes}: NaN/inf detected by step {self.step}; restored the "
+        f"checkpoint of step {last} and continuing with a fresh random stream for them (restart "
+        f"{worst} of at most {max_restarts}).", RuntimeWarning, stacklevel=3)
+    rng = process.fetch_sharded(restored["rng"]).copy()
+    for p in bad:
+      rng[p] = np.asarray(jax.random.fold_in(rng[p], int(restarts[p])))
+    restored["rng"] = jax.device_put(rng, self._sharding)
+    restored["restarts"] = jax.device_put(restarts, self._sharding)
+    restored["ok"] = jax.device_put(np.ones_like(ok), self._sharding)
+    self.ens, self.step = restored, last
+
+  def close(self) -> None:
+    """Waits for the pending checkpoint."""
+    self.checkpoints.close()

@@ -1,0 +1,77 @@
+"""mdjax.core: loop cadence, finite checks, atomic writes, the checkpoint wrapper, meshes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mdjax.core import files, loop, mesh as mesh_lib, process
+from mdjax.core.checkpoint import Checkpoints
+from mdjax.errors import UserError
+
+
+def test_itstime_every_and_last_step():
+  assert [s for s in range(1, 11) if loop.itstime(s, 4, 10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if loop.itstime(s, 4)] == [4, 8]
+  assert [s for s in range(1, 11) if loop.itstime(s, 0, 10)] == [10]
+
+
+def test_finite_checks():
+  assert bool(loop.all_finite({"a": jnp.ones(3), "b": jnp.arange(3), "c": 2.0}))
+  assert not bool(loop.all_finite({"a": jnp.array([1.0, jnp.nan])}))
+  assert not bool(jax.jit(loop.all_finite)({"a": jnp.array([jnp.inf])}))
+  rows = [{"loss": 1.0, "g": 2.0}, {"loss": 1.0, "g": float("inf")}, {"loss": float("nan"), "g": 0}]
+  assert loop.first_non_finite(rows, ("loss", "g")) == 1
+  assert loop.first_non_finite(rows, ("loss",)) == 2
+  assert loop.first_non_finite(rows[:1], ("loss", "g")) is None
+
+
+def test_write_atomic_replaces_whole_file_and_cleans_up_on_failure(tmp_path, monkeypatch):
+  path = tmp_path / "sub" / "record.json"
+  files.write_json_atomic(path, {"x": np.float32(1.5), "y": np.arange(2)})
+  assert files.read_json(path) == {"x": 1.5, "y": [0, 1]}
+
+  def fail(*args):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "replace", fail)
+  with pytest.raises(OSError):
+    files.write_atomic(path, b"new content")
+  assert json.loads(path.read_text()) == {"x": 1.5, "y": [0, 1]}  # the old file, whole
+  assert os.listdir(path.parent) == ["record.json"]  # no temporary file left behind
+
+
+def test_checkpoints_round_trip_with_record_and_refuse_another_shape(tmp_path):
+  mesh = mesh_lib.data_mesh()
+  state = {"w": jax.device_put(jnp.arange(8.0), mesh_lib.batch_sharding(mesh)),
+           "step": jax.device_put(jnp.int32(3), mesh_lib.replicated(mesh))}
+  with Checkpoints(tmp_path / "ck", max_to_keep=2, record="history") as ck:
+    assert ck.latest_step() is None
+    for step in (1, 2, 3):
+      ck.save(step, state, {"loss": [float(step)]})
+  with Checkpoints(tmp_path / "ck", record="history") as ck:
+    assert ck.latest_step() == 3
+    restored, history = ck.restore(3, state)
+    assert history == {"loss": [3.0]}
+    np.testing.assert_array_equal(restored["w"], np.arange(8.0))
+    assert restored["w"].sharding == state["w"].sharding
+    assert sorted(int(p) for p in os.listdir(tmp_path / "ck") if p.isdigit()) == [2, 3]
+    with pytest.raises(UserError, match="does not fit this run's state"):
+      ck.restore(3, {"w": state["w"], "other": state["step"]})
+
+
+def test_meshes_are_auto_and_one_dimensional():
+  explicit = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  auto = mesh_lib.auto_mesh(explicit)
+  assert auto.axis_types == (jax.sharding.AxisType.Auto,)
+  assert list(auto.devices.flat) == list(explicit.devices.flat)
+  assert mesh_lib.class_mesh().axis_names == (mesh_lib.CLASS_AXIS,)
+  assert mesh_lib.data_mesh().size == jax.device_count()
+  x = jax.device_put(jnp.arange(8.0), mesh_lib.class_sharding(mesh_lib.class_mesh()))
+  np.testing.assert_array_equal(process.fetch_sharded(x), np.arange(8.0))
+  assert process.is_writer()  # a single-process run: process 0 writes
