@@ -33,8 +33,6 @@ from mdjax.core import mesh as mesh_lib
 from mdjax.train import steps as steps_lib
 
 NUM_CLASSES = 10
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _median_time(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
@@ -125,85 +123,15 @@ def mdjax_profile(backbone: str, size: int, batch: int, steps: int) -> dict:
 
 
 def _torch_models():
-  import torch
-  from torch import nn
-
-  def bn(c):
-    return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)
-
-  class WideBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.bn1, self.conv1 = bn(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn2, self.conv2 = bn(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.shortcut = (nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
-                       if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-      pre = torch.relu(self.bn1(x))
-      y = self.conv2(torch.relu(self.bn2(self.conv1(pre))))
-      return (self.shortcut(pre) if self.shortcut is not None else x) + y
-
-  class WideResNet(nn.Module):
-    def __init__(self, depth=16, k=4):
-      super().__init__()
-      n = (depth - 4) // 6
-      layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False)], 16
-      for width, stride in zip((16 * k, 32 * k, 64 * k), (1, 2, 2)):
-        for i in range(n):
-          layers.append(WideBlock(cin, width, stride if i == 0 else 1))
-          cin = width
-      self.body, self.bn, self.num_features = nn.Sequential(*layers), bn(cin), cin
-
-    def forward(self, x):
-      return torch.relu(self.bn(self.body(x))).mean((2, 3))
-
-  class Bottleneck(nn.Module):
-    def __init__(self, cin, planes, stride):
-      super().__init__()
-      self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), bn(planes)
-      self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), bn(planes)
-      self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), bn(planes * 4)
-      self.downsample = (nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride, bias=False),
-                                       bn(planes * 4)) if stride != 1 or cin != planes * 4 else None)
-
-    def forward(self, x):
-      y = torch.relu(self.bn1(self.conv1(x)))
-      y = torch.relu(self.bn2(self.conv2(y)))
-      y = self.bn3(self.conv3(y))
-      return torch.relu(y + (self.downsample(x) if self.downsample is not None else x))
-
-  class ResNet50(nn.Module):
-    def __init__(self):
-      super().__init__()
-      layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), bn(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-      cin = 64
-      for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
-        for i in range(blocks):
-          layers.append(Bottleneck(cin, planes, 2 if stage > 0 and i == 0 else 1))
-          cin = planes * 4
-      self.body, self.num_features = nn.Sequential(*layers), cin
-
-    def forward(self, x):
-      return self.body(x).mean((2, 3))
-
-  class Classifier(nn.Module):
-    def __init__(self, backbone, dropout=0.35):
-      super().__init__()
-      self.backbone = backbone
-      self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-      self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-      self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, NUM_CLASSES))
-
-    def forward(self, x):
-      return self.head(self.backbone((x - self.mean) / self.std))
-
-  return {"wrn16_4": lambda: Classifier(WideResNet(16, 4)), "resnet50": lambda: Classifier(ResNet50())}
+  import torch_reference as ref  # benchmarks/ is on sys.path when a script in it runs
+  return {"wrn16_4": lambda: ref.build_classifier("wrn16_4", "linear", NUM_CLASSES),
+          "resnet50": lambda: ref.build_classifier("resnet50", "linear", NUM_CLASSES)}
 
 
 def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
                     rho: float = 0.05, profile: bool = False):
   import torch
+  import torch_reference as ref
   torch.set_num_threads(2)
   torch.manual_seed(0)
   model = _torch_models()[backbone]().train()
@@ -212,7 +140,6 @@ def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
   x = torch.from_numpy(rs.rand(batch, 3, size, size).astype(np.float32))  # NCHW: torch's native
   y = torch.from_numpy(rs.randint(0, NUM_CLASSES, batch).astype(np.int64))
   loss_fn = torch.nn.CrossEntropyLoss()
-  params = [p for p in model.parameters() if p.requires_grad]
 
   def adam_step():
     opt.zero_grad(set_to_none=True)
@@ -222,22 +149,7 @@ def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
     return loss.item()
 
   def sam_step():
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    with torch.no_grad():
-      norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
-      scale = rho / (norm + 1e-12)
-      es = [p.grad * scale for p in params]
-      for p, e in zip(params, es):
-        p.add_(e)
-    opt.zero_grad(set_to_none=True)
-    loss_fn(model(x), y).backward()
-    with torch.no_grad():
-      for p, e in zip(params, es):
-        p.sub_(e)
-    opt.step()
-    return loss.item()
+    return ref.sam_step(model, loss_fn, x, y, opt, rho=rho).item()
 
   result = _median_time(adam_step if optimizer == "adam" else sam_step, steps)
   if not profile:
