@@ -65,7 +65,11 @@ def fail(message: str, code: int = 2):
 
 
 def warn(message: str) -> None:
-  print(f"mdjax: warning: {message}", file=sys.stderr, flush=True)
+  # Warnings come while a tqdm bar is drawn (a NaN restored mid-stage): tqdm.write clears the bar,
+  # prints the line on a line of its own and redraws the bar below it.
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  tqdm.write(f"mdjax: warning: {message}", file=sys.stderr)
+  sys.stderr.flush()
 
 
 def _show_recovery_warnings() -> None:
