@@ -1,9 +1,12 @@
 """Errors a user can act on.
 
-A `UserError` is a mistake in the user's input (config, data, workdir): `mdjax.main` prints its
-message on one line and exits with status 2, without a traceback. Everything else is a bug and
-keeps its traceback.
+A `UserError` is a mistake in the user's input (config, data, workdir) or a problem of the machine
+the user can fix (a full disk, a workdir another run is using): `mdjax.main` prints its message on
+one line and exits with the error's `exit_code` (2 unless a subclass says otherwise), without a
+traceback. Everything else is a bug and keeps its traceback.
 """
+
+import os
 
 
 class UserError(Exception):
@@ -33,6 +36,27 @@ class UnknownConfigKeyError(UserError):
 
 class DataError(UserError):
   """Data is missing, unreadable or laid out in a way mdjax does not understand."""
+
+
+class StorageError(UserError):
+  """A write (or read) in the workdir failed: a full disk, a quota, a permission, a read-only file
+  system. Nothing finished is lost; once the cause is fixed the same command resumes. Exit status
+  EX_IOERR (74, sysexits.h), so a script can tell it from a mistake in the command (2)."""
+
+  exit_code = os.EX_IOERR
+
+
+class WorkdirBusyError(UserError):
+  """Another run holds the workdir's lock. Exit status EX_TEMPFAIL (75, sysexits.h): try again
+  when that run has finished."""
+
+  exit_code = os.EX_TEMPFAIL
+
+
+class RecoveryWarning(RuntimeWarning):
+  """mdjax recovered from a fault by itself (a damaged checkpoint set aside, a NaN restored from
+  the last good checkpoint); the message says what it did. `mdjax.main` prints it on one line as
+  "mdjax: warning: ..."."""
 
 
 class NonFiniteLossError(RuntimeError):

@@ -12,7 +12,10 @@ With MDJAX_DRY_RUN=1 in the environment nothing runs: the process prints one lin
 its CUDA_VISIBLE_DEVICES and the arguments it would pass to jax.distributed.initialize, and exits.
 
 A mistake in the command line, the config or the data prints one line starting with
-"mdjax: error:" and exits with status 2; the traceback is kept for bugs only.
+"mdjax: error:" and exits with status 2; so does a full disk or a permission problem anywhere in
+the run (status 74), and a workdir another run is using (status 75). The traceback is kept for
+bugs only. What mdjax recovered from by itself (a damaged checkpoint set aside, a NaN restored)
+prints one line starting with "mdjax: warning:".
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ import os
 import re
 import sys
 import traceback
+import warnings
 
 import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
 from mdjax import config as config_lib
-from mdjax.core import distributed
-from mdjax.errors import UnknownConfigKeyError, UserError
+from mdjax.core import distributed, storage
+from mdjax.errors import RecoveryWarning, StorageError, UnknownConfigKeyError, UserError
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -58,6 +62,28 @@ def _define_config_flag():
 def fail(message: str, code: int = 2):
   print(f"mdjax: error: {message}", file=sys.stderr)
   sys.exit(code)
+
+
+def warn(message: str) -> None:
+  # Warnings come while a tqdm bar is drawn (a NaN restored mid-stage): tqdm.write clears the bar,
+  # prints the line on a line of its own and redraws the bar below it.
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  tqdm.write(f"mdjax: warning: {message}", file=sys.stderr)
+  sys.stderr.flush()
+
+
+def _show_recovery_warnings() -> None:
+  """RecoveryWarnings as one "mdjax: warning:" line each (not Python's file:line form, which
+  points into mdjax's code rather than at what happened); other warnings as Python shows them."""
+  show = warnings.showwarning
+
+  def showwarning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, RecoveryWarning):
+      warn(" ".join(str(message).split()))
+    else:
+      show(message, category, filename, lineno, file, line)
+
+  warnings.showwarning = showwarning
 
 
 def _config_file(argv: list[str]) -> str:
@@ -190,6 +216,8 @@ def main() -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; use --config=... and --workdir=...")
   logging.set_verbosity(logging.WARNING)
+  _show_recovery_warnings()
+  storage.quiet_fault_echoes(warn)
   try:
     setup = distributed_setup(os.environ)
     if os.environ.get("MDJAX_DRY_RUN", "") not in ("", "0"):
@@ -205,7 +233,16 @@ def main() -> None:
     from mdjax.pipeline import run  # pylint: disable=g-import-not-at-top
     run.run(config, workdir)
   except UserError as e:
+    if isinstance(e, StorageError):
+      storage.mark_reported()
     fail(str(e), e.exit_code)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # A full disk or a permission problem outside the stages' own checks (data caches, ...).
+    fault = storage.os_fault(e)
+    if fault is None:
+      raise
+    storage.mark_reported()
+    fail(str(storage.storage_error(fault)), StorageError.exit_code)
   except KeyboardInterrupt:
     print("\nmdjax: interrupted; finished stages and the last checkpoint are kept. "
           "Run the same command again to resume.", file=sys.stderr)

@@ -4,6 +4,7 @@
   process     process 0 writes, barriers, reading sharded / replicated arrays on the host
   checkpoint  one orbax CheckpointManager wrapper for every stage
   files       atomic writes (temp file, fsync, rename)
+  storage     a full disk or a permission problem, in any thread, as one StorageError
   loop        cadence (`itstime`) and finite checks
   cpu_conv    convolution gradients as matmuls on XLA's CPU backend (used by classifier and GANs)
 """

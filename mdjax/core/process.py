@@ -27,6 +27,20 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true in any process (every process gets the same answer; a collective)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def from_writer(value: int) -> int:
+  """Process 0's `value` in every process (a collective; `value` itself in a single process)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def fetch_replicated(tree: Any) -> Any:
   """Numpy copies of replicated arrays; every replica is the same, so the local one is read."""
   return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array)
@@ -55,4 +69,7 @@ def metric_writer(logdir: str, *, active: bool = True):
     return _NoMetricWriter()
   # Imported here: tensorboardX pulls in protobuf, and only the writing process needs it.
   import tensorboardX  # pylint: disable=g-import-not-at-top
-  return tensorboardX.SummaryWriter(logdir)
+  # max_queue=0: an unbounded queue. With the default (10) a writer thread that died (a full
+  # disk) leaves the queue full and the next add_scalar blocks forever; unbounded, logging goes on
+  # into memory until the run's next write in the main thread fails and ends it with one line.
+  return tensorboardX.SummaryWriter(logdir, max_queue=0)

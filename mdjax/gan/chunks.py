@@ -9,7 +9,8 @@ training does. Sample grids and generated images draw from further streams of th
 Checkpoints: `chunk_<j>/checkpoints/` (orbax: stacked states, per-class RNG, restarts, "all
 finite" flags; the step is the checkpoint's number) and `chunk_<j>/meta.json`, which says which
 classes and data the checkpoints belong to: a mismatch on resume is a UserError, never a silent
-mix.
+mix. A damaged checkpoint is set aside and the chunk resumes from the newest intact one, or starts
+over (mdjax.core.checkpoint.Checkpoints.restore_latest).
 
 NaN/inf: when the host finds a class's "all finite" flag down (mdjax.gan.program folds it into the
 state every step), the whole chunk is restored from its last checkpoint (always good: the flag is
@@ -32,7 +33,7 @@ import numpy as np
 
 from mdjax.core import files, mesh as mesh_lib, process
 from mdjax.core.checkpoint import Checkpoints
-from mdjax.errors import NonFiniteLossError, UserError
+from mdjax.errors import NonFiniteLossError, RecoveryWarning, UserError
 from mdjax.gan import class_data, program
 
 # fold_in constants separating a class's key streams (training uses the class key itself).
@@ -115,14 +116,14 @@ class Chunk:
     self.data, self.counts = jax.device_put((data, counts), self._sharding)
     self.checkpoints = Checkpoints(chunk_dir / "checkpoints")
     self.ens = init_ensemble(fns, seed, self.padded, mesh)
-    latest = self.checkpoints.latest_step()
-    self.fresh = latest is None
+    # The newest intact checkpoint; damaged ones are set aside with a warning (core.checkpoint).
+    restored = self.checkpoints.restore_latest(self.ens)
+    self.fresh = restored is None
     if self.fresh:
       self.step = 0
       self.checkpoints.save(0, self.ens)
     else:
-      self.step = latest
-      self.ens, _ = self.checkpoints.restore(latest, self.ens)
+      self.step, self.ens, _ = restored
 
   def advance(self, step_fn) -> dict:
     """One step of every class; returns the step's metrics (device arrays, [K] each)."""
@@ -166,7 +167,7 @@ class Chunk:
     warnings.warn(
         f"GAN of class(es) {bad_classes}: NaN/inf detected by step {self.step}; restored the "
         f"checkpoint of step {last} and continuing with a fresh random stream for them (restart "
-        f"{worst} of at most {max_restarts}).", RuntimeWarning, stacklevel=3)
+        f"{worst} of at most {max_restarts}).", RecoveryWarning, stacklevel=3)
     rng = process.fetch_sharded(restored["rng"]).copy()
     for p in bad:
       rng[p] = np.asarray(jax.random.fold_in(rng[p], int(restarts[p])))

@@ -213,24 +213,30 @@ def write_generated(out_dir: str | os.PathLike, images_by_class: Mapping[int, np
   tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
   tmp.mkdir()
   entries, classes = [], []
-  for k in sorted(images_by_class):
-    images = np.asarray(images_by_class[k])
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"class {k}: expected uint8 [N, H, W, 3], got {images.dtype} {images.shape}.")
-    cdir = tmp / _class_dir(k)
-    cdir.mkdir()
-    for i, image in enumerate(images):
-      rel = f"{_class_dir(k)}/{i:06d}.png"
-      _write_png(tmp / rel, image)
-      entries.append({"file": rel, "class_index": int(k), "class_name": name_of(k),
+  try:
+    for k in sorted(images_by_class):
+      images = np.asarray(images_by_class[k])
+      if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"class {k}: expected uint8 [N, H, W, 3], got {images.dtype} {images.shape}.")
+      cdir = tmp / _class_dir(k)
+      cdir.mkdir()
+      for i, image in enumerate(images):
+        rel = f"{_class_dir(k)}/{i:06d}.png"
+        _write_png(tmp / rel, image)
+        entries.append({"file": rel, "class_index": int(k), "class_name": name_of(k),
+                        "source_step": step_of(k)})
+      files.fsync_dir(cdir)
+      classes.append({"class_index": int(k), "class_name": name_of(k), "count": len(images),
                       "source_step": step_of(k)})
-    files.fsync_dir(cdir)
-    classes.append({"class_index": int(k), "class_name": name_of(k), "count": len(images),
-                    "source_step": step_of(k)})
-  index = json.dumps({"version": FORMAT_VERSION, "num_images": len(entries), "classes": classes,
-                      "images": entries}, indent=1).encode()
-  _write_bytes(tmp / INDEX_FILE, index)
-  files.fsync_dir(tmp)
+    index = json.dumps({"version": FORMAT_VERSION, "num_images": len(entries), "classes": classes,
+                        "images": entries}, indent=1).encode()
+    _write_bytes(tmp / INDEX_FILE, index)
+    files.fsync_dir(tmp)
+  except BaseException:
+    # A failed write (a full disk) frees what it wrote at once; a killed one leaves `tmp` for the
+    # next write to remove (above).
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
   old = None
   if out_dir.exists():

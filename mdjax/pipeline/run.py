@@ -2,6 +2,7 @@
 
 Layout of a workdir:
     config.json             the config it was made with
+    mdjax.lock              held by the run in progress (names its process)
     stages/<stage>.json     completion records (written last)
     train/, finetune/       classifier checkpoints and TensorBoard logs
     gan/                    the weak classes' GAN checkpoints, sample grids, TensorBoard logs
@@ -32,9 +33,14 @@ def run(config, workdir: str) -> dict:
   seeds = plan.parse_seeds(config)
   say(f"dataset {config.data.name}: {splits.summary()}")
   say(f"workdir {os.path.abspath(workdir)}")
-  workdir_lib.prepare(workdir, config)
-  if not str(config.seeds).strip():
-    return run_seed(config, workdir, splits)
+  with workdir_lib.locked(workdir):  # one run per workdir, held until the run ends
+    workdir_lib.prepare(workdir, config)
+    if not str(config.seeds).strip():
+      return run_seed(config, workdir, splits)
+    return run_seeds(config, workdir, splits, seeds)
+
+
+def run_seeds(config, workdir: str, splits, seeds) -> dict:
   per_seed = []
   for seed in seeds:
     seed_config = config.copy_and_resolve_references()

@@ -9,17 +9,29 @@ reports, and all processes meet at a barrier after each write before reading it.
 
 The config the folder was made with is kept in `config.json`; a later run with a different config
 is refused (naming the differences) unless `--config.resume=force`.
+
+One run at a time: `locked` holds an exclusive `fcntl.flock` on `mdjax.lock` for the whole run
+(process 0 holds it for a multi-process run), and writes who holds it into the file. A second run
+on the same workdir stops at once with one line naming that process. The OS releases the lock
+when its process ends however it ends (also `kill -9`), so the file a dead run leaves behind never
+blocks a resume: only a live holder counts, never the file's existence.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import sys
+import time
 from typing import Any
 
-from mdjax.core import files, process
-from mdjax.errors import UserError
+from mdjax.core import files, process, storage
+from mdjax.errors import UserError, WorkdirBusyError
+
+LOCK_FILE = "mdjax.lock"
 
 # `config.resume`: continue a workdir made by the same config (auto), by any config (force), or
 # refuse a workdir that already holds a run (never).
@@ -96,23 +108,66 @@ class Stages:
     process.barrier(f"stage {name} complete")
 
 
-class os_errors:  # pylint: disable=invalid-name
-  """Turns a full disk or a permission problem into a UserError naming the path; nothing is lost."""
+def os_errors(where: str):
+  """Turns a full disk or a permission problem in the block (also one raised by a background
+  write, see mdjax.core.storage) into a StorageError naming the path; nothing is lost."""
+  return storage.converted(where)
 
-  FRIENDLY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-              errno.EROFS: "the file system is read-only"}
 
-  def __init__(self, where: str):
-    self.where = where
+def _holder(fh) -> str:
+  """Who holds the lock, as its holder wrote it into the lock file."""
+  try:
+    fh.seek(0)
+    info = json.loads(fh.read() or "{}")
+  except (OSError, ValueError):
+    info = {}
+  if not info:
+    return "another process (it has not written its name yet)"
+  return (f"process {info.get('pid')} on {info.get('host')} (started {info.get('started')}: "
+          f"{info.get('command')})")
 
-  def __enter__(self):
-    return self
 
-  def __exit__(self, kind, error, tb):
-    if kind is not None and issubclass(kind, OSError) and error.errno in self.FRIENDLY:
-      raise UserError(
-          f"cannot write under {self.where}: {self.FRIENDLY[error.errno]} ({error.filename or error}). "
-          "Finished stages and checkpoints are kept; free space or fix permissions, then run the "
-          "same command again to resume.") from None
-    return False
+def _acquire(path: str):
+  """The open lock file, locked by this process; WorkdirBusyError if another process holds it."""
+  fh = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _holder(fh)
+    fh.close()
+    raise WorkdirBusyError(
+        f"workdir {os.path.dirname(path)} is in use by {holder}. Two runs on one workdir would "
+        "overwrite each other's checkpoints and records: wait for that run to finish (or stop it; "
+        "the same command then resumes it), or choose another --workdir.") from None
+  except BaseException:
+    fh.close()
+    raise
+  fh.seek(0)
+  fh.truncate()
+  fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "command": " ".join(sys.argv)}) + "\n")
+  fh.flush()
+  return fh
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+  """Holds the workdir's lock for the block (see the module docstring); creates the folder."""
+  fh, busy = None, None
+  if process.is_writer():
+    try:
+      with os_errors(workdir):
+        os.makedirs(workdir, exist_ok=True)
+        fh = _acquire(os.path.join(workdir, LOCK_FILE))
+    except UserError as e:  # held by another run, or a workdir that cannot be written
+      busy = e
+  # Every process stops if process 0 could not take the lock (the others would otherwise run on).
+  if process.from_writer(busy is not None):
+    raise busy or WorkdirBusyError(f"process 0 of this run could not take the lock of workdir "
+                                   f"{workdir}; see its message.")
+  try:
+    yield
+  finally:
+    if fh is not None:
+      fh.close()  # releases the lock; the file stays (deleting it would race with a new run)

@@ -7,7 +7,8 @@ Resumption is exact: the checkpoint holds the whole TrainState (step, params, ba
 state, rng) plus the history; the data stream's position is a pure function of the step
 (`pipeline.train_batches(start_step=...)`) and the step's dropout key is `fold_in(rng, step)`. A
 killed run therefore continues from its last checkpoint to the same parameters an uninterrupted run
-reaches. Checkpoints are written every `config.train.checkpoint_every` steps and at every epoch end,
+reaches; a damaged newest checkpoint is set aside and the run continues from the one before it (or
+starts over), to the same parameters again. Checkpoints are written every `config.train.checkpoint_every` steps and at every epoch end,
 asynchronously (orbax); the loop waits for the last save before it returns, also when it fails.
 
 Host syncs: the step's metrics stay on device and are fetched to the host only at logging
@@ -174,14 +175,17 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   stage_dir = os.path.join(os.path.abspath(workdir), tag)
   checkpoint_dir = os.path.join(stage_dir, "checkpoints")
   checkpoints = Checkpoints(checkpoint_dir, max_to_keep=int(t.max_checkpoints), record="history")
-  latest = checkpoints.latest_step()
-  if latest is not None:
+  restored = None
+  if checkpoints.latest_step() is not None:
     abstract = steps_lib.abstract_train_state(model, tx, rng, image_shape, mesh, init_variables)
     try:
-      state, history = checkpoints.restore(latest, abstract)
+      # The newest intact checkpoint; damaged ones are set aside with a warning (core.checkpoint).
+      restored = checkpoints.restore_latest(abstract)
     except UserError:  # written by another config
       checkpoints.close()
       raise
+  if restored is not None:
+    _, state, history = restored
   else:
     state = steps_lib.create_train_state(model, tx, rng, image_shape, mesh, init_variables)
     history = _empty_history()
@@ -253,9 +257,11 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
         step_callback(done, state)
   finally:
     # Also on errors and interrupts: finish the pending (good) save so a rerun resumes from it.
-    checkpoints.close()
-    bar.close()
-    writer.close()
+    try:
+      checkpoints.close()  # raises StorageError if that save failed (a full disk)
+    finally:
+      bar.close()
+      writer.close()
 
   return TrainResult(variables=state.variables, history={k: v for k, v in history.items()
                                                           if k != "partial"},

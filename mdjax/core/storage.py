@@ -1,0 +1,192 @@
+"""A full disk or a permission problem, wherever it happens, as one `StorageError`.
+
+A write in the workdir can fail in the caller's thread (records, reports, generated images: an
+`OSError`) or in a background thread (orbax's asynchronous checkpoint writes, tensorboardX's event
+writer). The background ones reach the caller later and wrapped: orbax re-raises tensorstore's
+error at the next save or at close, as a `ValueError` whose text alone carries the OS error
+("... No space left on device [os_error_code='28']"). `os_fault` finds the OS error in either form;
+`storage_error` turns it into the one line `mdjax.main` prints (the path, what to free or fix, and
+that the same command resumes), and `converted` does both around a block of work.
+
+The failing threads also print their own tracebacks as they die: orbax logs each failed write
+with its traceback (absl), asyncio logs the futures nobody retrieved, tensorstore's callbacks into
+the closed event loop go to `sys.unraisablehook` (hundreds of lines for one full disk), and the
+tensorboardX writer thread dies with "Exception in thread". `quiet_fault_echoes` (installed by
+`mdjax.main`) drops exactly those echoes of a storage fault; the fault itself still ends the run
+through the error above. Any other error in those places is printed as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+import humanize
+
+from mdjax.errors import StorageError
+
+FRIENDLY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EROFS: "the file system is read-only"}
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+# tensorstore (under orbax) reports an OS error as text: "...: <strerror> [os_error_code='28']".
+_TS_CODE = re.compile(r"os_error_code='?(\d+)'?")
+_QUOTED_PATH = re.compile(r"\"(/[^\"]+)\"")
+# Set once a storage fault has been reported, so the interpreter's shutdown does not print the
+# abandoned asynchronous writes' own errors after the one line (see quiet_fault_echoes).
+_reported = threading.Event()
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+  """`exc`, its causes and contexts, and the members of exception groups (each once)."""
+  seen, todo = set(), [exc]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    yield e
+    todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
+
+
+def os_fault(exc: BaseException | None) -> OSError | None:
+  """The full-disk / quota / permission / read-only error behind `exc`, or None.
+
+  An `OSError` anywhere in the chain counts as it is; an error whose text is tensorstore's report
+  of one (orbax's asynchronous writes) becomes an `OSError` with that errno and the path it names.
+  """
+  for e in _chain(exc):
+    if isinstance(e, OSError) and e.errno in FRIENDLY:
+      return e
+  for e in _chain(exc):
+    text = str(e)
+    code = _TS_CODE.search(text)
+    if code and int(code.group(1)) in FRIENDLY:
+      number = int(code.group(1))
+    else:
+      number = next((n for n in FRIENDLY if os.strerror(n) in text), None)
+    if number is not None:
+      paths = _QUOTED_PATH.findall(text)
+      return OSError(number, os.strerror(number), paths[-1] if paths else None)
+  return None
+
+
+def _existing(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return path
+
+
+def storage_error(fault: OSError, where: str | None = None, *, needed_bytes: int | None = None,
+                  path: str | None = None) -> StorageError:
+  """The one-line error for `fault` (from `os_fault`); `where` is the path to name when the error
+  does not carry one, `path` one to name instead of the error's; `needed_bytes` what the failed
+  write needed, when known."""
+  path = path or (os.fspath(fault.filename) if fault.filename else (where or "the workdir"))
+  what = FRIENDLY.get(fault.errno, fault.strerror or "the write failed")
+  resume = ("Finished stages and intact checkpoints are kept; run the same command again to "
+            "resume.")
+  if fault.errno in _FULL:
+    try:
+      usage = shutil.disk_usage(_existing(path))
+      room = (f"{humanize.naturalsize(usage.free, binary=True)} free of "
+              f"{humanize.naturalsize(usage.total, binary=True)} on its file system")
+    except OSError:
+      room = "free space unknown"
+    need = (f"; this write needed about {humanize.naturalsize(needed_bytes, binary=True)}"
+            if needed_bytes else "")
+    message = (f"cannot write {path}: {what} ({room}{need}). Free space on that file system (in "
+               "a workdir, tensorboard/ logs and *.damaged/ folders are not needed to resume), or "
+               f"move the workdir to a larger disk. {resume}")
+  else:
+    message = (f"cannot write {path}: {what}. Make it writable for this user (or choose another "
+               f"--workdir). {resume}")
+  return StorageError(message)
+
+
+@contextlib.contextmanager
+def converted(where: str | None = None, *, needed_bytes: int | None = None,
+              on_fault: Callable[[OSError], str | None] | None = None):
+  """Raises a `StorageError` (from None: no traceback to print) for any exception in the block
+  that `os_fault` recognises; other exceptions pass unchanged. `on_fault(fault)` runs first (to
+  clean up) and may return the path the message should name."""
+  try:
+    yield
+  except StorageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    fault = os_fault(e)
+    if fault is None:
+      raise
+    path = on_fault(fault) if on_fault else None
+    raise storage_error(fault, where, needed_bytes=needed_bytes, path=path) from None
+
+
+def mark_reported() -> None:
+  """Called by `mdjax.main` after printing a StorageError (see quiet_fault_echoes)."""
+  _reported.set()
+
+
+class _DropFaultRecords(logging.Filter):
+  """Drops log records that carry (or only quote) a storage fault: orbax's and asyncio's echoes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None:
+      return os_fault(exc) is None
+    if record.levelno >= logging.ERROR:
+      try:
+        message = record.getMessage()
+      except Exception:  # pylint: disable=broad-exception-caught
+        return True
+      return os_fault(Exception(message)) is None
+    return True
+
+
+def quiet_fault_echoes(warn=None) -> None:
+  """Silences the background threads' own reports of a storage fault (see the module docstring).
+
+  `warn(message)` is told once when a background thread dies of one (e.g. TensorBoard logging
+  stopped), since nothing else would say so until the next write in the main thread fails.
+  Installed once per process, by `mdjax.main` (a library does not change global hooks).
+  """
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_DropFaultRecords())
+
+  previous_unraisable = sys.unraisablehook
+
+  def unraisable(info):
+    exc = info.exc_value
+    if os_fault(exc) is not None:
+      return
+    # tensorstore completing a write whose asyncio loop orbax already closed after a failure.
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    # The abandoned writes of a reported fault, failing again as the interpreter shuts down.
+    if _reported.is_set() and sys.is_finalizing():
+      return
+    previous_unraisable(info)
+
+  sys.unraisablehook = unraisable
+
+  previous_thread_hook = threading.excepthook
+  told = []
+
+  def thread_hook(args):
+    fault = os_fault(args.exc_value)
+    if fault is None:
+      previous_thread_hook(args)
+    elif warn is not None and not told:
+      told.append(True)
+      warn(f"a background writer ({args.thread.name if args.thread else 'thread'}) stopped: "
+           f"{FRIENDLY[fault.errno]} ({fault.filename or fault.strerror}).")
+
+  threading.excepthook = thread_hook
