@@ -131,8 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
   g.sample_every = 1000
   g.checkpoint_every = 1000
   g.log_every = 50
-  # The independent judge of generated images (mdjax.gan.judge): its input size. EfficientNet-Lite0
-  # was trained at 224; 128 keeps its accuracy on small images at a third of the cost.
+  # The independent judge of generated images (mdjax.gan.judge): `lite0` (logistic regression on
+  # ImageNet EfficientNet-Lite0 features; natural images) or `pixels` (an SVC on raw pixels; small
+  # images such as digits), and its input size. Lite0 was trained at 224; 128 keeps its accuracy on
+  # small images at a third of the cost.
+  g.judge = "lite0"
   g.judge_resolution = 128
   c.lock()  # a key base_config does not define is a typo wherever it is set (see mdjax.main)
   return c
@@ -206,7 +209,8 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.gan.sample_every = 10
   config.gan.checkpoint_every = 10
   config.gan.log_every = 5
-  config.gan.judge_resolution = 64
+  if config.gan.judge == "lite0":
+    config.gan.judge_resolution = 64
   # auto: lax.map on CPU, vmap on GPU; both compile the FastGAN step once where unrolling compiles
   # it once per class (minutes on a CPU), and 20 tiny steps cannot repay that.
   config.gan.ensemble = "auto"
@@ -266,7 +270,7 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   # pylint: disable=g-import-not-at-top
   from mdjax.data import pipeline as data_pipeline
   from mdjax.data import registry
-  from mdjax.gan import diffaug, fastgan, losses, program
+  from mdjax.gan import diffaug, fastgan, judge, losses, program
   from mdjax.models import backbones, classifier, heads
   from mdjax.optim import factory
   from mdjax.pipeline import workdir
@@ -350,6 +354,7 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   _one_of(config, "gan.resolution", fastgan.RESOLUTIONS)
   _one_of(config, "gan.ensemble", program.ENSEMBLES)
   _one_of(config, "gan.recon_loss", losses.RECON_LOSSES)
+  _one_of(config, "gan.judge", judge.JUDGES)
   for key in ("steps", "batch_size", "ngf", "ndf", "nz", "chunk_size", "sample_every",
               "checkpoint_every", "log_every", "judge_resolution"):
     _require(isinstance(g[key], int) and g[key] > 0, f"gan.{key}", g[key], "a positive integer")

@@ -140,7 +140,7 @@ class Run:
       self._judge = judge_lib.fit_judge(
           view(self.splits.train), self.splits.train.labels, view(self.splits.val),
           self.splits.val.labels, self.num_classes, seed=int(self.config.seed),
-          resolution=int(self.config.gan.judge_resolution))
+          kind=str(self.config.gan.judge), resolution=int(self.config.gan.judge_resolution))
     return self._judge
 
   def accept_fn(self, threshold: float):
