@@ -258,6 +258,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
   args = _parse(argv)
+  # SIGTERM (a CI timeout, `timeout`, a scheduler) exits through the `finally` of run_script,
+  # which kills the running benchmark's process group: otherwise it would outlive the suite.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   mode = QUICK if args.quick else FULL
   started = time.strftime("%Y-%m-%dT%H:%M:%S")
   machine, seconds = run_script("machine", mode["machine"], args.timeout)

@@ -10,19 +10,34 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A few minutes on an idle 2-core machine; far more when it is shared.
+TIMEOUT_S = int(os.environ.get("MDJAX_TEST_RUN_TIMEOUT", 1800))
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
   path = tmp_path_factory.mktemp("bench") / "quick.json"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
-  result = subprocess.run(
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
+         "PYTHONPATH": os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])])}
+  proc = subprocess.Popen(
       [sys.executable, "-m", "benchmarks.run", "--quick", "--only=classifier_step,input_pipeline",
-       "--scaling=1,2", f"--json={path}"], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=600)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+       "--scaling=1,2", f"--json={path}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    stdout, _ = proc.communicate(timeout=TIMEOUT_S)
+  finally:
+    # On a timeout (or Ctrl-C): SIGTERM lets run.py kill the benchmark it is running (its own
+    # process group) before it exits; SIGKILL if it does not within 30 s.
+    if proc.poll() is None:
+      proc.terminate()
+      try:
+        proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+  assert proc.returncode == 0, stdout[-3000:]
   with open(path) as fh:
-    return json.load(fh), result.stdout
+    return json.load(fh), stdout
 
 
 def test_machine_and_peak(quick):

@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/default.py:smoke", "--config.data.max_train_per_class=40",
          "--config.train.epochs=1", "--config.finetune.epochs=1", "--config.mistake.nwpc=2",
          "--config.gan.steps=2", "--config.gan.log_every=1", "--config.gan.sample_every=2",
-         "--config.gan.checkpoint_every=2", "--config.gan.judge_resolution=32"]
+         "--config.gan.checkpoint_every=2"]
 
 
 def _env(devices_per_process: int) -> dict:
