@@ -14,11 +14,20 @@ step), on `torch.set_num_threads(2)`. Compile / warm-up steps are excluded; ever
 median of `--steps` timed steps. The machine is shared, so compare ratios within one run:
   SAM/Adam   = SAM step time / Adam step time (the floor is 2.0: two gradients per step)
   torch/mdjax = PyTorch step time / mdjax step time (> 1: mdjax is faster)
+
+Each mdjax step also reports its FLOPs (XLA's cost analysis of the compiled step: 2 per
+multiply-add, both SAM gradients included) and the FLOP/s it achieves. `--sides mdjax` leaves
+PyTorch out; `--cases wrn10_2:16:32,...` times other backbone:size:batch cases. `--scaling 1,2,4,8`
+times the SAM step (per-device perturbation, as training runs it) data parallel over the first 1,
+2, 4, 8 devices with the per-device batch fixed (weak scaling): images/s and the efficiency
+images/s(n) / (n x images/s(1)). benchmarks/run.py asks for it on GPUs; on a CPU it runs only over
+simulated devices (JAX_NUM_CPU_DEVICES), which share the same cores. The last line printed is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -31,6 +40,8 @@ from mdjax import models, optim
 from mdjax.core import cpu_conv
 from mdjax.core import mesh as mesh_lib
 from mdjax.train import steps as steps_lib
+
+from machine import flops_of  # benchmarks/ is on sys.path when a script in it runs
 
 NUM_CLASSES = 10
 
@@ -54,19 +65,25 @@ def _median_time(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
 # mdjax
 
 
-def _config(backbone: str, optimizer: str):
+def _config(backbone: str, optimizer: str, perturbation: str = "global"):
   c = config_lib.base_config()
   c.model.backbone, c.model.head, c.model.weights = backbone, "linear", "random"
   c.train.optimizer, c.train.base_optimizer = optimizer, "adam"
   c.train.schedule, c.train.learning_rate = "constant", 1e-3
-  c.train.sam_perturbation = "global"
+  c.train.sam_perturbation = perturbation
   return c
 
 
-def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
-                    fast_conv_grads: bool | None = None):
-  config = _config(backbone, optimizer)
-  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+def mdjax_step(backbone: str, size: int, batch: int, optimizer: str, steps: int,
+               fast_conv_grads: bool | None = None, devices: int = 1,
+               perturbation: str = "global") -> dict:
+  """Times mdjax's train step on the first `devices` devices (global batch `batch`).
+
+  The step is compiled explicitly (`lower().compile()`, timed as compile_s) and that executable
+  is what runs, so its cost analysis is the program timed.
+  """
+  config = _config(backbone, optimizer, perturbation)
+  mesh = mesh_lib.data_mesh(jax.devices()[:devices])
   model = models.build_classifier(config.model, NUM_CLASSES)
   tx = optim.make_optimizer(config, steps_per_epoch=100)
   state = steps_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (size, size, 3), mesh)
@@ -75,13 +92,44 @@ def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
   batch_arrays = jax.device_put(
       {"image": rs.rand(batch, size, size, 3).astype(np.float32),
        "label": rs.randint(0, NUM_CLASSES, batch).astype(np.int32)}, mesh_lib.batch_sharding(mesh))
+  t0 = time.perf_counter()
+  with jax.threefry_partitionable(steps_lib.INIT_THREEFRY_PARTITIONABLE):
+    compiled = train_step.jitted.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - t0
+  flops = flops_of(compiled) * devices  # the cost analysis is that of one device's program
   holder = [state]
 
   def run():
-    holder[0], metrics = train_step(holder[0], batch_arrays)
+    holder[0], metrics = compiled(holder[0], batch_arrays)
     jax.block_until_ready(metrics["loss"])
 
-  return _median_time(run, steps)
+  _, median = _median_time(run, steps)
+  return {"backbone": backbone, "size": size, "batch": batch, "optimizer": optimizer,
+          "devices": devices, "s_per_step": median, "images_per_s": batch / median,
+          "flops_per_step": flops, "flops_per_s": flops / median, "compile_s": compile_s}
+
+
+def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
+                    fast_conv_grads: bool | None = None):
+  """(compile time, median step time) in seconds."""
+  r = mdjax_step(backbone, size, batch, optimizer, steps, fast_conv_grads)
+  return r["compile_s"], r["s_per_step"]
+
+
+def scaling(backbone: str, size: int, per_device_batch: int, counts, steps: int) -> list[dict]:
+  """The SAM step (per-device perturbation) over the first n devices for each n in `counts`
+  (those the machine has), the per-device batch fixed."""
+  out = []
+  for n in counts:
+    if n > jax.device_count():
+      break
+    r = mdjax_step(backbone, size, per_device_batch * n, "sam", steps, devices=n,
+                   perturbation="per_device")
+    r["efficiency"] = r["images_per_s"] / (n * out[0]["images_per_s"]) if out else 1.0
+    out.append(r)
+    print(f"scaling {backbone} {size}x{size}, {per_device_batch}/device: {n} device(s) "
+          f"{r['images_per_s']:.1f} images/s, efficiency {r['efficiency']:.2f}", flush=True)
+  return out
 
 
 def mdjax_profile(backbone: str, size: int, batch: int, steps: int) -> dict:
@@ -170,12 +218,25 @@ def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
 # ------------------------------------------------------------------------------------------------
 
 
+def _cases(spec: str):
+  out = []
+  for item in filter(None, spec.split(",")):
+    backbone, size, batch = item.split(":")
+    out.append((backbone, int(size), int(batch)))
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
   parser.add_argument("--quick", action="store_true", help="WRN-16-4 only, 3 steps")
   parser.add_argument("--profile", action="store_true", help="also time forward vs forward+backward")
   parser.add_argument("--models", default="", help="comma-separated subset of wrn16_4,resnet50")
+  parser.add_argument("--cases", default="", help="backbone:size:batch,... instead of the defaults")
+  parser.add_argument("--sides", default="mdjax,torch", help="mdjax,torch or one of them")
+  parser.add_argument("--scaling", default="", help="device counts, e.g. 1,2,4,8 (SAM step)")
+  parser.add_argument("--scaling-case", default="",
+                      help="backbone:size:per-device batch of the scaling (default: the first case)")
   args = parser.parse_args()
   cases = [("wrn16_4", 32, 128), ("resnet50", 224, 8)]
   steps = args.steps
@@ -183,35 +244,52 @@ def main():
     cases, steps = cases[:1], min(steps, 3)
   if args.models:
     cases = [c for c in cases if c[0] in args.models.split(",")]
+  if args.cases:
+    cases = _cases(args.cases)
+  sides = args.sides.split(",")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
         f"median of {steps} steps after warm-up (compile excluded)")
+  report = {"steps": steps, "cases": [], "torch": [], "scaling": []}
   for backbone, size, batch in cases:
     print(f"\n== {backbone} {size}x{size}, batch {batch}, float32 ==")
     t = {}
-    for opt in ("adam", "sam"):
-      compile_s, t[("mdjax", opt)] = mdjax_step_time(backbone, size, batch, opt, steps)
-      print(f"mdjax {opt:4s}: {t[('mdjax', opt)]:.3f} s/step = {batch / t[('mdjax', opt)]:7.1f} images/s"
-            f"   (first call incl. compile {compile_s:.1f} s)", flush=True)
-    for opt in ("adam", "sam"):
+    for opt in ("adam", "sam") if "mdjax" in sides else ():
+      r = mdjax_step(backbone, size, batch, opt, steps)
+      report["cases"].append(r)
+      t[("mdjax", opt)] = r["s_per_step"]
+      print(f"mdjax {opt:4s}: {r['s_per_step']:.3f} s/step = {r['images_per_s']:7.1f} images/s, "
+            f"{r['flops_per_step'] / 1e9:.2f} GFLOP/step = {r['flops_per_s'] / 1e9:.1f} GFLOP/s"
+            f"   (compile {r['compile_s']:.1f} s)", flush=True)
+    for opt in ("adam", "sam") if "torch" in sides else ():
       res = torch_step_time(backbone, size, batch, opt, steps, profile=args.profile and opt == "adam")
       prof = None
       if isinstance(res[0], tuple):
         res, prof = res
       t[("torch", opt)] = res[1]
+      report["torch"].append({"backbone": backbone, "size": size, "batch": batch, "optimizer": opt,
+                              "s_per_step": res[1], "images_per_s": batch / res[1]})
       print(f"torch {opt:4s}: {res[1]:.3f} s/step = {batch / res[1]:7.1f} images/s", flush=True)
       if prof:
         print("  torch " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
-    if args.profile:
+    if args.profile and "mdjax" in sides:
       if cpu_conv.enabled():
         xla = mdjax_step_time(backbone, size, batch, "adam", steps, fast_conv_grads=False)[1]
         print(f"  mdjax adam with XLA's own conv gradients: {xla:.3f} s/step "
               f"(matmul dW speed-up {xla / t[('mdjax', 'adam')]:.2f}x)")
       prof = mdjax_profile(backbone, size, batch, steps)
       print("  mdjax " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
-    print(f"SAM/Adam time ratio: mdjax {t[('mdjax', 'sam')] / t[('mdjax', 'adam')]:.2f}, "
-          f"torch {t[('torch', 'sam')] / t[('torch', 'adam')]:.2f}")
-    print(f"torch/mdjax time ratio: Adam {t[('torch', 'adam')] / t[('mdjax', 'adam')]:.2f}, "
-          f"SAM {t[('torch', 'sam')] / t[('mdjax', 'sam')]:.2f}")
+    for side in sides:
+      if (side, "adam") in t:
+        print(f"SAM/Adam time ratio {side}: {t[(side, 'sam')] / t[(side, 'adam')]:.2f}")
+    if ("mdjax", "adam") in t and ("torch", "adam") in t:
+      print(f"torch/mdjax time ratio: Adam {t[('torch', 'adam')] / t[('mdjax', 'adam')]:.2f}, "
+            f"SAM {t[('torch', 'sam')] / t[('mdjax', 'sam')]:.2f}")
+  if args.scaling:
+    backbone, size, batch = _cases(args.scaling_case)[0] if args.scaling_case else cases[0]
+    counts = [int(n) for n in args.scaling.split(",")]
+    print(f"\n== scaling: {backbone} {size}x{size}, {batch} images per device, SAM ==")
+    report["scaling"] = scaling(backbone, size, batch, counts, steps)
+  print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Input pipeline throughput (images/s): digits in memory, and a folder of JPEGs at 224x224.
 
     python benchmarks/input_pipeline.py [--images 512] [--batch 64] [--threads 2]
+        [--digits-size 32 --digits-batch 64 --digits-augment crop] [--folder-size 224]
 
-The folder dataset is written to a temporary directory from scikit-image's real photos, cut into
+The digits case is the training stream of the default run (in memory, resized, augmented); the
+folder dataset is written to a temporary directory from scikit-image's real photos, cut into
 varied crops of 300-500 pixels and saved as JPEG, so decoding and resizing cost what they would on
 real data. Prints one line per case and a final JSON line.
 """
@@ -48,7 +50,12 @@ def main():
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--digits-size", type=int, default=32)
+  parser.add_argument("--digits-batch", type=int, default=0, help="default: --batch")
+  parser.add_argument("--digits-augment", default="crop")
+  parser.add_argument("--folder-size", type=int, default=224)
   args = parser.parse_args()
+  digits_batch = args.digits_batch or args.batch
 
   from mdjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mdjax.data import pipeline, registry  # pylint: disable=g-import-not-at-top
@@ -56,10 +63,12 @@ def main():
   results = {}
   cfg = config_lib.base_config().data
   digits = registry.load_splits(cfg)
-  it = pipeline.train_batches(digits.train, batch_size=args.batch, image_size=32, seed=0,
-                              augment="crop", num_threads=args.threads)
-  results["digits_32_train_images_per_s"] = measure(it, args.steps, args.batch)
-  print(f"digits 32x32 train (crop): {results['digits_32_train_images_per_s']:.0f} images/s")
+  it = pipeline.train_batches(digits.train, batch_size=digits_batch, image_size=args.digits_size,
+                              seed=0, augment=args.digits_augment, num_threads=args.threads)
+  key = f"digits_{args.digits_size}_train_images_per_s"
+  results[key] = measure(it, args.steps, digits_batch)
+  print(f"digits {args.digits_size}x{args.digits_size} train ({args.digits_augment}), batch "
+        f"{digits_batch}: {results[key]:.0f} images/s")
 
   with tempfile.TemporaryDirectory() as root:
     make_jpeg_folder(root, args.images)
@@ -69,12 +78,15 @@ def main():
     results["folder_scan_s"] = time.perf_counter() - start
     print(f"folder scan + check of {args.images} JPEGs: {results['folder_scan_s']:.2f} s")
     steps = min(args.steps, pipeline.steps_per_epoch(len(splits.train), args.batch) - 1)
-    it = pipeline.train_batches(splits.train, batch_size=args.batch, image_size=224, seed=0,
-                                augment="resized_crop_flip", num_threads=args.threads)
-    results["folder_224_train_images_per_s"] = measure(it, steps, args.batch)
-    print(f"folder JPEG -> 224x224 train (decode, random resized crop, flip): "
-          f"{results['folder_224_train_images_per_s']:.0f} images/s")
-  results.update(threads=args.threads, batch=args.batch, cpus=os.cpu_count())
+    it = pipeline.train_batches(splits.train, batch_size=args.batch, image_size=args.folder_size,
+                                seed=0, augment="resized_crop_flip", num_threads=args.threads)
+    key, size = f"folder_{args.folder_size}_train_images_per_s", args.folder_size
+    results[key] = measure(it, steps, args.batch)
+    print(f"folder JPEG -> {size}x{size} train (decode, random resized crop, flip), batch "
+          f"{args.batch}: {results[key]:.0f} images/s")
+  results.update(threads=args.threads, batch=args.batch, digits_batch=digits_batch,
+                 digits_size=args.digits_size, folder_size=args.folder_size, images=args.images,
+                 cpus=os.cpu_count())
   print(json.dumps(results))
 
 

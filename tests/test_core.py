@@ -75,3 +75,37 @@ def test_meshes_are_auto_and_one_dimensional():
   x = jax.device_put(jnp.arange(8.0), mesh_lib.class_sharding(mesh_lib.class_mesh()))
   np.testing.assert_array_equal(process.fetch_sharded(x), np.arange(8.0))
   assert process.is_writer()  # a single-process run: process 0 writes
+
+
+def test_ordered_mean_adds_in_device_order():
+  """The mean over "data" is device 0 + device 1 + ... in that order, on every device: the bits
+  a pmean over the same values gives only up to rounding (its order is the collective's)."""
+  from jax.sharding import PartitionSpec as P
+  from mdjax.core.collectives import ordered_mean
+  mesh = mesh_lib.data_mesh()
+  n = mesh.size
+  rng = np.random.default_rng(0)
+  # Sizes that do not divide by n, a scalar, a second float dtype, a nested tree.
+  tree = {"w": rng.normal(size=(n, 3, 7)).astype(np.float32) * 1e3,
+          "s": rng.normal(size=(n,)).astype(np.float32),
+          "h": {"b": rng.normal(size=(n, 5)).astype(np.float16)}}
+
+  def per_device(t):
+    return ordered_mean(jax.tree.map(lambda v: v[0], t), "data")
+
+  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P()))
+  got = fn(jax.device_put(tree, mesh_lib.batch_sharding(mesh)))
+
+  def in_order(x):
+    total = x[0]
+    for j in range(1, n):
+      total = total + x[j]
+    return total / x.dtype.type(n)
+
+  for key, value in (("w", tree["w"]), ("s", tree["s"]), ("b", tree["h"]["b"])):
+    out = got["h"]["b"] if key == "b" else got[key]
+    assert out.dtype == value.dtype and out.shape == value.shape[1:]
+    np.testing.assert_array_equal(np.asarray(out), in_order(value))
+  # The same on every device (out_specs=P() holds it as one replicated value).
+  shards = [np.asarray(s.data) for s in got["w"].addressable_shards]
+  assert all(np.array_equal(s, shards[0]) for s in shards)

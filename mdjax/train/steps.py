@@ -11,8 +11,12 @@ so a run resumed from a checkpoint draws exactly the keys the uninterrupted run 
 SAM (see mdjax.optim.sam): `config.train.sam_perturbation == "global"` is the plain jitted step,
 where the gradient is that of the global batch. "per_device" wraps the step body in `jax.shard_map`
 over "data": each device computes its own gradient and perturbation, and only g' (plus the loss,
-metrics and BatchNorm running averages) is averaged across devices. Plain optimizers always use the
-global form, for which the result does not depend on the number of devices.
+metrics and BatchNorm running averages) is averaged across devices, by
+`mdjax.core.collectives.ordered_mean`: added in device order, so the step gives the same bits
+whether the devices sit in one process or several (1 x 4 = 2 x 2, tests/test_multiprocess_pipeline.py).
+Plain optimizers always use the global form, for which the result does not depend on the number of
+devices up to rounding: its reductions are XLA's (the partitioner's all-reduces, whose order follows
+the process layout).
 
 CPU: convolution weight gradients are computed as matmuls (mdjax.core.cpu_conv) when the mesh is
 made of CPU devices, about halving the step time there; GPUs keep XLA's (cuDNN's) gradients.
@@ -33,6 +37,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mdjax.core import cpu_conv
+from mdjax.core.collectives import ordered_mean
 from mdjax.core.mesh import DATA_AXIS, auto_mesh, batch_sharding, replicated
 from mdjax.errors import ConfigError
 
@@ -206,7 +211,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
         return jax.grad(lambda p: loss_fn(p, state.batch_stats, images, labels, rng)[0])(params)
       params = _to_varying(params, axis_name)
       g = jax.grad(lambda p: loss_fn(p, state.batch_stats, images, labels, rng)[0])(params)
-      return jax.lax.pmean(g, axis_name)
+      return ordered_mean(g, axis_name)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
     params = optax.apply_updates(state.params, updates)
@@ -214,8 +219,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
                "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
                "grad_norm": _global_norm(grads)}
     if axis_name is not None:
-      metrics = jax.lax.pmean(metrics, axis_name)
-      new_batch_stats = jax.lax.pmean(new_batch_stats, axis_name)
+      metrics, new_batch_stats = ordered_mean((metrics, new_batch_stats), axis_name)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_batch_stats,
                               opt_state=opt_state)
     return new_state, metrics

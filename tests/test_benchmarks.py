@@ -1,0 +1,142 @@
+"""The benchmark suite (benchmarks/run.py) in --quick mode on a subset: its JSON has the machine,
+the matmul peak, every step's FLOP fraction in (0, 1], and the input pipeline against the train
+step; the classifier's scaling code path runs over two simulated CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A few minutes on an idle 2-core machine; far more when it is shared.
+TIMEOUT_S = int(os.environ.get("MDJAX_TEST_RUN_TIMEOUT", 1800))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bench") / "quick.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
+         "PYTHONPATH": os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])])}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "benchmarks.run", "--quick", "--only=classifier_step,input_pipeline",
+       "--scaling=1,2", f"--json={path}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    stdout, _ = proc.communicate(timeout=TIMEOUT_S)
+  finally:
+    # On a timeout (or Ctrl-C): SIGTERM lets run.py kill the benchmark it is running (its own
+    # process group) before it exits; SIGKILL if it does not within 30 s.
+    if proc.poll() is None:
+      proc.terminate()
+      try:
+        proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+  assert proc.returncode == 0, stdout[-3000:]
+  with open(path) as fh:
+    return json.load(fh), stdout
+
+
+def test_machine_and_peak(quick):
+  report, _ = quick
+  m = report["machine"]
+  for key in ("platform", "device_kind", "device_count", "process_count", "cpu_model", "cpu_count",
+              "versions", "peak"):
+    assert key in m, key
+  assert m["platform"] == "cpu" and m["device_count"] == 2
+  assert m["versions"]["jax"] and m["versions"]["python"]
+  assert m["peak"]["flops"] == pytest.approx(2 * 1024 ** 3, rel=0.01)  # XLA counts 2 n^3
+  assert report["peak_flops_per_s"] == m["peak"]["flops_per_s"] > 0
+  assert report["quick"] is True
+  assert set(report["benchmarks"]) == {"classifier_step", "input_pipeline"}
+
+
+def test_flop_fractions(quick):
+  report, _ = quick
+  step = report["benchmarks"]["classifier_step"]
+  assert {c["optimizer"] for c in step["cases"]} == {"adam", "sam"}
+  for case in step["cases"] + step["scaling"]:
+    for key in ("s_per_step", "images_per_s", "flops_per_step", "flops_per_s", "compile_s"):
+      assert case[key] > 0, key
+    assert 0 < case["peak_fraction"] <= 1, case
+  sam, adam = (next(c for c in step["cases"] if c["optimizer"] == o) for o in ("sam", "adam"))
+  assert sam["flops_per_step"] > 1.8 * adam["flops_per_step"]  # two gradients per SAM step
+  assert [c["devices"] for c in step["scaling"]] == [1, 2]
+  assert step["scaling"][0]["efficiency"] == 1.0 and step["scaling"][1]["efficiency"] > 0
+  rows = [r for r in report["table"] if r["peak_fraction"] is not None]
+  assert rows and all(0 < r["peak_fraction"] <= 1 for r in rows)
+
+
+def test_input_pipeline_against_the_train_step(quick):
+  report, stdout = quick
+  pipe = report["benchmarks"]["input_pipeline"]
+  digits = pipe["consumption"]["digits_16"]
+  assert digits["pipeline_images_per_s"] > 0 and digits["step"]["optimizer"] == "sam"
+  assert digits["pipeline_over_step"] == pytest.approx(
+      digits["pipeline_images_per_s"] / digits["step"]["images_per_s"])
+  assert pipe["consumption"]["folder_64"]["pipeline_images_per_s"] > 0
+  # The one table, after every benchmark's own output.
+  table = stdout[stdout.index("== benchmarks (quick)"):]
+  assert "classifier_step" in table and "input_pipeline" in table and "of peak" in table
+
+
+def _run_module():
+  # benchmarks/ is a folder of scripts, not an installed package: load run.py from its file.
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "benchmarks", "run.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_a_stuck_benchmark_is_killed_with_its_children(tmp_path, monkeypatch):
+  """A benchmark that hangs without printing, with a child of its own, is stopped at the timeout,
+  recorded as failed, and leaves no process behind."""
+  run = _run_module()
+  pid_file = tmp_path / "child.pid"
+  (tmp_path / "stuck.py").write_text(
+      "import subprocess, sys, time\n"
+      "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+      f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+      "time.sleep(600)\n")
+  monkeypatch.setattr(run, "HERE", str(tmp_path))
+  figures, seconds = run.run_script("stuck", [], timeout=3)
+  assert "timeout" in figures["error"] and 3 <= seconds < 60
+  child = int(pid_file.read_text())
+  import time
+  for _ in range(50):  # the killed child is reaped by init; give it a moment
+    try:
+      os.kill(child, 0)
+    except ProcessLookupError:
+      break
+    time.sleep(0.1)
+  else:
+    pytest.fail(f"the benchmark's child {child} outlived it")
+
+
+def test_derive_rows_for_every_benchmark():
+  """The table and fractions from figures shaped like each benchmark's JSON (those the quick run
+  above leaves out: accuracy parity, GAN ensemble, FastGAN)."""
+  run = _run_module()
+  peak = 100e9
+  results = {
+      "classifier_accuracy": {"config": "c", "seeds": [0], "mdjax": {"mean": 0.9, "std": 0.0},
+                              "torch": {"mean": 0.91, "std": 0.0}, "gap_points": -1.0,
+                              "agree": False},
+      "gan_ensemble": {"classes": 2, "resolution": 32, "ngf": 8, "strategy": "map",
+                       "one_program_s_per_step": 0.5, "separate_s_per_step": 1.0, "speedup": 2.0,
+                       "one_program_flops_per_s": 20e9, "separate_flops_per_s": 10e9},
+      "fastgan_256": {"resolution": 32, "batch": 8, "ngf": 8, "step": {"median_s": 0.1},
+                      "flops_per_s": 50e9},
+  }
+  rows = run.derive(results, peak, {})
+  assert results["gan_ensemble"]["one_program_peak_fraction"] == pytest.approx(0.2)
+  assert results["gan_ensemble"]["separate_peak_fraction"] == pytest.approx(0.1)
+  assert results["fastgan_256"]["peak_fraction"] == pytest.approx(0.5)
+  assert [r["benchmark"] for r in rows] == ["classifier_accuracy"] * 3 + ["gan_ensemble"] * 2 + [
+      "fastgan_256"]
+  assert "DISAGREE" in rows[2]["result"]
+  json.dumps(rows)  # the rows go into the JSON file as they are

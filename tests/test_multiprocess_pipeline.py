@@ -1,0 +1,151 @@
+"""The whole pipeline, `python -m mdjax.main`, as 2 processes x 2 CPU devices (launch/local.sh,
+jax.distributed over localhost) against 1 process x 4 CPU devices: the same weak classes, the same
+generated images, the same accuracies, classifier and GAN losses.
+
+Every stage runs (train, validate, gan, generate with the judge and the quality measures,
+finetune, test) on the smoke config shrunk further (40 training images per class, one epoch, two
+weak classes, two GAN steps), so each run compiles every program once and runs it a few times.
+One setting of the test's environment keeps it short on a 2-core machine, the same for both runs:
+XLA's CPU backend optimisation level 0 (about half the compile time, slower steps, the same mdjax
+code).
+
+The runs agree bit for bit: the batches are the same global arrays however many processes read
+them (mdjax.data.pipeline), class GANs never communicate (mdjax.gan.program), and the classifier's
+one cross-device sum is added in device order (mdjax.core.collectives.ordered_mean); with
+`jax.lax.pmean` the parameters differed by 1e-8 after one step and the two runs chose different
+weak classes and reached different accuracies.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mdjax.gan import generate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--config=configs/default.py:smoke", "--config.data.max_train_per_class=40",
+         "--config.train.epochs=1", "--config.finetune.epochs=1", "--config.mistake.nwpc=2",
+         "--config.gan.steps=2", "--config.gan.log_every=1", "--config.gan.sample_every=2",
+         "--config.gan.checkpoint_every=2"]
+
+
+def _env(devices_per_process: int) -> dict:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_per_process),
+         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
+         "PYTHON": sys.executable,
+         # The children import this checkout's mdjax, whatever the parent's PYTHONPATH says.
+         "PYTHONPATH": os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])])}
+  return env
+
+
+# Each run gets this long (a few minutes on an idle 2-core machine; 20 on one shared with other
+# jobs); a run that hangs (a process waiting at a collective for a peer that died) fails the test
+# instead of blocking CI.
+TIMEOUT_S = int(os.environ.get("MDJAX_TEST_RUN_TIMEOUT", 1800))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+
+
+def _run(command: list, env: dict) -> None:
+  """Runs `command` in its own process group and kills the whole group when it ends, fails or
+  times out, so no `mdjax.main --coordinator_address ...` child outlives the test.
+
+  subprocess.run's timeout kills only the direct child (bash for launch/local.sh), which would
+  leave the mdjax processes it started waiting for each other; hence a new session and killpg.
+  """
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  timed_out = False
+  try:
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    timed_out = True
+    _kill_group(proc)
+    out, _ = proc.communicate()  # what it printed before it was killed
+  finally:
+    _kill_group(proc)  # leftovers of the group, if any (normally none); also on KeyboardInterrupt
+    proc.wait()
+  assert not timed_out, f"{command[:3]} did not finish in {TIMEOUT_S} s:\n{out[-6000:]}"
+  assert proc.returncode == 0, out[-6000:]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("layouts")
+  one, two = root / "one_process", root / "two_processes"
+  _run([sys.executable, "-m", "mdjax.main", *FLAGS, f"--workdir={one}"], _env(4))
+  _run(["bash", os.path.join(REPO, "launch", "local.sh"), "2", *FLAGS, f"--workdir={two}"],
+       {**_env(2), "MDJAX_PORT": str(_free_port())})
+  return one, two
+
+
+def _load(workdir, name):
+  with open(os.path.join(workdir, name)) as fh:
+    return json.load(fh)
+
+
+def test_two_processes_give_the_one_process_results(runs):
+  one, two = runs
+  a, b = _load(one, "results.json"), _load(two, "results.json")
+  assert len(a["worst_classes"]) == 2
+  assert b["worst_classes"] == a["worst_classes"]
+  assert b["val_class_accuracy"] == a["val_class_accuracy"]
+  assert b["generated_per_class"] == a["generated_per_class"]
+  for name in ("baseline", "final"):
+    assert b[name]["test_accuracy"] == pytest.approx(a[name]["test_accuracy"], abs=1e-12)
+    np.testing.assert_allclose(b[name]["test_class_accuracy"], a[name]["test_class_accuracy"],
+                               rtol=0, atol=1e-12)
+  for k, q in a["gan_quality"].items():
+    for key, value in q.items():
+      assert b["gan_quality"][k][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (k, key)
+  assert b["judge"] == a["judge"]
+
+
+def test_two_processes_generate_the_same_images(runs):
+  one, two = runs
+  images_a, labels_a = generate.load_generated(os.path.join(one, "generated"))
+  images_b, labels_b = generate.load_generated(os.path.join(two, "generated"))
+  assert len(images_a) == sum(_load(one, "results.json")["generated_per_class"].values()) > 0
+  np.testing.assert_array_equal(labels_b, labels_a)
+  np.testing.assert_array_equal(images_b, images_a)
+
+
+def test_two_processes_train_the_same_classifier_and_gans(runs):
+  one, two = runs
+  for stage in ("train", "finetune"):
+    ha, hb = (_load(w, f"stages/{stage}.json")["history"] for w in (one, two))
+    for key in ("train_loss", "train_accuracy", "val_accuracy"):
+      np.testing.assert_allclose(hb[key], ha[key], rtol=1e-6, err_msg=f"{stage} {key}")
+  ga, gb = (_load(w, "stages/gan.json") for w in (one, two))
+  assert gb["classes"] == ga["classes"] and gb["steps"] == ga["steps"] == 2
+  for k, losses in ga["final_losses"].items():
+    for name, value in losses.items():
+      if name != "step":
+        assert gb["final_losses"][k][name] == pytest.approx(value, rel=1e-6), (k, name)
+
+
+def test_only_process_zero_writes(runs):
+  _, two = runs
+  # One TensorBoard log per stage (process 0's), and every stage's record.
+  for stage in ("train", "finetune"):
+    assert len(list((two / stage / "tensorboard").glob("events.*"))) == 1
+  assert len(list((two / "gan" / "tensorboard").glob("events.*"))) == 1
+  for stage in ("train", "validate", "gan", "generate", "finetune", "test"):
+    assert (two / "stages" / f"{stage}.json").exists()
