@@ -40,6 +40,7 @@ def quick(tmp_path_factory):
     return json.load(fh), stdout
 
 
+@pytest.mark.e2e
 def test_machine_and_peak(quick):
   report, _ = quick
   m = report["machine"]
@@ -54,6 +55,7 @@ def test_machine_and_peak(quick):
   assert set(report["benchmarks"]) == {"classifier_step", "input_pipeline"}
 
 
+@pytest.mark.e2e
 def test_flop_fractions(quick):
   report, _ = quick
   step = report["benchmarks"]["classifier_step"]
@@ -70,6 +72,7 @@ def test_flop_fractions(quick):
   assert rows and all(0 < r["peak_fraction"] <= 1 for r in rows)
 
 
+@pytest.mark.e2e
 def test_input_pipeline_against_the_train_step(quick):
   report, stdout = quick
   pipe = report["benchmarks"]["input_pipeline"]

@@ -165,6 +165,7 @@ def small_disk(path, size_mb: int):
 # --------------------------------------------------------------------------------------------------
 # The GAN stage's faults, one workdir resumed after each.
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_gan_stage_faults_then_resume(reference, tmp_path):
   trained_mb = sum(len(b) for b in snapshot(reference + "/train").values()) / 2**20
   with small_disk(str(tmp_path / "disk"), int(trained_mb) + 3) as grow:
@@ -233,6 +234,7 @@ def test_gan_stage_faults_then_resume(reference, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # The classifier's faults (its fine-tuning stage), one workdir resumed after each.
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_classifier_stage_faults_then_resume(reference, tmp_path):
   workdir = copy_until(reference, str(tmp_path / "run"), ["train", "validate", "gan", "generate"])
   ckpts = os.path.join(workdir, "finetune", "checkpoints")

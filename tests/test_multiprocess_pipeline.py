@@ -28,6 +28,9 @@ import pytest
 
 from mdjax.gan import generate
 
+# Two full pipeline runs, one of them as two processes: opt-in (MDJAX_E2E=1), see conftest.py.
+pytestmark = pytest.mark.e2e
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/default.py:smoke", "--config.data.max_train_per_class=40",
          "--config.train.epochs=1", "--config.finetune.epochs=1", "--config.mistake.nwpc=2",
