@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from mdjax.core import files, process
+from mdjax.core import files, process, storage
 from mdjax.data import registry
 from mdjax.pipeline import plan, report, stages as stages_lib
 from mdjax.pipeline import workdir as workdir_lib
@@ -51,7 +51,7 @@ def run_seeds(config, workdir: str, splits, seeds) -> dict:
     per_seed.append(run_seed(seed_config, seed_dir, splits))
   results = aggregate(config, per_seed)
   if process.is_writer():
-    with workdir_lib.os_errors(workdir):
+    with storage.converted(workdir):
       files.write_json_atomic(os.path.join(workdir, "results.json"), results)
       report.write_summary_report(workdir, results)
   print_summary(results)
@@ -76,7 +76,7 @@ def run_seed(config, workdir: str, splits) -> dict:
     return {}
   results = collect(config, splits, records)
   if process.is_writer():
-    with workdir_lib.os_errors(workdir):
+    with storage.converted(workdir):
       files.write_json_atomic(os.path.join(workdir, "results.json"), results)
       report.write_report(workdir, results, run_)
   print_summary(results)

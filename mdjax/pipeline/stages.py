@@ -28,7 +28,7 @@ import numpy as np
 
 from mdjax import models
 from mdjax.core import mesh as mesh_lib
-from mdjax.core import process
+from mdjax.core import process, storage
 from mdjax.data import pipeline
 from mdjax.data.sources import ArraySource, Concat, Splits
 from mdjax.errors import UserError
@@ -323,7 +323,7 @@ def run_stage(run: Run, name: str) -> dict:
   if run.stages.done(name):
     return run.stages.load(name)
   start = time.perf_counter()
-  with workdir_lib.os_errors(run.workdir):
+  with storage.converted(run.workdir):
     record = getattr(run, name)()
     record["seconds"] = time.perf_counter() - start
     run.stages.complete(name, record)

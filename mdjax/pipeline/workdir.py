@@ -81,7 +81,7 @@ def prepare(workdir: str, config) -> None:
     return
   process.barrier(f"checked {workdir}")  # everyone has read the folder before process 0 writes to it
   if process.is_writer():
-    with os_errors(workdir):
+    with storage.converted(workdir):
       os.makedirs(workdir, exist_ok=True)
       files.write_json_atomic(path, new)
   process.barrier(f"prepare {workdir}")
@@ -106,12 +106,6 @@ class Stages:
     if process.is_writer():
       files.write_json_atomic(self.path(name), record)
     process.barrier(f"stage {name} complete")
-
-
-def os_errors(where: str):
-  """Turns a full disk or a permission problem in the block (also one raised by a background
-  write, see mdjax.core.storage) into a StorageError naming the path; nothing is lost."""
-  return storage.converted(where)
 
 
 def _holder(fh) -> str:
@@ -157,7 +151,7 @@ def locked(workdir: str):
   fh, busy = None, None
   if process.is_writer():
     try:
-      with os_errors(workdir):
+      with storage.converted(workdir):
         os.makedirs(workdir, exist_ok=True)
         fh = _acquire(os.path.join(workdir, LOCK_FILE))
     except UserError as e:  # held by another run, or a workdir that cannot be written

@@ -8,8 +8,9 @@ state, rng) plus the history; the data stream's position is a pure function of t
 (`pipeline.train_batches(start_step=...)`) and the step's dropout key is `fold_in(rng, step)`. A
 killed run therefore continues from its last checkpoint to the same parameters an uninterrupted run
 reaches; a damaged newest checkpoint is set aside and the run continues from the one before it (or
-starts over), to the same parameters again. Checkpoints are written every `config.train.checkpoint_every` steps and at every epoch end,
-asynchronously (orbax); the loop waits for the last save before it returns, also when it fails.
+starts over), to the same parameters again. Checkpoints are written every
+`config.train.checkpoint_every` steps and at every epoch end, asynchronously (orbax); the loop waits
+for the last save before it returns, also when it fails.
 
 Host syncs: the step's metrics stay on device and are fetched to the host only at logging
 points (every `log_every` steps, before each checkpoint, at epoch ends). That is also where a NaN or
