@@ -116,12 +116,12 @@ def _single_class_program(fns, batch_size):
   return jax.jit(functools.partial(program.class_step, fns, batch_size=batch_size))
 
 
-def separate_training(fns, seed, class_index, images, steps, batch_size):
-  """The reference: one class trained alone by its own jitted program."""
+def separate_training(fns, seed, class_index, images, steps, batch_size, count=None):
+  """The reference: one class trained alone by its own jitted program (`count` of `images` real)."""
   init_key, rng = chunks.class_keys(seed, class_index)
   state = jax.jit(fns.init)(init_key)
   step = _single_class_program(fns, batch_size)
-  imgs, count = jnp.asarray(images), jnp.int32(len(images))
+  imgs, count = jnp.asarray(images), jnp.int32(len(images) if count is None else count)
   for s in range(steps):
     state, _ = step(state, rng, imgs, count, jnp.int32(s))
   return state
@@ -344,11 +344,14 @@ def test_two_processes_train_like_one_process(tmp_path, free_port):
 
 
 # ------------------------------------------------------------------------------------------------
-# The real FastGAN (ngf = ndf = 8, 32x32) on digits: compiles take most of this module's time.
+# The real FastGAN (ngf = ndf = 8, 32x32) on digits: compiles take most of this module's time
+# (about a minute per FastGAN step program on 2 cores), so the real model runs the CPU default
+# strategy ("map") only. The other strategies' equivalence is checked on the stand-in model above,
+# and a vmapped FastGAN step against separate steps in tests/test_fastgan.py.
 # ------------------------------------------------------------------------------------------------
 def fastgan_config():
   return gan_config(resolution=32, batch_size=4, ngf=8, ndf=8, nz=32, ema_decay=0.9,
-                    ensemble="unroll", steps=8, log_every=2, sample_every=4, checkpoint_every=4)
+                    ensemble="map", steps=8, log_every=2, sample_every=4, checkpoint_every=4)
 
 
 def digits_by_class():
@@ -368,21 +371,22 @@ def fastgan_equivalence():
   data = {k: class_data.prepare_class_images(x, 32) for k, x in digits_by_class().items()}
   classes, images = list(data), list(data.values())
   mesh = mesh_lib.class_mesh(jax.devices()[:1])
-  runs = {s: run_ensemble(fns, 0, classes, images, 2, cfg.batch_size, s, mesh)
-          for s in ("unroll", "vmap", "map")}
-  separate = [separate_training(fns, 0, k, data[k], 2, cfg.batch_size) for k in classes]
-  return classes, runs, separate
+  ens, _ = run_ensemble(fns, 0, classes, images, 2, cfg.batch_size, "map", mesh)
+  # Both classes padded to one capacity, so their separate trainings share one compiled program:
+  # a class's batches do not depend on the capacity (class_data.batch_indices).
+  padded, counts = class_data.stack_class_images(images)
+  separate = [separate_training(fns, 0, k, padded[p], 2, cfg.batch_size, count=counts[p])
+              for p, k in enumerate(classes)]
+  return classes, ens, separate
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["unroll", "vmap", "map"])
-def test_one_program_equals_separate_trainings_fastgan(fastgan_equivalence, strategy):
-  classes, runs, separate = fastgan_equivalence
-  ens, _ = runs[strategy]
+def test_one_program_equals_separate_trainings_fastgan(fastgan_equivalence):
+  classes, ens, separate = fastgan_equivalence
   # Adam's first steps are ~lr * sign(grad): a gradient that is ~0 can flip sign under a different
-  # summation order (vmap's batched reductions; XLA picks other conv kernels inside lax.map's
-  # loop body), moving a parameter by up to 2 * lr = 4e-4.
-  atol = 1e-6 if strategy == "unroll" else 1e-3
+  # summation order (XLA picks other conv kernels inside lax.map's loop body), moving a parameter
+  # by up to 2 * lr = 4e-4.
+  atol = 1e-3
   for p, k in enumerate(classes):
     assert_trees_close(program.unstack_class(ens, p).g_params, separate[p].g_params, atol=atol)
     assert_trees_close(program.unstack_class(ens, p).d_params, separate[p].d_params, atol=atol)
@@ -391,7 +395,7 @@ def test_one_program_equals_separate_trainings_fastgan(fastgan_equivalence, stra
 
 @pytest.mark.slow
 def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
-  del fastgan_equivalence  # compiled the unrolled 2-class program this run reuses
+  del fastgan_equivalence  # compiled the mapped 2-class program this run reuses
   cfg = fastgan_config()
   result = ensemble.train_class_gans(digits_by_class(), cfg, str(tmp_path), seed=0,
                                      num_samples=5, mesh=mesh_lib.class_mesh(jax.devices()[:1]),
