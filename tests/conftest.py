@@ -13,6 +13,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mdja
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import pipeline_runs  # noqa: E402
+
 NUM_TEST_DEVICES = 4
 jax.config.update("jax_num_cpu_devices", NUM_TEST_DEVICES)
 
@@ -25,9 +27,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def smoke_reference(tmp_path_factory, worker_id) -> tuple[str, str]:
+  """(workdir, stdout) of one uninterrupted small pipeline run, shared by every test and xdist
+  worker of the session (tests/pipeline_runs.py). Read it or copy from it; never write into it."""
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != "master":  # xdist: the workers' base folders share this parent
+    root = root.parent
+  return pipeline_runs.shared_reference(str(root))
+
+
 def pytest_collection_modifyitems(config, items):
-  """`e2e` tests chain many full `mdjax.main` runs (fault injection with resumes, the 2-process
-  pipeline, the benchmark suite): tens of minutes on a 2-core machine, so CI leaves them out and
+  """`e2e` tests chain many full `mdjax.main` runs (the 2-process pipeline against 1 process, the
+  benchmark suite): tens of minutes on a 2-core machine, so CI leaves them out and
   `MDJAX_E2E=1 python -m pytest -m e2e` runs them."""
   if os.environ.get("MDJAX_E2E") == "1":
     return

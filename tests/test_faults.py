@@ -22,9 +22,9 @@ How the full disk is simulated (both are used):
   * patched writes that raise OSError(ENOSPC): orbax's checkpoint metadata write in its background
     thread, the PNG writes of the generated set, `stages/finetune.json`, `report.md`.
 
-Cost: one uninterrupted reference run (the smoke config with 2 weak classes and 1 training epoch;
-its judge is the digits' SVC on 8x8 pixels) and two chains of short runs that resume one workdir
-each; the unit tests at the bottom need no run.
+Cost: one uninterrupted reference run (tests/pipeline_runs.py, shared with
+tests/test_run_pipeline.py) and two chains of short runs that resume one workdir each; the unit
+tests at the bottom need no run.
 """
 
 from __future__ import annotations
@@ -51,32 +51,12 @@ from mdjax.core.checkpoint import Checkpoints
 from mdjax.errors import RecoveryWarning, StorageError, UserError, WorkdirBusyError
 from mdjax.pipeline import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, "tests", "pipeline_worker.py")
-TINY = ["--config=configs/default.py:smoke", "--config.mistake.nwpc=2",
-        "--config.train.epochs=1"]
+from pipeline_runs import REPO, SMOKE_RUN, WORKER, log, run_worker as run, worker_env
+
 # The folders each stage writes (a copy "up to a stage" keeps these and the stages' records).
 STAGE_DIRS = {"train": ["train"], "validate": [], "gan": ["gan"], "generate": ["generated"],
               "finetune": ["finetune"], "test": []}
 PROGRESS = ("step/s", "s/step", "it/s", "%|")
-
-
-def _env(**extra):
-  env = dict(os.environ)  # conftest's JAX_COMPILATION_CACHE_DIR: later runs load their programs
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  env.update(extra)
-  return env
-
-
-# A run takes 1-3 min on a quiet 2-core machine; the limit only catches a hang (on a machine shared
-# with other jobs a run was measured at over 15 min).
-def run(faults: str, workdir, *flags, timeout=2400, **env):
-  return subprocess.run([sys.executable, WORKER, faults, "--", *TINY, f"--workdir={workdir}", *flags],
-                        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env(**env))
-
-
-def log(result) -> str:
-  return f"rc={result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
 
 
 def stderr_lines(result) -> list[str]:
@@ -137,13 +117,10 @@ def snapshot(folder) -> dict[str, bytes]:
   return out
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """One uninterrupted run: what every faulted run must reach."""
-  workdir = tmp_path_factory.mktemp("reference") / "run"
-  result = run("none", workdir)
-  assert result.returncode == 0, log(result)
-  return str(workdir)
+@pytest.fixture
+def reference(smoke_reference):
+  """One uninterrupted run: what every faulted run must reach (tests/pipeline_runs.py)."""
+  return smoke_reference[0]
 
 
 @contextlib.contextmanager
@@ -165,7 +142,7 @@ def small_disk(path, size_mb: int):
 # --------------------------------------------------------------------------------------------------
 # The GAN stage's faults, one workdir resumed after each.
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_gan_stage_faults_then_resume(reference, tmp_path):
   trained_mb = sum(len(b) for b in snapshot(reference + "/train").values()) / 2**20
   with small_disk(str(tmp_path / "disk"), int(trained_mb) + 3) as grow:
@@ -234,7 +211,7 @@ def test_gan_stage_faults_then_resume(reference, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # The classifier's faults (its fine-tuning stage), one workdir resumed after each.
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_classifier_stage_faults_then_resume(reference, tmp_path):
   workdir = copy_until(reference, str(tmp_path / "run"), ["train", "validate", "gan", "generate"])
   ckpts = os.path.join(workdir, "finetune", "checkpoints")
@@ -244,9 +221,10 @@ def test_classifier_stage_faults_then_resume(reference, tmp_path):
 
   # 1. Two runs on one workdir: the second stops at once, naming the first.
   marker = tmp_path / "holding"
-  first = subprocess.Popen([sys.executable, WORKER, "hold:finetune:25", "--", *TINY,
+  first = subprocess.Popen([sys.executable, WORKER, "hold:finetune:25", "--", *SMOKE_RUN,
                             f"--workdir={workdir}"], cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env=_env(MDJAX_TEST_HOLD_MARKER=str(marker)))
+                           stderr=subprocess.DEVNULL,
+                           env=worker_env(MDJAX_TEST_HOLD_MARKER=str(marker)))
   try:
     deadline = time.time() + 600
     while not marker.exists():
@@ -439,7 +417,7 @@ def test_every_process_of_a_run_stops_when_the_workdir_is_busy(tmp_path, free_po
   def launch(port):
     procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / "w")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env()) for i in range(2)]
+                              env=worker_env()) for i in range(2)]
     # The last line: gloo (the CPU collectives) prints its own connection lines to stdout first.
     return [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
 
