@@ -80,6 +80,7 @@ FROM_JSON = os.path.join(_PACKAGE_ROOT, "configs", "from_json.py")
 CELL_CONFIG = "ablation_config.json"
 CELL_STATUS = "ablation_status.json"
 CELL_LOG = "ablation.log"
+LOG_HEADER = "=== mdjax.ablate"  # starts each attempt's output in the cell's log
 TABLE_MD, TABLE_CSV = "ablation.md", "ablation.csv"
 # The method whose weak classes every method's weak-class accuracy is measured on.
 REFERENCE = "mdt"
@@ -193,24 +194,41 @@ def write_status(directory: str, status: dict) -> None:
                             {**status, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def same_config(directory: str, config) -> bool:
-  """Whether the cell's workdir was made by `config` (mdjax.main's own comparison)."""
-  try:
-    made_by = files.read_json(os.path.join(directory, "config.json"))
-  except (OSError, ValueError):
-    return False
-  new = json.loads(json.dumps(config.to_dict(), default=str))
-  return not workdir_lib.config_differences(made_by, new)
+def _jsonable(tree: dict) -> dict:
+  return json.loads(json.dumps(tree, default=str))
+
+
+def made_by(results: dict, config: dict) -> bool:
+  """Whether `results` (a results.json) were computed with `config` (a config as a dict); keys
+  that change only how a run executes are ignored, as mdjax.main does when it resumes."""
+  return not workdir_lib.config_differences(_jsonable(results["config"]), _jsonable(config))
+
+
+def cell_results(directory: str, config: dict | None = None) -> dict | None:
+  """The cell's complete results.json if it belongs to `config`: by default the config the
+  runner last asked of the cell (its ablation_config.json; a cell without one is taken as it is).
+  A cell rerun with a changed config keeps its old results.json until the new run replaces it,
+  and those old results are not this grid's."""
+  results = read_results(directory)
+  if results is None:
+    return None
+  if config is None:
+    try:
+      config = files.read_json(os.path.join(directory, CELL_CONFIG))
+    except (OSError, ValueError):
+      return results
+  return results if made_by(results, config) else None
 
 
 def error_line(log_path: str) -> str:
-  """The cell's last `mdjax: error:` line, else the last line of its log."""
+  """The last attempt's last `mdjax: error:` line, else the last line of its output."""
   try:
     with open(log_path, errors="replace") as fh:
-      lines = [part.strip() for line in fh for part in line.split("\r")]
+      lines = [part.strip() for line in fh for part in line.split("\r")]  # tqdm redraws with \r
   except OSError:
     return "(no log)"
-  lines = [line for line in lines if line]
+  starts = [i for i, line in enumerate(lines) if line.startswith(LOG_HEADER)]
+  lines = [line for line in lines[starts[-1] + 1 if starts else 0:] if line]
   errors = [line for line in lines if line.startswith("mdjax: error:")]
   line = errors[-1] if errors else (lines[-1] if lines else "(empty log)")
   return line if len(line) <= 400 else line[:397] + "..."
@@ -220,6 +238,10 @@ def error_line(log_path: str) -> str:
 
 class Interrupted(Exception):
   """Ctrl-C during a cell: the grid stops."""
+
+
+def _count(items, noun: str) -> str:
+  return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def _duration(seconds: float) -> str:
@@ -241,10 +263,6 @@ def cell_command(directory: str) -> list[str]:
 
 def run_cell(directory: str, config) -> dict:
   """Runs one cell's mdjax.main to its end; returns its status ("done" or "failed")."""
-  with storage.converted(directory):
-    os.makedirs(directory, exist_ok=True)
-    files.write_json_atomic(os.path.join(directory, CELL_CONFIG),
-                            json.loads(json.dumps(config.to_dict(), default=str)))
   command = cell_command(directory)
   env = dict(os.environ)
   # The cells run the mdjax this runner imported, wherever the command was started.
@@ -253,7 +271,7 @@ def run_cell(directory: str, config) -> dict:
   start = time.perf_counter()
   log_path = os.path.join(directory, CELL_LOG)
   with storage.converted(directory), open(log_path, "a", encoding="utf-8") as log:
-    log.write(f"=== mdjax.ablate {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n")
+    log.write(f"{LOG_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n")
     log.flush()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -271,7 +289,7 @@ def run_cell(directory: str, config) -> dict:
   if code in (130, -2):
     write_status(directory, {"state": "interrupted", "seconds": seconds})
     raise Interrupted()
-  if code == 0 and read_results(directory) is None:
+  if code == 0 and cell_results(directory) is None:
     error = ("mdjax.main finished without a complete results.json: the cell's config.stages must "
              "include every stage up to test")
   elif code != 0:
@@ -292,8 +310,12 @@ def run_grid(workdir: str, cells: dict[tuple[str, int], Any], methods: list[str]
   for i, ((method, seed), config) in enumerate(cells.items(), 1):
     directory = cell_dir(workdir, method, seed)
     name = f"ablate [{i}/{len(cells)}] {method} seed {seed}"
-    results = read_results(directory)
-    if results is not None and same_config(directory, config):
+    results = cell_results(directory, config.to_dict())
+    # What this grid asks of the cell, also of a finished one: the table reads it (cell_results).
+    with storage.converted(directory):
+      os.makedirs(directory, exist_ok=True)
+      files.write_json_atomic(os.path.join(directory, CELL_CONFIG), _jsonable(config.to_dict()))
+    if results is not None:
       say(f"{name}: skipped, finished earlier (test accuracy {results['final']['test_accuracy']:.4f})")
       continue
     say(f"{name}: running in {directory} (log: {os.path.join(directory, CELL_LOG)})")
@@ -304,7 +326,7 @@ def run_grid(workdir: str, cells: dict[tuple[str, int], Any], methods: list[str]
     took = f"{_duration(status['seconds'])}, grid {_duration(time.perf_counter() - grid_start)} so far"
     if status["state"] == "done":
       say(f"{name}: done in {took} (test accuracy "
-          f"{read_results(directory)['final']['test_accuracy']:.4f})")
+          f"{cell_results(directory)['final']['test_accuracy']:.4f})")
     else:
       failed += 1
       say(f"{name}: FAILED after {took}: {status['error']}")
@@ -327,7 +349,7 @@ class CellResult:
 
 def read_cell(workdir: str, method: str, seed: int) -> CellResult:
   directory = cell_dir(workdir, method, seed)
-  results = read_results(directory)
+  results = cell_results(directory)
   if results is None:
     status = read_status(directory)
     state = status.get("state") or ("unfinished" if os.path.isdir(directory) else "not started")
@@ -343,10 +365,10 @@ def add_weak_accuracy(workdir: str, cell: CellResult) -> None:
   """The cell's mean test accuracy over the weak classes of the same seed's `mdt` cell."""
   if cell.state != "done":
     return
-  reference = read_results(cell_dir(workdir, REFERENCE, cell.seed))
+  reference = cell_results(cell_dir(workdir, REFERENCE, cell.seed))
   if reference is None or not reference.get("worst_classes"):
     return
-  results = read_results(cell_dir(workdir, cell.method, cell.seed))
+  results = cell_results(cell_dir(workdir, cell.method, cell.seed))
   per_class = results["final"]["test_class_accuracy"]
   cell.weak_classes = [int(k) for k in reference["worst_classes"]]
   cell.weak_accuracy = float(np.mean([per_class[k] for k in cell.weak_classes]))
@@ -475,7 +497,7 @@ def table_only(workdir: str) -> int:
     raise UserError(f"no ablation cells (<method>/seed_<s>/) in {workdir}; run the grid first, or "
                     "pass the --workdir it ran in.")
   write_table(workdir, methods, seeds)
-  say(f"ablate: table of {len(methods)} methods x {len(seeds)} seeds written to "
+  say(f"ablate: table of {_count(methods, 'method')} x {_count(seeds, 'seed')} written to "
       f"{os.path.join(workdir, TABLE_MD)} and {TABLE_CSV}")
   return 0
 
@@ -497,7 +519,7 @@ def ablate(config, workdir: str) -> int:
     os.makedirs(workdir, exist_ok=True)
     lock = workdir_lib.acquire_lock(os.path.join(workdir, workdir_lib.LOCK_FILE))
   with lock:
-    say(f"ablate: {len(methods)} methods x {len(seeds)} seeds = {len(cells)} cells in "
+    say(f"ablate: {_count(methods, 'method')} x {_count(seeds, 'seed')} = {_count(cells, 'cell')} in "
         f"{os.path.abspath(workdir)}")
     if REFERENCE not in methods:
       say(f"ablate: note: the weak classes' accuracy is measured on the weak classes of the "

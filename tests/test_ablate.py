@@ -151,3 +151,28 @@ def _leaves(tree, prefix=""):
       yield from _leaves(value, f"{prefix}{name}.")
     else:
       yield prefix + name, value
+
+
+def test_results_from_another_config_are_not_counted(grid, tmp_path):
+  # The runner asked the cell for another config (its ablation_config.json) and that run has not
+  # replaced results.json: the old results are not this grid's.
+  workdir = tmp_path / "grid"
+  shutil.copytree(grid[0], workdir)
+  path = workdir / "baseline" / "seed_0" / "ablation_config.json"
+  config = load(path)
+  config["train"]["epochs"] += 1
+  path.write_text(json.dumps(config))
+  rows = {r["method"]: r for r in ablate.write_table(str(workdir), ["baseline"], [0, 1])}
+  assert rows["baseline"]["done"] == 1
+  seed_1 = load(workdir / "baseline" / "seed_1" / "results.json")["final"]["test_accuracy"]
+  assert rows["baseline"]["test_accuracy_mean"] == seed_1
+
+
+def test_the_error_line_is_the_last_attempts(tmp_path):
+  log = tmp_path / "ablation.log"
+  log.write_text(f"{ablate.LOG_HEADER} 1: cmd\nmdjax: error: an old mistake\n"
+                 f"{ablate.LOG_HEADER} 2: cmd\ntrain: 10%\rtrain: 20%\nTraceback (most recent call last):\n"
+                 "  File ...\nValueError: a bug\n")
+  assert ablate.error_line(str(log)) == "ValueError: a bug"
+  log.write_text(log.read_text() + f"{ablate.LOG_HEADER} 3: cmd\nmdjax: error: the disk is full\nmore\n")
+  assert ablate.error_line(str(log)) == "mdjax: error: the disk is full"
