@@ -136,9 +136,10 @@ def check_methods(names: list[str], config) -> None:
   keys = set(config_lib.config_keys(config))
   missing = [f"{n} sets config.{k}" for n in names for k in METHODS[n].overrides if k not in keys]
   if missing:
-    raise UserError(f"this mdjax cannot run every method asked for: {'; '.join(missing)}, a key that "
+    what = "a key" if len(missing) == 1 else "keys"
+    raise UserError(f"this mdjax cannot run every method asked for: {'; '.join(missing)}, {what} that "
                     "mdjax/config.py:base_config() does not define. Leave these methods out of "
-                    "--methods, or use an mdjax that defines the key.")
+                    "--methods, or use an mdjax that defines them.")
 
 
 def cell_config(config, method: str, seed: int):
