@@ -175,7 +175,8 @@ def _parse_value(text: str):
   return text
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+def set_key(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """Sets the defined key `dotted` ("train.epochs") of `config`, keeping its declared type."""
   *parents, leaf = dotted.split(".")
   node = config
   for p in parents:
@@ -243,7 +244,7 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None,
       raise UnknownConfigKeyError(
           dotted, f"in the config argument {token!r} (keys there: a dotted key or one of "
           f"{', '.join(ARG_SHORTCUTS)})", closest_key(dotted, config))
-    _set(config, dotted, _parse_value(value))
+    set_key(config, dotted, _parse_value(value))
   return config
 
 

@@ -1,4 +1,5 @@
-"""Imports flow one way: core -> data / models / optim -> train / gan -> pipeline -> config -> main.
+"""Imports flow one way: core -> data / models / optim -> train / gan -> pipeline -> config -> main
+-> ablate.
 
 Every import of an mdjax module is read from the source with `ast`, function-level ones included,
 so a cycle cannot hide behind a late import; and each package is imported alone in a fresh
@@ -19,7 +20,7 @@ PACKAGE = os.path.join(REPO, "mdjax")
 # Each top-level part of mdjax and its layer: a module may import its own part and lower layers,
 # never a higher layer nor a sibling of its own layer.
 LAYERS = {"errors": 0, "core": 1, "data": 2, "models": 2, "optim": 2, "train": 3, "gan": 3,
-          "pipeline": 4, "config": 5, "main": 6}
+          "pipeline": 4, "config": 5, "main": 6, "ablate": 7}
 PACKAGES = ["core", "data", "models", "optim", "train", "gan", "pipeline"]
 
 

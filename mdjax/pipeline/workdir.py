@@ -121,7 +121,7 @@ def _holder(fh) -> str:
           f"{info.get('command')})")
 
 
-def _acquire(path: str):
+def acquire_lock(path: str):
   """The open lock file, locked by this process; WorkdirBusyError if another process holds it."""
   fh = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
   try:
@@ -153,7 +153,7 @@ def locked(workdir: str):
     try:
       with storage.converted(workdir):
         os.makedirs(workdir, exist_ok=True)
-        fh = _acquire(os.path.join(workdir, LOCK_FILE))
+        fh = acquire_lock(os.path.join(workdir, LOCK_FILE))
     except UserError as e:  # held by another run, or a workdir that cannot be written
       busy = e
   # Every process stops if process 0 could not take the lock (the others would otherwise run on).
