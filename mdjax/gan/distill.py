@@ -194,16 +194,18 @@ def label_classes(triplet: Triplet, variables, images_by_class: Mapping[int, np.
                   rule: str, threshold: float, min_fraction: float,
                   batch_size: int = 256) -> dict[int, ClassLabels]:
   """Features and hard / easy split of every class's uint8 [n, R, R, 3] images (the class index is
-  the label) under the classifier `variables`. Batches of a fixed size (the last one padded), so
-  one program serves every class and round."""
+  the label) under the classifier `variables` (eval mode, so padding cannot affect the real rows).
+  Batches of one size (the last one padded), so one program serves every class and round."""
   fn = _features_and_logits(triplet)
+  # One batch size for every class (the last batch zero-padded): one compile for all of them.
+  batch_size = min(batch_size, max(len(x) for x in images_by_class.values()))
   out = {}
   for k, images in images_by_class.items():
     feats, logits = [], []
     for start in range(0, len(images), batch_size):
       chunk = images[start:start + batch_size]
-      pad = batch_size - len(chunk) if len(images) > batch_size else 0
-      padded = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk
+      padded = np.zeros((batch_size,) + chunk.shape[1:], chunk.dtype)
+      padded[:len(chunk)] = chunk
       f, lg = jax.device_get(fn(variables, padded))
       feats.append(f[:len(chunk)])
       logits.append(lg[:len(chunk)])
