@@ -81,6 +81,20 @@ def test_hard_easy_labels_on_hand_made_logits():
   assert split([0], [0.9]) == [[True], [True]]
 
 
+@pytest.mark.parametrize("key,value,fragment", [
+    ("hard_rule", "loss", "misclassified, confidence"), ("margin", -1.0, ">= 0"),
+    ("rounds", 0, ">= 1"), ("min_fraction", 0.75, "(0, 0.5]"), ("hard_threshold", 0.0, "(0, 1]")])
+def test_distill_config_errors_name_the_expected_values(key, value, fragment):
+  from mdjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  assert config.distill.enabled is False  # off unless asked for
+  config_lib.validate(config)
+  config_lib._set(config, f"distill.{key}", value)  # pylint: disable=protected-access
+  with pytest.raises(ConfigError, match=f"distill.{key}") as err:
+    config_lib.validate(config)
+  assert fragment in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------------
 # The triplet term inside the FastGAN step and the one program.
 # ------------------------------------------------------------------------------------------------
