@@ -137,6 +137,30 @@ def base_config() -> ml_collections.ConfigDict:
   # small images at a third of the cost.
   g.judge = "lite0"
   g.judge_resolution = 128
+
+  # GAN distillation (Pennisi et al., ICCV 2021 workshop; mdjax.gan.distill): the weak classes'
+  # GANs also learn a triplet loss on the classifier's features that pulls their samples towards
+  # the training images the classifier finds hard, and classifier and GANs then alternate for
+  # `rounds` rounds. When enabled, its `distill` stage replaces the gan, generate and finetune
+  # stages. The paper gives none of these values; each is mdjax's choice (see the notes).
+  c.distill = ds = ml_collections.ConfigDict()
+  ds.enabled = False
+  ds.margin = 0.2  # m; FaceNet's margin for L2-normalised features (the paper gives none)
+  ds.weight = 1.0  # the triplet term's weight in G's loss, beside the adversarial loss's 1
+  ds.normalize = True  # L2-normalise features first (false: the paper's formula on raw features)
+  # Rounds of relabel -> GAN steps -> generate -> fine-tune. Round 0's GAN training is gan.steps
+  # (the paper's triplet pre-training), every later round adds round_gan_steps; every round
+  # fine-tunes for `epochs`: 4 x 5 matches the paper's 20 fine-tuning epochs.
+  ds.rounds = 4
+  ds.round_gan_steps = 1000
+  ds.epochs = 5
+  # Hard samples: "misclassified" (arg-max is not the label) or "confidence" (the label's
+  # probability is below hard_threshold). A class with fewer than ceil(min_fraction x n) hard
+  # images takes its lowest-probability ones, and one with no easy image its highest-probability
+  # ones as easy (a classifier gets most of its own training images right).
+  ds.hard_rule = "misclassified"
+  ds.hard_threshold = 0.5
+  ds.min_fraction = 0.25
   c.lock()  # a key base_config does not define is a typo wherever it is set (see mdjax.main)
   return c
 
@@ -215,6 +239,9 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   # auto: lax.map on CPU, vmap on GPU; both compile the FastGAN step once where unrolling compiles
   # it once per class (minutes on a CPU), and 20 tiny steps cannot repay that.
   config.gan.ensemble = "auto"
+  config.distill.rounds = 2
+  config.distill.round_gan_steps = 10
+  config.distill.epochs = 1
 
 
 def finalize(config: ml_collections.ConfigDict, arg: str | None,
@@ -271,7 +298,7 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   # pylint: disable=g-import-not-at-top
   from mdjax.data import pipeline as data_pipeline
   from mdjax.data import registry
-  from mdjax.gan import diffaug, fastgan, judge, losses, program
+  from mdjax.gan import diffaug, distill, fastgan, judge, losses, program
   from mdjax.models import backbones, classifier, heads
   from mdjax.optim import factory
   from mdjax.pipeline import workdir
@@ -363,3 +390,25 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   policies = [p for p in str(g.diffaug).split(",") if p]
   _require(all(p in diffaug.POLICIES for p in policies), "gan.diffaug", g.diffaug,
            "a comma-separated subset of " + ",".join(diffaug.POLICIES) + " (or empty)")
+
+  ds = config.distill
+  _require(isinstance(ds.enabled, bool), "distill.enabled", ds.enabled, "true or false")
+  _require(isinstance(ds.normalize, bool), "distill.normalize", ds.normalize, "true or false")
+  _require(_number(ds.margin) and ds.margin >= 0, "distill.margin", ds.margin,
+           "a number >= 0 (0.2 with normalised features)")
+  _require(_number(ds.weight) and ds.weight >= 0, "distill.weight", ds.weight,
+           "a number >= 0 (the triplet term's weight in G's loss; 0 turns it off)")
+  _require(isinstance(ds.rounds, int) and ds.rounds >= 1, "distill.rounds", ds.rounds,
+           "an integer >= 1")
+  for key in ("round_gan_steps", "epochs"):
+    _require(isinstance(ds[key], int) and ds[key] >= 0, f"distill.{key}", ds[key],
+             "an integer >= 0")
+  _one_of(config, "distill.hard_rule", distill.HARD_RULES)
+  _require(_number(ds.hard_threshold) and 0 < ds.hard_threshold <= 1, "distill.hard_threshold",
+           ds.hard_threshold, "a class probability in (0, 1]")
+  _require(_number(ds.min_fraction) and 0 < ds.min_fraction <= 0.5, "distill.min_fraction",
+           ds.min_fraction, "a fraction of a class's images in (0, 0.5]")
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -329,6 +329,27 @@ def test_step_is_deterministic_for_a_key(jit_step, trained, state0):
     assert float(m[k]) == float(metrics[0][k])
 
 
+# The first step's outputs as the step computed them before GAN distillation added `guided_step`
+# (commit ca69ea7, this CPU): the plain step must not change with it. After two steps the whole
+# state was also bit-identical between the two versions.
+_RECORDED_FIRST_STEP = {"d_fake": -0.03401239216327667, "d_loss": 3.0741543769836426,
+                        "d_real": 0.031793512403964996, "g_loss": 0.17490799725055695,
+                        "recon_loss": 1.2605308294296265}
+_RECORDED_ABS_SUMS = {"g_params": 6568.10693359375, "d_params": 3123.153076171875,
+                      "ema_params": 6568.10693359375, "g_stats": 647.1900024414062,
+                      "d_stats": 524.9300537109375}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="recorded on CPU; GPUs round differently")
+def test_plain_step_matches_its_recorded_outputs(trained):
+  states, metrics = trained
+  for k, v in _RECORDED_FIRST_STEP.items():
+    assert float(metrics[0][k]) == pytest.approx(v, rel=1e-5, abs=1e-6), k
+  for field, v in _RECORDED_ABS_SUMS.items():
+    total = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(getattr(states[1], field)))
+    assert total == pytest.approx(v, rel=1e-5), field
+
+
 def test_vmap_over_stacked_states_equals_separate_steps(fns, jit_step, state0):
   other = jax.jit(fns.init)(jax.random.key(7))
   reals = [real_batch(20), real_batch(21)]

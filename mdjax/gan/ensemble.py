@@ -35,12 +35,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mdjax.core import loop, mesh as mesh_lib, process
-from mdjax.errors import DataError
+from mdjax.errors import DataError, UserError
 from mdjax.gan import chunks as chunks_lib
-from mdjax.gan import class_data, generate, program
+from mdjax.gan import class_data, distill, generate, program
 
 GRID_SIZE = 16
-_LOSSES = (("d_loss", "D"), ("g_loss", "G"))
+_LOSSES = (("d_loss", "D"), ("g_loss", "G"), ("triplet_loss", "T"))
 
 
 @dataclasses.dataclass
@@ -75,7 +75,8 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
                      accept: Callable[[int, np.ndarray], np.ndarray] | None = None,
                      max_draws: int = 10, mesh: jax.sharding.Mesh | None = None,
                      max_nan_restarts: int = 3, keep_states: bool = False,
-                     progress: bool = True) -> EnsembleResult:
+                     progress: bool = True, steps: int | None = None,
+                     teacher: distill.Teacher | None = None) -> EnsembleResult:
   """Trains one GAN per class in `images_by_class`, K classes per compiled program; resumable.
 
   Args:
@@ -98,8 +99,14 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
     keep_states: also return every class's final state (numpy; large for full-width FastGANs).
     progress: show a tqdm bar (mean / worst D and G loss over the chunk's classes) and, at every
       sample point, a line with each class's D and G loss.
+    steps: train every class up to this step (default `gan_config.steps`); GAN distillation
+      raises it round by round in the same workdir, each round resuming from the last.
+    teacher: GAN distillation (mdjax.gan.distill): the triplet term, classifier and hard / easy
+      features of every class; the step is then the distilling program (a `guided_step` is
+      needed: mdjax.gan.step's FastGAN has one).
   """
   g = gan_config
+  steps = int(g.steps if steps is None else steps)
   if not images_by_class:
     raise DataError("train_class_gans got no classes; select at least one weak class.")
   fns = step_fns or program.default_gan_fns(g)
@@ -113,11 +120,15 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
   groups = class_data.balanced_chunks(classes, g.chunk_size)
   if isinstance(num_samples, int):
     num_samples = {k: num_samples for k in classes}
-  result = EnsembleResult(tuple(classes), g.steps, {}, {k: [] for k in classes},
+  result = EnsembleResult(tuple(classes), steps, {}, {k: [] for k in classes},
                           {k: 0 for k in classes}, {}, workdir, strategy)
-  step_fn = program.make_ensemble_step(fns, batch_size=g.batch_size, strategy=strategy, mesh=mesh)
+  if teacher is not None and not hasattr(fns, "guided_step"):
+    raise UserError("GAN distillation needs a GAN step with an extra generator loss term "
+                    "(`guided_step`, as mdjax.gan.step's FastGAN has); the given step_fns lack it.")
+  step_fn = program.make_ensemble_step(fns, batch_size=g.batch_size, strategy=strategy, mesh=mesh,
+                                       triplet=None if teacher is None else teacher.triplet)
 
-  with _Progress(workdir, fns, seed, g.steps, len(groups), progress) as report, \
+  with _Progress(workdir, fns, seed, steps, len(groups), progress) as report, \
       contextlib.ExitStack() as open_chunks:  # every chunk's last save completes, also on errors
     for j, group in enumerate(groups):
       chunk = chunks_lib.Chunk(workdir / f"chunk_{j:03d}", group, images, capacity, fns, g, seed,
@@ -127,13 +138,16 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
         report.real_grids({k: images[k] for k in group})
       result.nan_restarts.update(chunk.restarts())
       report.start_chunk(j, group, chunk.step)
+      advance = step_fn
+      if teacher is not None:  # this chunk's hard / easy features, inputs of the one program
+        advance = functools.partial(step_fn, teacher=teacher.stacked(chunk.padded, capacity, mesh))
 
-      while chunk.step < g.steps:
-        metrics = chunk.advance(step_fn)
+      while chunk.step < steps:
+        metrics = chunk.advance(advance)
         report.bar.update(1)
         step = chunk.step
-        save_now = loop.itstime(step, g.checkpoint_every, g.steps)
-        sample_now = loop.itstime(step, g.sample_every, g.steps)
+        save_now = loop.itstime(step, g.checkpoint_every, steps)
+        sample_now = loop.itstime(step, g.sample_every, steps)
         if not (save_now or sample_now or loop.itstime(step, g.log_every)):
           continue
         ok = chunk.all_finite()

@@ -97,16 +97,25 @@ def resolve_strategy(strategy: str, platform: str | None = None) -> str:
 
 
 def class_step(fns: GanFns, gan_state, rng: jax.Array, images: jax.Array, count: jax.Array,
-               step: jax.Array, *, batch_size: int):
+               step: jax.Array, *, batch_size: int, triplet=None, teacher=None):
   """One GAN step of ONE class: draw its batch from its own images, then `fns.step`.
 
   `images` is that class's padded uint8 [capacity, R, R, 3]; `rng` its stream key; `step` the global
   step. Jitted alone this is exactly what a separate single-class training runs.
+
+  GAN distillation (mdjax.gan.distill): with a `triplet` (a distill.Triplet) and this class's
+  `teacher` ({"variables": the frozen classifier's, "hard" / "easy": padded features [capacity, F],
+  "hard_count" / "easy_count"}), batches of hard and easy features are drawn too, from a stream of
+  their own, and the step is `fns.guided_step` with the triplet term in G's loss. Without them the
+  step and its keys are exactly the plain one's.
   """
   data_key, gan_key = jax.random.split(jax.random.fold_in(rng, step))
   idx = class_data.batch_indices(data_key, count, images.shape[0], batch_size)
   batch = images[idx].astype(jnp.float32) / 127.5 - 1.0
-  return fns.step(gan_state, batch, gan_key)
+  if triplet is None:
+    return fns.step(gan_state, batch, gan_key)
+  return fns.guided_step(gan_state, batch, gan_key,
+                         triplet.g_term_for(teacher, data_key, batch_size))
 
 
 def stack_states(trees: list) -> Any:
@@ -114,34 +123,64 @@ def stack_states(trees: list) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _local_step(ens, images, counts, step, *, fns: GanFns, batch_size: int, strategy: str):
-  """Advances this device's classes by one step; ens["gan"] etc. have a leading class axis."""
+def _local_step(ens, images, counts, step, teacher=None, *, fns: GanFns, batch_size: int,
+                strategy: str, triplet=None):
+  """Advances this device's classes by one step; ens["gan"] etc. have a leading class axis.
 
-  def one(gan_state, rng, imgs, count):
-    new_state, metrics = class_step(fns, gan_state, rng, imgs, count, step, batch_size=batch_size)
+  With a `triplet`, `teacher` holds the classifier's variables (shared by every class, closed over
+  by the per-class step) and the per-class hard / easy features (mapped like the images).
+  """
+  per_class_teacher = ()
+  if triplet is not None:
+    per_class_teacher = tuple(teacher[k] for k in _TEACHER_PER_CLASS)
+
+  def one(gan_state, rng, imgs, count, *class_teacher):
+    this_teacher = None
+    if triplet is not None:
+      this_teacher = dict(zip(_TEACHER_PER_CLASS, class_teacher), variables=teacher["variables"])
+    new_state, metrics = class_step(fns, gan_state, rng, imgs, count, step, batch_size=batch_size,
+                                    triplet=triplet, teacher=this_teacher)
     finite = loop.all_finite(metrics) & loop.all_finite(new_state)
     return new_state, metrics, finite
 
-  new_gan, metrics, finite = STRATEGIES[strategy](one, ens["gan"], ens["rng"], images, counts)
+  new_gan, metrics, finite = STRATEGIES[strategy](one, ens["gan"], ens["rng"], images, counts,
+                                                  *per_class_teacher)
   new = dict(ens, gan=new_gan, ok=ens["ok"] & finite)
   return new, metrics
 
 
+# The teacher's per-class arrays (leading class axis); its "variables" are shared by all classes.
+_TEACHER_PER_CLASS = ("hard", "hard_count", "easy", "easy_count")
+
+
 @functools.lru_cache(maxsize=16)
 def make_ensemble_step(fns: GanFns, *, batch_size: int, strategy: str,
-                       mesh: jax.sharding.Mesh) -> Callable:
+                       mesh: jax.sharding.Mesh, triplet=None) -> Callable:
   """`step(ens, images, counts, step) -> (ens, metrics [K])`: ONE jitted program for K classes.
 
   `ens` = {"gan": stacked states, "rng": uint32 [K, 2], "ok": bool [K], "restarts": int32 [K]},
   sharded over the mesh's "class" axis with K a multiple of the device count; it is donated.
   Cached, so chunks of one size, resumed runs and tests share one compiled program.
+
+  With a `triplet` (GAN distillation, mdjax.gan.distill) the step takes a fifth argument,
+  `teacher` = {"variables": the classifier's (replicated), "hard", "easy": float32 [K, capacity, F],
+  "hard_count", "easy_count": int32 [K]}: inputs of the program, not constants in it, so every
+  round of distillation reuses the one compiled program with a new classifier and new features.
   """
   strategy = resolve_strategy(strategy, mesh.devices.flat[0].platform)
-  local = functools.partial(_local_step, fns=fns, batch_size=batch_size, strategy=strategy)
+  local = functools.partial(_local_step, fns=fns, batch_size=batch_size, strategy=strategy,
+                            triplet=triplet)
   spec = P(CLASS_AXIS)
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()),
+  if triplet is None:
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()),
+                           out_specs=(spec, spec), check_vma=False)
+    return jax.jit(mapped, donate_argnums=0)
+  teacher_spec = {"variables": P(), **{k: spec for k in _TEACHER_PER_CLASS}}
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(), teacher_spec),
                          out_specs=(spec, spec), check_vma=False)
-  return jax.jit(mapped, donate_argnums=0)
+  return jax.jit(lambda ens, images, counts, step, teacher: mapped(ens, images, counts, step,
+                                                                   teacher),
+                 donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=32)

@@ -123,6 +123,11 @@ class GANFns(NamedTuple):
   step: Callable[[GANState, jax.Array, jax.Array], tuple[GANState, dict]]
   sample: Callable[[GANState, jax.Array, int], jax.Array]
   spec: GANSpec
+  # `step` with an extra term in G's loss: guided_step(state, real, rng, g_term), where
+  # g_term(fake [B, R, R, 3] in [-1, 1], before DiffAugment) -> (scalar loss, metrics dict) is
+  # added to the adversarial loss and differentiated into G only (D's update does not see it).
+  # GAN distillation (mdjax.gan.distill) passes its triplet term here.
+  guided_step: Callable[[GANState, jax.Array, jax.Array, Callable], tuple[GANState, dict]]
 
 
 @functools.lru_cache(maxsize=32)
@@ -156,7 +161,11 @@ def _make(spec: GANSpec) -> GANFns:
     with cpu_conv.use_fast_conv_grads():
       return _step(state, real, rng)
 
-  def _step(state: GANState, real: jax.Array, rng: jax.Array):
+  def guided_step(state: GANState, real: jax.Array, rng: jax.Array, g_term: Callable):
+    with cpu_conv.use_fast_conv_grads():
+      return _step(state, real, rng, g_term)
+
+  def _step(state: GANState, real: jax.Array, rng: jax.Array, g_term: Callable | None = None):
     if real.ndim != 4 or real.shape[1:] != (r, r, 3):
       raise DataError(f"a GAN batch must be float32 [B, {r}, {r}, 3] in [-1, 1] for "
                       f"config.gan.resolution={r}; got shape {real.shape}. Resize the class "
@@ -207,10 +216,14 @@ def _make(spec: GANSpec) -> GANFns:
     def g_loss_fn(img, img_small):
       logits, upd = disc.apply({"params": d_params, "batch_stats": d_stats},
                                *augment_fake(img, img_small), train=True, mutable=["batch_stats"])
-      return losses.g_loss(logits), upd["batch_stats"]
+      adversarial = losses.g_loss(logits)
+      if g_term is None:
+        return adversarial, (upd["batch_stats"], adversarial, {})
+      extra, extra_metrics = g_term(img)
+      return adversarial + extra, (upd["batch_stats"], adversarial, extra_metrics)
 
-    (g_loss, d_stats), fake_grads = jax.value_and_grad(g_loss_fn, argnums=(0, 1), has_aux=True)(
-        fake, fake_small)
+    (_, (d_stats, g_loss, g_aux)), fake_grads = jax.value_and_grad(
+        g_loss_fn, argnums=(0, 1), has_aux=True)(fake, fake_small)
     (g_grads,) = g_vjp(fake_grads)
     g_updates, g_opt = tx.update(g_grads, state.g_opt, state.g_params)
     g_params = optax.apply_updates(state.g_params, g_updates)
@@ -219,7 +232,7 @@ def _make(spec: GANSpec) -> GANFns:
     new_state = GANState(step=state.step + 1, g_params=g_params, g_stats=g_stats,
                          d_params=d_params, d_stats=d_stats, g_opt=g_opt, d_opt=d_opt,
                          ema_params=ema_params)
-    metrics = dict(d_loss=d_loss, g_loss=g_loss, **d_aux)
+    metrics = dict(d_loss=d_loss, g_loss=g_loss, **d_aux, **g_aux)
     return new_state, metrics
 
   def sample(state: GANState, rng: jax.Array, n: int):
@@ -229,7 +242,7 @@ def _make(spec: GANSpec) -> GANFns:
                        train=False, rngs={"noise": kn})
     return img
 
-  return GANFns(init=init, step=step, sample=sample, spec=spec)
+  return GANFns(init=init, step=step, sample=sample, spec=spec, guided_step=guided_step)
 
 
 def make_gan_fns(config) -> GANFns:

@@ -11,7 +11,9 @@ import math
 from mdjax.errors import ConfigError
 
 # Algorithm 1's stages in the order they run; each is a method of mdjax.pipeline.stages.Run.
-STAGES = ("train", "validate", "gan", "generate", "finetune", "test")
+# "distill" (GAN distillation, `config.distill`) replaces gan, generate and finetune when enabled;
+# otherwise it is recorded as skipped, as those three are when it is enabled.
+STAGES = ("train", "validate", "gan", "generate", "finetune", "distill", "test")
 
 
 def parse_stages(config) -> list[str]:

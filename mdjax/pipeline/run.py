@@ -90,6 +90,9 @@ def _weak_mean(summary: dict, weak) -> float | None:
 
 def collect(config, splits, records: dict) -> dict:
   validate, generate = records["validate"], records.get("generate", {})
+  distill = records.get("distill", {})
+  if "rounds" in distill:  # GAN distillation replaced gan / generate / finetune
+    generate = {"generated_per_class": distill["generated_per_class"], "dir": distill["dir"]}
   weak = validate["worst_classes"]
   controls = {n: records[n] for n in CONTROL_STAGES if n in records}
   ran = {n: r for n, r in controls.items() if "skipped" not in r}
@@ -107,6 +110,10 @@ def collect(config, splits, records: dict) -> dict:
       "generated_per_class": {int(k): v for k, v in generate.get("generated_per_class", {}).items()},
       "gan_quality": generate.get("quality", {}),
       "judge": generate.get("judge"),
+      "generated_dir": generate.get("dir"),
+      # GAN distillation's rounds: hard / easy counts, GAN losses, validation accuracy per round.
+      "distill": ({"rounds": distill["rounds"], "gan_steps": distill["gan_steps"]}
+                  if "rounds" in distill else None),
       # The weak classes' mean test accuracy, before (baseline), after, and in each control.
       "weak_class_accuracy": {"baseline": _weak_mean(validate["baseline"], weak),
                               "final": _weak_mean(records["test"]["final"], weak),

@@ -8,7 +8,10 @@
               quality: the classifier's target-class fraction and Frechet distance, and the share
               an independent judge assigns to the class (mdjax.gan.judge)
     finetune  fine-tune the trained m (not a fresh one) on D_train + generated images
-    test      test the fine-tuned m on D_test
+    distill   GAN distillation (`config.distill`, mdjax.gan.distill), in place of gan, generate and
+              finetune: rounds of relabel hard / easy -> class GANs with the triplet loss ->
+              generate -> fine-tune m on D_train + generated; each round recorded, resumable
+    test      test the final m (fine-tuned, or distilled) on D_test
 
 A stage's outputs live in the workdir; its record in `stages/<name>.json` is written last. Each
 stage finds what it needs from earlier stages through their records and checkpoints, so
@@ -28,10 +31,11 @@ import numpy as np
 
 from mdjax import models
 from mdjax.core import mesh as mesh_lib
-from mdjax.core import process, storage
+from mdjax.core import files, process, storage
 from mdjax.data import pipeline
 from mdjax.data.sources import ArraySource, Concat, Splits
 from mdjax.errors import UserError
+from mdjax.gan import distill as distill_lib
 from mdjax.gan import ensemble, generate, judge as judge_lib, quality
 from mdjax.pipeline import plan
 from mdjax.pipeline import workdir as workdir_lib
@@ -80,6 +84,7 @@ class Run:
     self._variables: dict[str, Any] = {}
     self._eval_step = None
     self._judge = None
+    self._triplet = None
 
   # --- helpers ---------------------------------------------------------------------------------
 
@@ -181,6 +186,8 @@ class Run:
             "baseline": _summary(test), "baseline_confusion": test["confusion"].tolist()}
 
   def gan(self) -> dict:
+    if self.config.distill.enabled:
+      return {"skipped": _DISTILLING}
     weak = self.require("validate", "gan")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0"}
@@ -191,6 +198,8 @@ class Run:
             "final_losses": {str(k): h[-1] for k, h in result.history.items() if h}}
 
   def generate(self) -> dict:
+    if self.config.distill.enabled:
+      return {"skipped": _DISTILLING, "generated_per_class": {}}
     weak = self.require("validate", "generate")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0", "generated_per_class": {}}
@@ -247,6 +256,8 @@ class Run:
     return record
 
   def finetune(self) -> dict:
+    if self.config.distill.enabled:
+      return {"skipped": _DISTILLING}
     weak = self.require("validate", "finetune")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0: the trained classifier is the final one"}
@@ -254,6 +265,11 @@ class Run:
     return {"history": _jsonable(self._history)}
 
   def final_variables(self) -> dict:
+    if self.config.distill.enabled:
+      record = self.require("distill", "test")
+      if "skipped" in record:
+        return self.classifier("train")
+      return self._distilled(len(record["rounds"]) - 1)
     ft = self.require("finetune", "test")
     return self.classifier("train") if "skipped" in ft else self._finetuned("finetune")
 
@@ -266,6 +282,105 @@ class Run:
       data = Concat([self.splits.train, self.generated_source(gen["dir"])])
     return self.classifier(tag, data, init_from="train", epochs=int(self.config.finetune.epochs),
                            learning_rate=float(self.config.finetune.learning_rate))
+
+  # --- GAN distillation ------------------------------------------------------------------------
+
+  def distill(self) -> dict:
+    """GAN distillation's rounds (mdjax.gan.distill). Round r: label the weak classes' training
+    images hard / easy with the classifier of round r - 1 (round -1: the trained one); advance
+    their GANs, with the triplet term, to gan.steps + r x distill.round_gan_steps (one program,
+    `distill/gan/`, resumed round after round); generate nSamples per class; fine-tune round
+    r - 1's classifier on real + generated images for distill.epochs (`distill/round_<r>/`).
+
+    Resumable: a finished round has `distill/round_<r>/round.json` (written last) and is not
+    redone; in an unfinished one, finished GANs are restored (and generate the same images again)
+    and the fine-tune resumes from its checkpoint.
+    """
+    ds = self.config.distill
+    if not ds.enabled:
+      return {"skipped": "distill.enabled is false"}
+    weak = self.require("validate", "distill")["worst_classes"]
+    if not weak:
+      return {"skipped": "nWPC = 0"}
+    real = self.weak_images(weak)
+    rounds = [self._distill_round(r, weak, real) for r in range(int(ds.rounds))]
+    last = rounds[-1]
+    return {"classes": weak, "rounds": rounds, "gan_steps": last["gan_steps"],
+            "generated_per_class": last["generated_per_class"], "dir": last["dir"]}
+
+  def _round_dir(self, r: int) -> str:
+    return os.path.join(self.workdir, "distill", f"round_{r}")
+
+  def triplet(self) -> distill_lib.Triplet:
+    if self._triplet is None:  # one object per run: the key of the one compiled GAN program
+      ds = self.config.distill
+      self._triplet = distill_lib.Triplet(self.model, int(self.config.data.image_size),
+                                          float(ds.margin), float(ds.weight), bool(ds.normalize))
+    return self._triplet
+
+  def _distilled(self, r: int, init: dict | None = None) -> dict:
+    """Round r's fine-tuned classifier (r = -1: the trained one): trained from `init` (round
+    r - 1's), or restored from its finished checkpoint (then `init` only gives the shapes)."""
+    if r < 0:
+      return self.classifier("train")
+    tag = f"distill/round_{r}"
+    if tag not in self._variables:
+      data = Concat([self.splits.train,
+                     self.generated_source(os.path.join(self._round_dir(r), "generated"))])
+      result = clf.train_classifier(
+          self.config, data, self.splits.val, self.workdir, self.num_classes,
+          init_variables=init if init is not None else self.classifier("train"),
+          epochs=int(self.config.distill.epochs),
+          learning_rate=float(self.config.finetune.learning_rate), tag=tag, model=self.model,
+          mesh=self.mesh)
+      self._variables[tag] = result.variables
+    return self._variables[tag]
+
+  def _distill_round(self, r: int, weak, real: dict) -> dict:
+    ds, rdir = self.config.distill, self._round_dir(r)
+    record_path = os.path.join(rdir, "round.json")
+    if os.path.exists(record_path):
+      return files.read_json(record_path)
+    gen_dir, gan_path = os.path.join(rdir, "generated"), os.path.join(rdir, "gan.json")
+    previous = self._distilled(r - 1)
+    labels = distill_lib.label_classes(
+        self.triplet(), previous, real, rule=str(ds.hard_rule),
+        threshold=float(ds.hard_threshold), min_fraction=float(ds.min_fraction))
+    steps = int(self.config.gan.steps) + r * int(ds.round_gan_steps)
+    if os.path.exists(gan_path):  # this round's GANs and images are done (written after both)
+      gan = files.read_json(gan_path)
+    else:
+      counts = {k: len(real[k]) for k in weak}
+      wanted = {k: num_generated(counts[k], float(self.config.mistake.nsamples_ratio)) for k in weak}
+      say(f"distill round {r + 1}/{ds.rounds}: hard / easy images per weak class: " + ", ".join(
+          f"{self.splits.class_names[k]} {labels[k].hard.sum()}/{labels[k].easy.sum()}"
+          for k in weak))
+      result = ensemble.train_class_gans(
+          real, self.config.gan, os.path.join(self.workdir, "distill", "gan"),
+          int(self.config.seed), num_samples=wanted, steps=steps,
+          teacher=distill_lib.Teacher(self.triplet(), previous, labels))
+      images = {k: v for k, v in result.generated.items() if len(v)}
+      if process.is_writer():
+        generate.write_generated(gen_dir, images, class_names=self.splits.class_names,
+                                 source_step=steps)
+      process.barrier(f"generated {gen_dir}")
+      gan = {"generated_per_class": {str(k): len(images.get(k, ())) for k in weak},
+             # The last logged losses of the steps this run took (empty if all were restored).
+             "final_losses": {str(k): h[-1] for k, h in result.history.items() if h}}
+      if process.is_writer():
+        files.write_json_atomic(gan_path, gan)
+      process.barrier(f"distill round {r} gan")
+    variables = self._distilled(r, init=previous)
+    val = self.evaluate(variables, self.splits.val)
+    record = {"round": r, "gan_steps": steps, "dir": gen_dir,
+              "labels": {str(k): labels[k].record() for k in weak}, **gan,
+              "val_accuracy": val["accuracy"],
+              "val_class_accuracy": [float(a) for a in val["class_wise_accuracy"]]}
+    if process.is_writer():
+      files.write_json_atomic(record_path, record)
+    process.barrier(f"distill round {r}")
+    say(f"distill round {r + 1}/{ds.rounds} done: val accuracy {val['accuracy']:.4f}")
+    return record
 
   def test(self) -> dict:
     result = self.evaluate(self.final_variables(), self.splits.test)
@@ -281,6 +396,8 @@ class Run:
 
   def control_full_gan(self) -> dict:
     """Full GAN augmentation (nWPC = n): every class gets generated images."""
+    if self.config.distill.enabled:
+      return {"skipped": "compares with the gan / generate stages, which distillation replaces"}
     weak = self.require("validate", "control_full_gan")["worst_classes"]
     others = [k for k in range(self.num_classes) if k not in weak]
     parts = [self.splits.train]
@@ -304,6 +421,8 @@ class Run:
     weak = self.require("validate", "control_filtered")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0"}
+    if self.config.distill.enabled:
+      return {"skipped": "compares with the gan / generate stages, which distillation replaces"}
     if self.config.mistake.filter != "none":
       return {"skipped": "the main run already filters (mistake.filter)"}
     self.require("gan", "control_filtered")
@@ -316,6 +435,7 @@ class Run:
 
 
 CONTROL_STAGES = ("control_real_finetune", "control_full_gan", "control_filtered")
+_DISTILLING = "distill.enabled: the distill stage trains the GANs and fine-tunes instead"
 
 
 def run_stage(run: Run, name: str) -> dict:
@@ -340,6 +460,10 @@ def _one_line(name: str, record: dict, class_names) -> str:
     weak = ", ".join(class_names[k] for k in record["worst_classes"]) or "none"
     return (f": val accuracy {record['val_accuracy']:.4f}, baseline test accuracy "
             f"{record['baseline']['test_accuracy']:.4f}, weak classes: {weak}")
+  if name == "distill":
+    last = record["rounds"][-1]
+    return (f": {len(record['rounds'])} rounds, {sum(last['generated_per_class'].values())} images "
+            f"in the last, val accuracy {last['val_accuracy']:.4f}")
   if name == "generate":
     return f": {sum(record['generated_per_class'].values())} images for {len(record['generated_per_class'])} classes"
   if name == "test":
