@@ -133,7 +133,7 @@ def _sample_class(fns: step_lib.ConditionalGANFns, state_and_label, rng: jax.Arr
 
 @functools.lru_cache(maxsize=8)
 def class_sampler(fns: step_lib.ConditionalGANFns) -> Callable:
-  """`(state, label) , rng, n -> images` for mdjax.gan.generate (one object per GAN, so its
+  """`((state, label), rng, n) -> images` for mdjax.gan.generate (one object per GAN, so its
   jitted program is compiled once)."""
   return functools.partial(_sample_class, fns)
 
