@@ -137,6 +137,16 @@ def base_config() -> ml_collections.ConfigDict:
   # small images at a third of the cost.
   g.judge = "lite0"
   g.judge_resolution = 128
+  # Beyond the paper (issue 13 item 5): True trains ONE class-conditional FastGAN on the images of
+  # all weak classes together (label embedding into G, projection D; mdjax.gan.conditional)
+  # instead of one FastGAN per weak class, to compare cost and benefit with the per-class
+  # ensemble. It generates the same images per class, to the same place. gan.steps are then the
+  # conditional GAN's steps, each on a class-balanced batch of all weak classes.
+  g.conditional = False
+  # The conditional GAN only: one-sided label smoothing of real images, as a factor on the real
+  # side of the hinge loss's margin (mdjax.gan.losses); 0.9 is the conditional-GAN augmentation
+  # paper's value, 1.0 none. The per-class GANs keep the reference loss and do not read it.
+  g.real_label_smoothing = 0.9
 
   # GAN distillation (Pennisi et al., ICCV 2021 workshop; mdjax.gan.distill): the weak classes'
   # GANs also learn a triplet loss on the classifier's features that pulls their samples towards
@@ -387,6 +397,12 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
               "checkpoint_every", "log_every", "judge_resolution"):
     _require(isinstance(g[key], int) and g[key] > 0, f"gan.{key}", g[key], "a positive integer")
   _require(0 <= g.ema_decay < 1, "gan.ema_decay", g.ema_decay, "a number in [0, 1)")
+  _require(isinstance(g.conditional, bool), "gan.conditional", g.conditional,
+           "true (one class-conditional GAN for all weak classes) or false (one GAN per weak class)")
+  smoothing = g.real_label_smoothing
+  _require(isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
+           and 0 < smoothing <= 1, "gan.real_label_smoothing", smoothing,
+           "a number in (0, 1]: the real images' smoothed target (0.9, the paper's; 1.0 = none)")
   policies = [p for p in str(g.diffaug).split(",") if p]
   _require(all(p in diffaug.POLICIES for p in policies), "gan.diffaug", g.diffaug,
            "a comma-separated subset of " + ",".join(diffaug.POLICIES) + " (or empty)")
@@ -408,6 +424,10 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
            ds.hard_threshold, "a class probability in (0, 1]")
   _require(_number(ds.min_fraction) and 0 < ds.min_fraction <= 0.5, "distill.min_fraction",
            ds.min_fraction, "a fraction of a class's images in (0, 0.5]")
+  # Distillation trains the per-class ensemble (its triplet term is per class, its hard and easy
+  # images too); the conditional GAN has no distilling step.
+  _require(not (ds.enabled and g.conditional), "gan.conditional", g.conditional,
+           "false when distill.enabled is true (GAN distillation trains one GAN per weak class)")
 
 
 def _number(value) -> bool:

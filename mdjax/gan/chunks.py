@@ -39,7 +39,7 @@ from mdjax.gan import class_data, program
 # fold_in constants separating a class's key streams (training uses the class key itself).
 GRID_STREAM, GENERATE_STREAM = 1_000_001, 1_000_002
 # The config keys a chunk's checkpoints depend on (with its classes, their data and the seed).
-_META_KEYS = ("resolution", "batch_size", "ngf", "ndf", "nz", "learning_rate", "beta1", "beta2",
+META_KEYS = ("resolution", "batch_size", "ngf", "ndf", "nz", "learning_rate", "beta1", "beta2",
               "ema_decay", "recon_loss", "diffaug")
 
 
@@ -73,15 +73,15 @@ def init_ensemble(fns: program.GanFns, seed: int, class_indices: Sequence[int],
   return jax.device_put(ens, mesh_lib.class_sharding(mesh))
 
 
-def _meta(classes, images, gan_config, seed) -> dict:
+def checkpoint_meta(classes, images, gan_config, seed) -> dict:
   # "ema": checkpoints from before the bias-corrected EMA (mdjax.gan.step.ema_update) hold a
   # different average under the same config; they must not be resumed as if they were the same.
   return {"ema": "bias_corrected", "classes": [int(k) for k in classes],
           "counts": [len(x) for x in images], "data": [class_data.fingerprint(x) for x in images],
-          "seed": int(seed), "gan": {k: gan_config.get(k) for k in _META_KEYS}}
+          "seed": int(seed), "gan": {k: gan_config.get(k) for k in META_KEYS}}
 
 
-def _check_meta(chunk_dir: Path, meta: dict) -> None:
+def check_meta(chunk_dir: Path, meta: dict) -> None:
   path = chunk_dir / "meta.json"
   if path.exists():
     old = files.read_json(path)
@@ -111,7 +111,8 @@ class Chunk:
     self.classes = list(classes)
     self.padded = self.classes + [self.classes[-1]] * (-len(self.classes) % mesh.size)
     self.mesh, self._sharding = mesh, mesh_lib.class_sharding(mesh)
-    _check_meta(chunk_dir, _meta(self.classes, [images[k] for k in self.classes], gan_config, seed))
+    check_meta(chunk_dir, checkpoint_meta(self.classes, [images[k] for k in self.classes],
+                                          gan_config, seed))
     data, counts = class_data.stack_class_images([images[k] for k in self.padded], capacity)
     self.data, self.counts = jax.device_put((data, counts), self._sharding)
     self.checkpoints = Checkpoints(chunk_dir / "checkpoints")

@@ -46,6 +46,27 @@ that every FastGAN mechanism survives at a size where it still makes sense:
 
 The decoders' base width is ndf / 2 (the reference hard-codes 32 = 64 / 2), so tiny test models
 stay tiny.
+
+Class conditioning (`num_classes > 0`; mdjax.gan.conditional, one GAN for all weak classes): ours,
+not the reference's, which is unconditional. With `num_classes = 0` (the per-class ensemble) the
+modules and their parameter trees are exactly the unconditional ones.
+
+* Generator: a learned label embedding [num_classes, nz], N(0, 1) like z, is concatenated with z
+  before the 4x4 transposed convolution. Concatenation, not z * embedding: a product scales the
+  label signal with |z| and lets it vanish where z is small, while a concatenated label reaches
+  every 4x4 feature through its own kernel weights whatever z is; the cost is nz more input
+  channels in one layer. The label enters once, at the start: SLE then carries the 4x4 map (and so
+  the class) to the larger maps as it carries the style of an unconditional FastGAN.
+* Discriminator: a projection discriminator (Miyato & Koyama, ICLR 2018): the inner product of a
+  class embedding [num_classes, C] with the big branch's 8x8 features averaged over space (C
+  channels) is added to every one of the 50 patch logits. Chosen over an auxiliary classifier
+  head (AC-GAN) because the class then enters D's one hinge loss and no second loss has to be
+  weighed against it (AC-GAN's classification term also rewards easily classified samples, which
+  costs diversity, Miyato & Koyama's comparison), and over concatenating the label to D's input
+  because that puts a label map through every convolution. The class embedding starts at
+  N(0, 0.02), the conv init, so the projection starts near 0 and D begins as the unconditional
+  one; it is not spectrally normalised (the hinge loss stops rewarding D once a margin is met,
+  which bounds it).
 """
 
 from __future__ import annotations
@@ -249,14 +270,21 @@ class Generator(nn.Module):
   Attributes:
     resolution: R, one of RESOLUTIONS.
     ngf: base width; the map of side s has ngf * G_MULT[s] channels.
+    num_classes: > 0 for a class-conditional G: `labels` int [B] in [0, num_classes) are then
+      required, and their embedding is concatenated with z (module docstring).
   """
 
   resolution: int
   ngf: int = 64
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, z, train: bool = True):
+  def __call__(self, z, train: bool = True, labels=None):
     ch = functools.partial(channels, G_MULT, self.ngf)
+    if self.num_classes:
+      table = self.param("label_embedding", nn.initializers.normal(1.0),
+                         (self.num_classes, z.shape[-1]))
+      z = jnp.concatenate([z, table[_labels(labels, z.shape[0])]], axis=-1)
     x = z.reshape(z.shape[0], 1, 1, -1)
     init = nn.ConvTranspose(2 * ch(4), (4, 4), padding="VALID", use_bias=False,
                             kernel_init=_conv_init, name="init")
@@ -328,13 +356,16 @@ class Discriminator(nn.Module):
   Attributes:
     resolution: R, one of RESOLUTIONS.
     ndf: base width; the big-branch map of side s has ndf * D_MULT[2s] channels.
+    num_classes: > 0 for a projection discriminator: `labels` int [B] are then required, and
+      <class embedding, pooled 8x8 features> is added to every logit (module docstring).
   """
 
   resolution: int
   ndf: int = 64
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, img, img_small, train: bool = True, part=None):
+  def __call__(self, img, img_small, train: bool = True, part=None, labels=None):
     r = self.resolution
     ch = lambda s: channels(D_MULT, self.ndf, 2 * s)  # noqa: E731
     lrelu = functools.partial(nn.leaky_relu, negative_slope=0.2)
@@ -368,6 +399,11 @@ class Discriminator(nn.Module):
 
     b = img.shape[0]
     logits = jnp.concatenate([rf_big.reshape(b, -1), rf_small.reshape(b, -1)], axis=1)
+    if self.num_classes:
+      table = self.param("class_embedding", nn.initializers.normal(0.02),
+                         (self.num_classes, x.shape[-1]))
+      pooled = jnp.mean(x, axis=(1, 2))  # [B, C]: the big branch's 8x8 features
+      logits = logits + jnp.sum(table[_labels(labels, b)] * pooled, axis=-1, keepdims=True)
     if part is None:
       return logits
     big_size, small_sz, part_size = recon_sizes(r)
@@ -377,6 +413,15 @@ class Discriminator(nn.Module):
     quadrant = crop_quadrant(feats[16], part)
     rec_part = SimpleDecoder(part_size, base, name="decoder_part")(quadrant, train)
     return logits, (rec_big, rec_small, rec_part)
+
+
+def _labels(labels, batch: int) -> jax.Array:
+  if labels is None:
+    raise ValueError("a class-conditional FastGAN (num_classes > 0) needs labels int [B]")
+  labels = jnp.asarray(labels)
+  if labels.shape != (batch,):
+    raise ValueError(f"labels must be int [{batch}], got shape {labels.shape}")
+  return labels
 
 
 def crop_quadrant(x: jax.Array, part) -> jax.Array:
@@ -393,6 +438,9 @@ _INIT_RULES = {
     "kernel": (0.0, 0.02), "scale": (1.0, 0.02), "u": (0.0, 1.0),
     "bias": (0.0, 0.0), "weight": (0.0, 0.0), "mean": (0.0, 0.0), "var": (1.0, 0.0),
     "sigma": (1.0, 0.0),
+    # Class conditioning (module docstring): G's label embedding on z's scale, D's projection
+    # embedding on the conv init's.
+    "label_embedding": (0.0, 1.0), "class_embedding": (0.0, 0.02),
 }
 
 
@@ -421,8 +469,10 @@ def init_variables(module: nn.Module, rng: jax.Array, *args, **kwargs) -> dict:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def build(resolution: int, ngf: int, ndf: int) -> tuple[Generator, Discriminator]:
+def build(resolution: int, ngf: int, ndf: int,
+          num_classes: int = 0) -> tuple[Generator, Discriminator]:
+  """G and D; `num_classes > 0` makes both class-conditional (module docstring)."""
   if resolution not in RESOLUTIONS:
     raise ValueError(f"resolution {resolution} not in {RESOLUTIONS}")
-  return Generator(resolution, ngf), Discriminator(resolution, ndf)
+  return (Generator(resolution, ngf, num_classes), Discriminator(resolution, ndf, num_classes))
 

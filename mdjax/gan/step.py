@@ -27,12 +27,21 @@ correction: after t steps the init still weighs decay^t, harmless over its 50,00
 because of it. mdjax keeps the bias-corrected average instead (`ema_update`): the same decay, so
 `gan.ema_decay` means what it means in the reference and long runs converge to the same average,
 but the random init carries no weight at any step (after step 1 the EMA equals G).
+
+The class-conditional GAN (mdjax.gan.conditional) is this same step with labels: a `GANSpec` with
+`num_classes > 0` builds the conditional G and projection D (mdjax.gan.fastgan), and
+`make_conditional_gan_fns` returns `step(state, real, labels, rng)`, which generates the fakes for
+the real batch's labels (as the conditional-GAN augmentation paper does), shows D each batch with
+its labels, and scales the real side's hinge margin by `real_label_smoothing` (mdjax.gan.losses);
+`sample(state, rng, labels)` draws one image per label. With `num_classes = 0` nothing of this is
+traced, so the per-class step is unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -61,6 +70,10 @@ class GANSpec:
   ema_decay: float = 0.999
   recon_loss: str = "mse"
   diffaug: tuple[str, ...] = ("color", "translation")
+  # The conditional GAN only (`conditional_spec`): 0 = unconditional; the one-sided smoothing
+  # factor of the real side's hinge margin (mdjax.gan.losses), 1.0 = none.
+  num_classes: int = 0
+  real_label_smoothing: float = 1.0
 
   @classmethod
   def from_config(cls, config) -> GANSpec:
@@ -77,6 +90,19 @@ class GANSpec:
     if spec.recon_loss not in losses.RECON_LOSSES:
       raise ConfigError("gan.recon_loss", spec.recon_loss, "one of " + ", ".join(losses.RECON_LOSSES))
     return spec
+
+  @classmethod
+  def conditional_spec(cls, config, num_classes: int) -> GANSpec:
+    """The spec of one class-conditional GAN over `num_classes` classes: `config.gan` plus
+    `gan.real_label_smoothing` (which the per-class GANs do not read)."""
+    smoothing = float(config.real_label_smoothing)
+    if not 0 < smoothing <= 1:
+      raise ConfigError("gan.real_label_smoothing", smoothing,
+                        "a number in (0, 1]: the real side's hinge margin factor (1.0 = none)")
+    if num_classes < 1:
+      raise DataError("a class-conditional GAN needs at least one class")
+    return dataclasses.replace(cls.from_config(config), num_classes=int(num_classes),
+                               real_label_smoothing=smoothing)
 
 
 def _policy(text) -> tuple[str, ...]:
@@ -130,9 +156,22 @@ class GANFns(NamedTuple):
   guided_step: Callable[[GANState, jax.Array, jax.Array, Callable], tuple[GANState, dict]]
 
 
+class ConditionalGANFns(NamedTuple):
+  """Pure functions of a class-conditional GAN: labels are int32 in [0, spec.num_classes)."""
+
+  init: Callable[[jax.Array], GANState]
+  # (state, real [B, R, R, 3], labels [B], rng) -> (state, metrics)
+  step: Callable[[GANState, jax.Array, jax.Array, jax.Array], tuple[GANState, dict]]
+  # (state, rng, labels [n]) -> images [n, R, R, 3] from the EMA generator
+  sample: Callable[[GANState, jax.Array, jax.Array], jax.Array]
+  spec: GANSpec
+
+
 @functools.lru_cache(maxsize=32)
-def _make(spec: GANSpec) -> GANFns:
-  gen, disc = fastgan.build(spec.resolution, spec.ngf, spec.ndf)
+def _make(spec: GANSpec) -> GANFns | ConditionalGANFns:
+  gen, disc = fastgan.build(spec.resolution, spec.ngf, spec.ndf, spec.num_classes)
+  # Labels as keyword arguments of G and D, only for a conditional spec (then always given).
+  cond = (lambda labels: {"labels": labels}) if spec.num_classes else (lambda labels: {})
   r, small = spec.resolution, fastgan.small_size(spec.resolution)
   big_t, small_t, part_t = fastgan.recon_sizes(r)
   tx = optax.adam(spec.learning_rate, b1=spec.beta1, b2=spec.beta2)
@@ -143,10 +182,11 @@ def _make(spec: GANSpec) -> GANFns:
   def init(rng):
     kg, kd = jax.random.split(rng)
     z = jax.ShapeDtypeStruct((2, spec.nz), jnp.float32)
-    g_vars = fastgan.init_variables(gen, kg, z, train=False)
+    labels = cond(jnp.zeros((2,), jnp.int32))
+    g_vars = fastgan.init_variables(gen, kg, z, train=False, **labels)
     img = jax.ShapeDtypeStruct((2, r, r, 3), jnp.float32)
     img_small = jax.ShapeDtypeStruct((2, small, small, 3), jnp.float32)
-    d_vars = fastgan.init_variables(disc, kd, img, img_small, train=False, part=0)
+    d_vars = fastgan.init_variables(disc, kd, img, img_small, train=False, part=0, **labels)
     g_params, d_params = g_vars["params"], d_vars["params"]
     return GANState(
         step=jnp.zeros((), jnp.int32),
@@ -155,23 +195,23 @@ def _make(spec: GANSpec) -> GANFns:
         g_opt=tx.init(g_params), d_opt=tx.init(d_params),
         ema_params=jax.tree.map(jnp.array, g_params))
 
-  def step(state: GANState, real: jax.Array, rng: jax.Array):
+  def train_step(state: GANState, real: jax.Array, rng: jax.Array, labels: jax.Array | None,
+                 g_term: Callable | None = None):
     # CPU only: convolution weight gradients as matmuls (mdjax.core.cpu_conv); at 256x256 XLA's
     # own dW convolutions were 14 of the step's 24 s. GPUs keep XLA's convolutions.
     with cpu_conv.use_fast_conv_grads():
-      return _step(state, real, rng)
+      return _step(state, real, rng, labels, g_term)
 
-  def guided_step(state: GANState, real: jax.Array, rng: jax.Array, g_term: Callable):
-    with cpu_conv.use_fast_conv_grads():
-      return _step(state, real, rng, g_term)
-
-  def _step(state: GANState, real: jax.Array, rng: jax.Array, g_term: Callable | None = None):
+  def _step(state: GANState, real: jax.Array, rng: jax.Array, labels: jax.Array | None,
+            g_term: Callable | None):
     if real.ndim != 4 or real.shape[1:] != (r, r, 3):
       raise DataError(f"a GAN batch must be float32 [B, {r}, {r}, 3] in [-1, 1] for "
                       f"config.gan.resolution={r}; got shape {real.shape}. Resize the class "
                       "images to the GAN resolution (or set gan.resolution to match).")
     real = real.astype(jnp.float32)
     b = real.shape[0]
+    # Fakes are made for the real batch's labels, so D compares like with like per class.
+    label_kw = cond(labels)
     (k_z, k_noise, k_real_aug, k_fake_aug, k_small_aug, k_part, k_u_real,
      k_u_fake) = jax.random.split(rng, 8)
     z = jax.random.normal(k_z, (b, spec.nz), jnp.float32)
@@ -179,7 +219,7 @@ def _make(spec: GANSpec) -> GANFns:
     def generate(g_params):
       (img, img_small), upd = gen.apply(
           {"params": g_params, "batch_stats": state.g_stats}, z, train=True,
-          rngs={"noise": k_noise}, mutable=["batch_stats"])
+          rngs={"noise": k_noise}, mutable=["batch_stats"], **label_kw)
       return (img, img_small), upd["batch_stats"]
 
     (fake, fake_small), g_vjp, g_stats = jax.vjp(generate, state.g_params, has_aux=True)
@@ -198,12 +238,12 @@ def _make(spec: GANSpec) -> GANFns:
     def d_loss_fn(d_params):
       (logits_real, recs), upd = disc.apply(
           {"params": d_params, "batch_stats": state.d_stats}, real_aug, real_small, train=True,
-          part=part, mutable=["batch_stats"])
+          part=part, mutable=["batch_stats"], **label_kw)
       logits_fake, upd = disc.apply(
           {"params": d_params, "batch_stats": upd["batch_stats"]}, *fakes_aug, train=True,
-          mutable=["batch_stats"])
+          mutable=["batch_stats"], **label_kw)
       recon = sum(losses.reconstruction(p, t, spec.recon_loss) for p, t in zip(recs, targets))
-      loss = (losses.d_hinge_real(logits_real, k_u_real) + recon
+      loss = (losses.d_hinge_real(logits_real, k_u_real, spec.real_label_smoothing) + recon
               + losses.d_hinge_fake(logits_fake, k_u_fake))
       aux = dict(recon_loss=recon, d_real=jnp.mean(logits_real), d_fake=jnp.mean(logits_fake))
       return loss, (upd["batch_stats"], aux)
@@ -215,7 +255,8 @@ def _make(spec: GANSpec) -> GANFns:
 
     def g_loss_fn(img, img_small):
       logits, upd = disc.apply({"params": d_params, "batch_stats": d_stats},
-                               *augment_fake(img, img_small), train=True, mutable=["batch_stats"])
+                               *augment_fake(img, img_small), train=True, mutable=["batch_stats"],
+                               **label_kw)
       adversarial = losses.g_loss(logits)
       if g_term is None:
         return adversarial, (upd["batch_stats"], adversarial, {})
@@ -235,19 +276,57 @@ def _make(spec: GANSpec) -> GANFns:
     metrics = dict(d_loss=d_loss, g_loss=g_loss, **d_aux, **g_aux)
     return new_state, metrics
 
-  def sample(state: GANState, rng: jax.Array, n: int):
+  def draw(state: GANState, rng: jax.Array, n: int, labels: jax.Array | None):
     kz, kn = jax.random.split(rng)
     z = jax.random.normal(kz, (n, spec.nz), jnp.float32)
     img, _ = gen.apply({"params": state.ema_params, "batch_stats": state.g_stats}, z,
-                       train=False, rngs={"noise": kn})
+                       train=False, rngs={"noise": kn}, **cond(labels))
     return img
 
-  return GANFns(init=init, step=step, sample=sample, spec=spec, guided_step=guided_step)
+  if not spec.num_classes:
+    def step(state: GANState, real: jax.Array, rng: jax.Array):
+      return train_step(state, real, rng, None)
+
+    def guided_step(state: GANState, real: jax.Array, rng: jax.Array, g_term: Callable):
+      return train_step(state, real, rng, None, g_term)
+
+    def sample(state: GANState, rng: jax.Array, n: int):
+      return draw(state, rng, n, None)
+
+    return GANFns(init=init, step=step, sample=sample, spec=spec, guided_step=guided_step)
+
+  def conditional_step(state: GANState, real: jax.Array, labels: jax.Array, rng: jax.Array):
+    return train_step(state, real, rng, jnp.asarray(labels, jnp.int32))
+
+  def conditional_sample(state: GANState, rng: jax.Array, labels: jax.Array):
+    return draw(state, rng, labels.shape[0], jnp.asarray(labels, jnp.int32))
+
+  return ConditionalGANFns(init=init, step=conditional_step, sample=conditional_sample, spec=spec)
 
 
 def make_gan_fns(config) -> GANFns:
   """Pure (init, step, sample) functions for `config.gan` (a ConfigDict or a GANSpec)."""
-  return _make(GANSpec.from_config(config))
+  spec = GANSpec.from_config(config)
+  if spec.num_classes:
+    raise ValueError("a conditional GANSpec: use make_conditional_gan_fns")
+  return _make(spec)
+
+
+def make_conditional_gan_fns(config, num_classes: int | None = None) -> ConditionalGANFns:
+  """Pure (init, step, sample) functions of one class-conditional GAN: `config.gan` with
+  `num_classes` labels, or a GANSpec that has `num_classes > 0`."""
+  if isinstance(config, GANSpec):
+    if not config.num_classes:
+      raise ValueError("make_conditional_gan_fns needs a GANSpec with num_classes > 0")
+    return _make(config)
+  return _make(GANSpec.conditional_spec(config, num_classes))
+
+
+def parameter_counts(fns: GANFns | ConditionalGANFns) -> dict[str, int]:
+  """{"g_parameters", "d_parameters"} of one GAN (from shapes: nothing is computed)."""
+  state = jax.eval_shape(fns.init, jax.random.PRNGKey(0))
+  count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+  return {"g_parameters": count(state.g_params), "d_parameters": count(state.d_params)}
 
 
 def init_gan_state(rng: jax.Array, config) -> GANState:

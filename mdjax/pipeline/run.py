@@ -119,6 +119,8 @@ def collect(config, splits, records: dict) -> dict:
                               "final": _weak_mean(records["test"]["final"], weak),
                               **{n: _weak_mean(r, weak) for n, r in ran.items()}},
       "stage_seconds": {n: r.get("seconds") for n, r in records.items()},
+      # What the GAN stage cost (per-class ensemble or one conditional GAN: `gan.conditional`).
+      "gan_cost": records.get("gan", {}).get("gan_cost"),
       "controls": controls,
       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }

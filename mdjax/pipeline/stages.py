@@ -2,7 +2,9 @@
 
     train     train the classifier m on D_train (checkpointed; resumes mid-epoch)
     validate  class-wise accuracy on D_val; the nWPC worst classes; the baseline's test accuracy
-    gan       one FastGAN per weak class, all in one compiled program (checkpointed)
+    gan       one FastGAN per weak class, all in one compiled program (checkpointed); or, with
+              gan.conditional, one class-conditional FastGAN for all weak classes
+              (mdjax.gan.conditional); its record says what either cost (`gan_cost`)
     generate  ceil(ratio x |C|) images per weak class from its EMA generator (optionally only those
               the classifier finds confident, `mistake.filter`), stored atomically, with their
               quality: the classifier's target-class fraction and Frechet distance, and the share
@@ -35,8 +37,10 @@ from mdjax.core import files, process, storage
 from mdjax.data import pipeline
 from mdjax.data.sources import ArraySource, Concat, Splits
 from mdjax.errors import UserError
+from mdjax.gan import conditional
 from mdjax.gan import distill as distill_lib
-from mdjax.gan import ensemble, generate, judge as judge_lib, quality
+from mdjax.gan import ensemble, generate, judge as judge_lib, program, quality
+from mdjax.gan import step as gan_step
 from mdjax.pipeline import plan
 from mdjax.pipeline import workdir as workdir_lib
 from mdjax.train import classifier as clf
@@ -57,6 +61,25 @@ def worst_classes(class_accuracy: np.ndarray, count: int) -> list[int]:
 def num_generated(class_size: int, ratio: float) -> int:
   """nSamples = ceil(ratio x |C|) (the paper: half the class size by default)."""
   return int(math.ceil(ratio * class_size - 1e-9))
+
+
+def gan_cost(gan_config, num_classes: int, seconds: float) -> dict:
+  """What training the GANs of `num_classes` weak classes costs, in the same terms for both paths
+  (one GAN per class, or one conditional GAN): models, steps, real images each class contributes
+  to training, parameters, and `seconds`, the wall time of the training call (compilation
+  included; on a resumed run only what was left)."""
+  steps, batch = int(gan_config.steps), int(gan_config.batch_size)
+  if gan_config.conditional:
+    models, fns = 1, gan_step.make_conditional_gan_fns(gan_config, num_classes)
+  else:
+    models, fns = num_classes, program.default_gan_fns(gan_config)
+  size = gan_step.parameter_counts(fns)
+  g, d = models * size["g_parameters"], models * size["d_parameters"]
+  return {"path": "conditional" if gan_config.conditional else "per_class", "models": models,
+          "steps": steps, "model_steps": models * steps,
+          "real_images_per_class": steps * batch * models // num_classes,
+          "g_parameters": g, "d_parameters": d, "parameters": g + d,
+          "train_seconds": round(seconds, 3)}
 
 
 def class_images(source, labels: np.ndarray, k: int, size: int, augment: str = "none") -> np.ndarray:
@@ -136,6 +159,13 @@ class Run:
     return {k: class_images(self.splits.train, self.splits.train.labels, k, r, augment)
             for k in classes}
 
+  def train_gans(self, images_by_class: dict[int, np.ndarray], gan_dir: str, **kwargs):
+    """The GANs of these classes, trained or restored: one per class (the paper) or one
+    class-conditional GAN (`gan.conditional`); `kwargs` as train_class_gans'."""
+    train = (conditional.train_conditional_gan if self.config.gan.conditional
+             else ensemble.train_class_gans)
+    return train(images_by_class, self.config.gan, gan_dir, int(self.config.seed), **kwargs)
+
   def judge(self):
     """The independent judge of generated images, fit once per run on the real training images."""
     if self._judge is None:
@@ -191,10 +221,14 @@ class Run:
     weak = self.require("validate", "gan")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0"}
-    result = ensemble.train_class_gans(self.weak_images(weak), self.config.gan,
-                                       os.path.join(self.workdir, "gan"), int(self.config.seed))
-    return {"classes": weak, "strategy": result.strategy, "steps": result.steps,
-            "nan_restarts": {str(k): v for k, v in result.nan_restarts.items()},
+    start = time.perf_counter()
+    result = self.train_gans(self.weak_images(weak), os.path.join(self.workdir, "gan"))
+    record = {"classes": weak, "strategy": result.strategy, "steps": result.steps,
+              "gan_cost": gan_cost(self.config.gan, len(weak), time.perf_counter() - start)}
+    if isinstance(result, conditional.ConditionalResult):
+      return {**record, "nan_restarts": result.nan_restarts,
+              "final_losses": result.history[-1] if result.history else {}}
+    return {**record, "nan_restarts": {str(k): v for k, v in result.nan_restarts.items()},
             "final_losses": {str(k): h[-1] for k, h in result.history.items() if h}}
 
   def generate(self) -> dict:
@@ -215,8 +249,8 @@ class Run:
     acceptance = {}
     if any(wanted.values()):
       # Finished GANs are restored, not retrained: this only samples their EMA generators.
-      result = ensemble.train_class_gans(
-          real, self.config.gan, gan_dir, int(self.config.seed), num_samples=wanted,
+      result = self.train_gans(
+          real, gan_dir, num_samples=wanted,
           accept=None if threshold is None else self.accept_fn(threshold),
           max_draws=int(self.config.mistake.filter_max_draws), progress=False)
       images = {k: v for k, v in result.generated.items() if len(v)}
@@ -406,9 +440,9 @@ class Run:
       parts.append(self.generated_source(os.path.join(self.workdir, "generated")))
     if others:
       # A class's GAN depends only on (seed, class, images), so the weak classes' GANs are reused
-      # and only the others are trained here.
+      # and only the others are trained here (with gan.conditional: one conditional GAN for them).
       gan_dir = os.path.join(self.workdir, "control_full_gan", "gan")
-      ensemble.train_class_gans(self.weak_images(others), self.config.gan, gan_dir, int(self.config.seed))
+      self.train_gans(self.weak_images(others), gan_dir)
       out = os.path.join(self.workdir, "control_full_gan", "generated")
       self._generate(others, gan_dir, out)
       parts.append(self.generated_source(out))
