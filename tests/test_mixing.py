@@ -1,0 +1,182 @@
+"""Mixup, CutMix, HardMix, soft-target cross-entropy and PGD against small cases worked out by
+hand."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mdjax.train import adversarial, mixing, steps
+
+# ------------------------------------------------------------------------------------------------
+# Mixup and the soft-target loss
+
+
+def test_mixup_targets_are_the_same_convex_combination_as_the_images():
+  b, c, size = 6, 6, 4
+  labels = np.arange(b) % c
+  targets = jax.nn.one_hot(labels, c)
+  images = np.random.default_rng(0).random((b, size, size, 3)).astype(np.float32)
+  mixed, soft = mixing.mixup(jax.random.PRNGKey(3), jnp.asarray(images), targets, alpha=1.0)
+  mixed, soft = np.asarray(mixed), np.asarray(soft)
+  np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
+  # Every row is lam * onehot(own) + (1 - lam) * onehot(partner), with one lam for the batch and
+  # the partners a permutation; the images are mixed with the same lam and partner.
+  lams, partners = [], []
+  for i in range(b):
+    lam = soft[i, labels[i]]
+    if lam > 1 - 1e-6:  # a fixed point of the permutation: mixed with itself
+      partners.append(i)
+      np.testing.assert_allclose(mixed[i], images[i], atol=1e-6)
+      continue
+    j = int(np.argmax(np.where(np.arange(c) == labels[i], -1, soft[i])))
+    partners.append(j)
+    lams.append(lam)
+    expected = lam * np.eye(c)[labels[i]] + (1 - lam) * np.eye(c)[labels[j]]
+    np.testing.assert_allclose(soft[i], expected, atol=1e-6)
+    np.testing.assert_allclose(mixed[i], lam * images[i] + (1 - lam) * images[j], atol=1e-6)
+  assert np.ptp(lams) < 1e-6 and 0 < lams[0] < 1
+  assert sorted(partners) == list(range(b)) and partners != list(range(b))
+
+
+def test_soft_cross_entropy_and_label_smoothing_by_hand():
+  logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0]], np.float32)
+  targets = np.array([[0.7, 0.3, 0.0], [0.0, 0.25, 0.75]], np.float32)
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  hand = -(targets * log_p).sum(1).mean()
+  assert float(mixing.soft_cross_entropy(jnp.asarray(logits), jnp.asarray(targets))) == \
+      pytest.approx(hand, rel=1e-6)
+  s = 0.1  # optax.smooth_labels: (1 - s) y + s / C
+  smoothed = (1 - s) * targets + s / 3
+  hand_smooth = -(smoothed * log_p).sum(1).mean()
+  assert float(mixing.soft_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), s)) == \
+      pytest.approx(hand_smooth, rel=1e-6)
+  np.testing.assert_allclose(optax.smooth_labels(targets, s), smoothed, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# CutMix and HardMix
+
+
+def _constant_images(b, size):
+  """Example i is the constant image (i + 1) / 100, so a pasted pixel names its source."""
+  return jnp.broadcast_to((jnp.arange(b, dtype=jnp.float32) + 1)[:, None, None, None] / 100,
+                          (b, size, size, 3))
+
+
+def _sources(mixed):
+  return np.rint(np.asarray(mixed)[..., 0] * 100).astype(int) - 1  # [B, H, W]: source example
+
+
+def test_cutmix_label_weight_is_the_pasted_box_area_including_clipped_boxes():
+  b, size = 8, 8
+  images, targets = _constant_images(b, size), jax.nn.one_hot(jnp.arange(b), b)
+  cutmix = jax.jit(mixing.cutmix, static_argnums=3)
+  cutmix_box = jax.jit(mixing.cutmix_box, static_argnums=(1, 2, 3))
+  clipped = 0
+  for seed in range(16):
+    key = jax.random.PRNGKey(seed)
+    mixed, soft = cutmix(key, images, targets, 1.0)
+    box = np.asarray(cutmix_box(jax.random.split(key)[0], size, size, 1.0))
+    top, left, bottom, right = box
+    clipped += bool(min(top, left) == 0 or max(bottom, right) == size) and bottom > top
+    area = (bottom - top) * (right - left) / size ** 2
+    src = _sources(mixed)
+    soft = np.asarray(soft)
+    for i in range(b):
+      changed = src[i] != i
+      j = int(np.argmax(np.bincount(src[i].ravel(), minlength=b) * (np.arange(b) != i))) \
+          if changed.any() else i
+      if j == i:  # the permutation's fixed point: pasted onto itself
+        np.testing.assert_allclose(soft[i], np.eye(b)[i], atol=1e-6)
+        continue
+      # The changed pixels are exactly the box, all from one partner ...
+      expected = np.zeros((size, size), bool)
+      expected[top:bottom, left:right] = True
+      np.testing.assert_array_equal(changed, expected)
+      assert set(src[i][changed].tolist()) <= {j}
+      # ... and the label weights are the areas: 1 - box / image for i, box / image for j.
+      assert soft[i, i] == pytest.approx(1 - area, abs=1e-6)
+      assert soft[i, j] == pytest.approx(area, abs=1e-6)
+      assert soft[i].sum() == pytest.approx(1.0, abs=1e-6)
+  assert clipped >= 3  # the border cases were exercised
+
+
+def test_hard_set_is_the_top_fraction_by_misclassification_rate():
+  n = 20
+  mistakes = np.ones(n, np.int32)  # rate 0.1 ...
+  visits = np.full(n, 10, np.int32)
+  mistakes[[15, 3, 5]] = [10, 9, 8]  # ... except 15 (1.0), 3 (0.9) and 5 (0.8)
+  mistakes[7] = 0  # never misclassified: never hard
+  counts = {"mistakes": jnp.asarray(mistakes), "visits": jnp.asarray(visits)}
+  assert np.flatnonzero(mixing.hard_set(counts, 0.1)).tolist() == [3, 15]  # k = 2
+  assert np.flatnonzero(mixing.hard_set(counts, 0.15)).tolist() == [3, 5, 15]  # k = 3
+  # Ties at the threshold all count; unvisited or never-wrong examples never do.
+  tied = {"mistakes": jnp.array([1, 1, 1, 0]), "visits": jnp.array([1, 1, 1, 0])}
+  assert mixing.hard_set(tied, 0.25).tolist() == [True, True, True, False]
+  updated = mixing.update_counts(counts, jnp.array([7, 8]), jnp.array([True, False]))
+  assert int(updated["mistakes"][7]) == 1 and int(updated["mistakes"][8]) == 1
+  assert int(updated["visits"][7]) == 11 and int(updated["visits"][8]) == 11
+
+
+@pytest.mark.parametrize("hard_members, may_source", [
+    ([3], {3: set(), "other": {3}}),  # one hard member: everyone else takes from it; it stays put
+    ([3, 5], {3: {5}, 5: {3}, "other": {3, 5}}),
+])
+def test_hardmix_takes_patches_only_from_the_hard_members_of_the_batch(hard_members, may_source):
+  b, size = 8, 8
+  images, targets = _constant_images(b, size), jax.nn.one_hot(jnp.arange(b), b)
+  hard = jnp.zeros(b, bool).at[jnp.array(hard_members)].set(True)
+  hardmix = jax.jit(mixing.hardmix, static_argnums=4)
+  seen = set()
+  for seed in range(20):
+    mixed, soft = hardmix(jax.random.PRNGKey(seed), images, targets, hard, 1.0)
+    src, soft = _sources(mixed), np.asarray(soft)
+    for i in range(b):
+      allowed = may_source.get(i, may_source["other"])
+      sources = set(src[i].ravel().tolist()) - {i}
+      assert sources <= allowed, (seed, i, sources)
+      seen |= sources
+      if not allowed:
+        np.testing.assert_allclose(soft[i], np.eye(b)[i], atol=1e-6)  # unmixed
+      else:  # the label weight of the source is the share of its pixels
+        for j in sources:
+          assert soft[i, j] == pytest.approx(np.mean(src[i] == j), abs=1e-6)
+        np.testing.assert_allclose(soft[i].sum(), 1.0, atol=1e-6)
+  assert seen == set(hard_members)
+  # No hard member in the batch: nothing is mixed.
+  mixed, soft = hardmix(jax.random.PRNGKey(0), images, targets, jnp.zeros(b, bool), 1.0)
+  np.testing.assert_array_equal(np.asarray(mixed), np.asarray(images))
+  np.testing.assert_array_equal(np.asarray(soft), np.asarray(targets))
+
+
+# ------------------------------------------------------------------------------------------------
+# PGD
+
+
+def test_pgd_stays_in_the_eps_ball_and_in_range_and_raises_the_loss():
+  rng = np.random.default_rng(0)
+  b, size, c = 6, 4, 3
+  images = rng.random((b, size, size, 3)).astype(np.float32)
+  images[0] = 0.0
+  images[1] = 1.0  # the [0, 1] clip matters at both ends
+  weights = jnp.asarray(rng.normal(size=(size * size * 3, c)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, c, b))
+
+  def loss(x):
+    return steps.cross_entropy(x.reshape(b, -1) @ weights, labels)
+
+  eps, n_steps = 0.03, 4
+  step_size = adversarial.pgd_step_size(eps, n_steps)
+  assert step_size == pytest.approx(2.5 * eps / n_steps)
+  assert adversarial.pgd_step_size(eps, n_steps, 0.01) == 0.01
+  adv = jax.jit(adversarial.pgd_attack, static_argnums=(0, 3, 4, 5))(
+      loss, jax.random.PRNGKey(1), jnp.asarray(images), eps, n_steps, step_size)
+  adv = np.asarray(adv)
+  assert np.abs(adv - images).max() <= eps + 1e-6
+  assert adv.min() >= 0.0 and adv.max() <= 1.0
+  assert np.abs(adv - images).max() > eps / 2  # it did move
+  assert float(loss(jnp.asarray(adv))) > float(loss(jnp.asarray(images))) + 0.1
