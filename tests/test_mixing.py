@@ -1,5 +1,5 @@
-"""Mixup, CutMix, HardMix, soft-target cross-entropy and PGD against small cases worked out by
-hand."""
+"""Mixup, CutMix, HardMix, soft-target cross-entropy, PGD and RandAugment against small cases
+worked out by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
+from mdjax.data import pipeline, randaugment
+from mdjax.data.sources import ArraySource
 from mdjax.train import adversarial, mixing, steps
 
 # ------------------------------------------------------------------------------------------------
@@ -180,3 +183,50 @@ def test_pgd_stays_in_the_eps_ball_and_in_range_and_raises_the_loss():
   assert adv.min() >= 0.0 and adv.max() <= 1.0
   assert np.abs(adv - images).max() > eps / 2  # it did move
   assert float(loss(jnp.asarray(adv))) > float(loss(jnp.asarray(images))) + 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# RandAugment
+
+
+def _uint8_images(n=8, size=12):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  return ArraySource(images, np.arange(n) % 3)
+
+
+def test_randaugment_ops_at_magnitude_zero_are_identities():
+  image = _uint8_images(1)[0]["image"]
+  for name, op in randaugment.OPS.items():
+    if name in ("auto_contrast", "equalize"):  # they have no magnitude
+      continue
+    out = np.asarray(op(Image.fromarray(image), 0.0, np.random.default_rng(0)))
+    np.testing.assert_array_equal(out, image, err_msg=name)
+
+
+def test_randaugment_is_seeded_and_leaves_the_rest_alone():
+  src = _uint8_images()
+  element = src[0]
+  plain = pipeline.train_transform(12, "crop_flip")
+  ra = pipeline.train_transform(12, "crop_flip", randaugment_layers=2, randaugment_magnitude=15)
+  off = pipeline.train_transform(12, "crop_flip", randaugment_layers=0, randaugment_magnitude=15)
+  run = lambda t, seed: t(element, np.random.default_rng(seed))["image"]  # noqa: E731
+  np.testing.assert_array_equal(run(ra, 1), run(ra, 1))
+  assert any(not np.array_equal(run(ra, 1), run(ra, s)) for s in (2, 3))
+  np.testing.assert_array_equal(run(off, 1), run(plain, 1))  # 0 layers: the old transform exactly
+  # Batches: the same seed gives the same images; another epoch augments each example anew.
+  kw = dict(batch_size=8, image_size=12, seed=0, augment="none", randaugment_layers=2,
+            randaugment_magnitude=20, with_index=True, place=False)
+  a = [next(pipeline.train_batches(src, **kw)) for _ in range(2)]
+  it = pipeline.train_batches(src, **kw)
+  e0, e1 = next(it), next(it)  # 8 examples, batch 8: one step per epoch
+  np.testing.assert_array_equal(a[0]["image"], e0["image"])
+  assert sorted(e0["index"].tolist()) == list(range(8))
+  by_index = lambda batch: batch["image"][np.argsort(batch["index"])]  # noqa: E731
+  assert not np.array_equal(by_index(e0), by_index(e1))
+  other = next(pipeline.train_batches(src, **{**kw, "seed": 1}))
+  assert not np.array_equal(by_index(e0), by_index(other))
+  np.testing.assert_array_equal(e0["label"], src.labels[e0["index"]])
+  # Evaluation is untouched: it has no RandAugment argument and yields the plain resized images.
+  ev = next(pipeline.eval_batches(src, batch_size=8, image_size=12, place=False))
+  np.testing.assert_array_equal(ev["image"], src.images.astype(np.float32) * np.float32(1 / 255))
