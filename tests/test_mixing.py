@@ -1,8 +1,9 @@
 """Mixup, CutMix, HardMix, soft-target cross-entropy, PGD and RandAugment against small cases
-worked out by hand."""
+worked out by hand, then each option in a few steps of the real training loop."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +11,13 @@ import optax
 import pytest
 from PIL import Image
 
+from mdjax import config as config_lib
+from mdjax import optim
+from mdjax.core import mesh as mesh_lib
 from mdjax.data import pipeline, randaugment
-from mdjax.data.sources import ArraySource
+from mdjax.data.sources import ArraySource, Concat
 from mdjax.train import adversarial, mixing, steps
+from mdjax.train import classifier as clf
 
 # ------------------------------------------------------------------------------------------------
 # Mixup and the soft-target loss
@@ -58,6 +63,10 @@ def test_soft_cross_entropy_and_label_smoothing_by_hand():
   assert float(mixing.soft_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), s)) == \
       pytest.approx(hand_smooth, rel=1e-6)
   np.testing.assert_allclose(optax.smooth_labels(targets, s), smoothed, atol=1e-7)
+  # The train step's loss: one-hot targets give the same value as class indices, smoothed alike.
+  labels = jnp.array([0, 2])
+  assert float(steps.cross_entropy(jnp.asarray(logits), jax.nn.one_hot(labels, 3), s)) == \
+      pytest.approx(float(steps.cross_entropy(jnp.asarray(logits), labels, s)), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,17 +87,17 @@ def test_cutmix_label_weight_is_the_pasted_box_area_including_clipped_boxes():
   b, size = 8, 8
   images, targets = _constant_images(b, size), jax.nn.one_hot(jnp.arange(b), b)
   cutmix = jax.jit(mixing.cutmix, static_argnums=3)
-  cutmix_box = jax.jit(mixing.cutmix_box, static_argnums=(1, 2, 3))
   clipped = 0
   for seed in range(16):
-    key = jax.random.PRNGKey(seed)
-    mixed, soft = cutmix(key, images, targets, 1.0)
-    box = np.asarray(cutmix_box(jax.random.split(key)[0], size, size, 1.0))
-    top, left, bottom, right = box
-    clipped += bool(min(top, left) == 0 or max(bottom, right) == size) and bottom > top
-    area = (bottom - top) * (right - left) / size ** 2
+    mixed, soft = cutmix(jax.random.PRNGKey(seed), images, targets, 1.0)
     src = _sources(mixed)
     soft = np.asarray(soft)
+    # The box actually pasted: the bounding box of the pixels changed anywhere in the batch.
+    rows, cols = np.nonzero((src != np.arange(b)[:, None, None]).any(0))
+    top, left, bottom, right = ((rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)
+                                if len(rows) else (0, 0, 0, 0))
+    clipped += bool(min(top, left) == 0 or max(bottom, right) == size) and bottom > top
+    area = (bottom - top) * (right - left) / size ** 2
     for i in range(b):
       changed = src[i] != i
       j = int(np.argmax(np.bincount(src[i].ravel(), minlength=b) * (np.arange(b) != i))) \
@@ -135,7 +144,7 @@ def test_hardmix_takes_patches_only_from_the_hard_members_of_the_batch(hard_memb
   hard = jnp.zeros(b, bool).at[jnp.array(hard_members)].set(True)
   hardmix = jax.jit(mixing.hardmix, static_argnums=4)
   seen = set()
-  for seed in range(20):
+  for seed in range(16):
     mixed, soft = hardmix(jax.random.PRNGKey(seed), images, targets, hard, 1.0)
     src, soft = _sources(mixed), np.asarray(soft)
     for i in range(b):
@@ -230,3 +239,87 @@ def test_randaugment_is_seeded_and_leaves_the_rest_alone():
   # Evaluation is untouched: it has no RandAugment argument and yields the plain resized images.
   ev = next(pipeline.eval_batches(src, batch_size=8, image_size=12, place=False))
   np.testing.assert_array_equal(ev["image"], src.images.astype(np.float32) * np.float32(1 / 255))
+
+
+# ------------------------------------------------------------------------------------------------
+# Each option in the real training loop
+
+NUM_CLASSES, SIZE = 3, 8
+
+
+class _Tiny(nn.Module):
+  """Conv + BatchNorm + dropout + Dense, in mdjax.models' {"backbone", "head"} layout."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3), use_bias=False, name="backbone")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    x = nn.Dropout(0.2, deterministic=not train)(nn.relu(x).mean((1, 2)))
+    return nn.Dense(NUM_CLASSES, name="head")(x)
+
+
+def _config(**train):
+  c = config_lib.base_config()
+  c.data.image_size = SIZE
+  c.data.num_threads = 0
+  c.data.augment = "none"
+  c.train.update(dict(batch_size=8, epochs=1, log_every=2, checkpoint_every=100,
+                      base_optimizer="adam", learning_rate=0.01, schedule="constant"))
+  c.train.update(train)  # SAM with its per-device perturbation (the default) over 4 devices
+  config_lib.validate(c)
+  return c
+
+
+def _real_and_generated():
+  rng = np.random.default_rng(0)
+  real = ArraySource(rng.integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8), np.arange(16) % 3)
+  generated = ArraySource(rng.integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8),
+                          np.arange(8) % 3)
+  return Concat([real, generated])  # a fine-tune's training set: 24 examples, 3 steps per epoch
+
+
+@pytest.mark.parametrize("options, n_devices", [
+    (dict(train=dict(mix="mixup", label_smoothing=0.1)), 1),
+    (dict(train=dict(mix="cutmix", mix_alpha=0.5), data=dict(randaugment_layers=2)), 1),
+    (dict(train=dict(mix="hardmix", hardmix_fraction=0.3, pgd_eps=0.03, pgd_steps=2)), 4),
+], ids=["mixup", "cutmix+randaugment", "hardmix+pgd"])
+def test_each_option_trains_with_sam_and_a_finite_loss(options, n_devices, tmp_path):
+  # One device where that tests the same code, for compile time; HardMix + PGD under per-device
+  # SAM on four, where the batch transforms see the global batch and the body a quarter of it.
+  config = _config(**options["train"])
+  config.data.update(options.get("data", {}))
+  source = _real_and_generated()
+  mesh = mesh_lib.data_mesh(jax.devices()[:n_devices])
+  result = clf.train_classifier(config, source, None, str(tmp_path), NUM_CLASSES, model=_Tiny(),
+                                tag="finetune", mesh=mesh)
+  assert int(result.state.step) == 3
+  assert all(np.isfinite(result.history["train_loss"]))
+  counts = result.state.hard_examples
+  if config.train.mix != "hardmix":
+    assert counts is None
+  else:
+    # One count per example of real + generated; an epoch visits each exactly once.
+    np.testing.assert_array_equal(np.asarray(counts["visits"]), np.ones(len(source)))
+    assert 0 < int(np.asarray(counts["mistakes"]).sum()) <= len(source)
+    # The counts are checkpointed: a finished run restores them with the rest of the state.
+    again = clf.train_classifier(config, source, None, str(tmp_path), NUM_CLASSES, model=_Tiny(),
+                                 tag="finetune", mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(again.state.hard_examples["mistakes"]),
+                                  np.asarray(counts["mistakes"]))
+
+
+def test_short_names_in_the_config_argument():
+  config = config_lib.finalize(config_lib.base_config(), "mix=hardmix,randaugment=2,pgd_eps=0.03")
+  assert (config.train.mix, config.data.randaugment_layers, config.train.pgd_eps) == (
+      "hardmix", 2, 0.03)
+  config_lib.validate(config)
+
+
+def test_hardmix_needs_the_example_indices():
+  config = _config(mix="hardmix")
+  mesh = mesh_lib.data_mesh(jax.devices()[:1])
+  tx = optim.make_optimizer(config, steps_per_epoch=1)
+  state = steps.create_train_state(_Tiny(), tx, jax.random.PRNGKey(0), (SIZE, SIZE, 3), mesh)
+  step = steps.make_train_step(_Tiny(), tx, config, mesh)
+  with pytest.raises(ValueError, match="with_index=True"):
+    step(state, {"image": np.zeros((8, SIZE, SIZE, 3), np.float32), "label": np.zeros(8, np.int32)})
