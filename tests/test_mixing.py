@@ -265,7 +265,7 @@ def _config(**train):
   c.data.augment = "none"
   c.train.update(dict(batch_size=8, epochs=1, log_every=2, checkpoint_every=100,
                       base_optimizer="adam", learning_rate=0.01, schedule="constant"))
-  c.train.update(train)  # SAM with its per-device perturbation (the default) over 4 devices
+  c.train.update(train)  # optimizer: SAM with its per-device perturbation, the defaults
   config_lib.validate(c)
   return c
 
