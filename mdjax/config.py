@@ -29,6 +29,9 @@ ARG_SHORTCUTS = {
     "mistake": "mistake.enabled",
     "ensemble": "gan.ensemble",
     "seed": "seed",
+    "mix": "train.mix",
+    "randaugment": "data.randaugment_layers",
+    "pgd_eps": "train.pgd_eps",
 }
 
 
@@ -62,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.crop_min_scale = 0.08  # resized_crop_flip: the smallest crop, as a fraction of the image area
   d.num_threads = 2
   d.prefetch = 4
+  # RandAugment (Cubuk et al. 2019; mdjax.data.randaugment) after `augment`: N ops per training
+  # image (0 = off) at magnitude M on the paper's 0-30 scale.
+  d.randaugment_layers = 0
+  d.randaugment_magnitude = 9
 
   c.model = m = ml_collections.ConfigDict()
   m.backbone = "wrn101"
@@ -93,6 +100,18 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 10  # steps
   t.checkpoint_every = 100  # steps; also at every epoch end
   t.max_checkpoints = 2
+  # Mixed-sample augmentation on device (mdjax.train.mixing): "none", "mixup", "cutmix" or
+  # "hardmix" (CutMix with patches from the examples the model most often misclassifies: the top
+  # hardmix_fraction of the training set by misclassification rate). The mixing ratio is drawn
+  # from Beta(mix_alpha, mix_alpha). Applies to the fine-tune too.
+  t.mix = "none"
+  t.mix_alpha = 1.0
+  t.hardmix_fraction = 0.1
+  # PGD adversarial training (Madry et al. 2018; mdjax.train.adversarial) in the input space
+  # [0, 1]: an L-inf radius (0 = off), ascent steps, and a step size (0 = 2.5 eps / steps).
+  t.pgd_eps = 0.0
+  t.pgd_steps = 3
+  t.pgd_step_size = 0.0
 
   # Fine-tuning the trained classifier on real + generated images (Algorithm 1, line 11).
   c.finetune = f = ml_collections.ConfigDict()
@@ -307,12 +326,12 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   # parsed, and these modules import JAX, which mdjax.main starts only once the flags are read.
   # pylint: disable=g-import-not-at-top
   from mdjax.data import pipeline as data_pipeline
-  from mdjax.data import registry
+  from mdjax.data import randaugment, registry
   from mdjax.gan import diffaug, distill, fastgan, judge, losses, program
   from mdjax.models import backbones, classifier, heads
   from mdjax.optim import factory
   from mdjax.pipeline import workdir
-  from mdjax.train import steps
+  from mdjax.train import mixing, steps
   # pylint: enable=g-import-not-at-top
 
   _require(isinstance(config.seed, int), "seed", config.seed, "an integer")
@@ -333,6 +352,12 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
            "an integer >= 0 (0 keeps every training image)")
   _require(isinstance(config.data.num_threads, int) and config.data.num_threads >= 0,
            "data.num_threads", config.data.num_threads, "an integer >= 0")
+  _require(isinstance(config.data.randaugment_layers, int) and config.data.randaugment_layers >= 0,
+           "data.randaugment_layers", config.data.randaugment_layers,
+           "an integer >= 0 (RandAugment's N, ops per image; 0 = off)")
+  _require(0 <= config.data.randaugment_magnitude <= randaugment.MAX_MAGNITUDE,
+           "data.randaugment_magnitude", config.data.randaugment_magnitude,
+           f"a number from 0 to {randaugment.MAX_MAGNITUDE} (RandAugment's M)")
 
   _one_of(config, "model.backbone", backbones.BACKBONES)
   _one_of(config, "model.head", heads.HEADS)
@@ -355,6 +380,17 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   _require(t.sam_rho >= 0, "train.sam_rho", t.sam_rho, "a number >= 0")
   _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
   _require(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "a fraction in [0, 1)")
+  _one_of(config, "train.mix", mixing.MIXES)
+  _require(t.mix_alpha > 0, "train.mix_alpha", t.mix_alpha,
+           "a number > 0 (the mixing ratio is drawn from Beta(alpha, alpha); 1 is uniform)")
+  _require(0 < t.hardmix_fraction <= 1, "train.hardmix_fraction", t.hardmix_fraction,
+           "a fraction of the training set in (0, 1]")
+  _require(0 <= t.pgd_eps <= 1, "train.pgd_eps", t.pgd_eps,
+           "a radius in [0, 1] in the input space [0, 1] (0 = off; 8/255 = 0.031 is usual)")
+  _require(isinstance(t.pgd_steps, int) and t.pgd_steps > 0, "train.pgd_steps", t.pgd_steps,
+           "a positive integer")
+  _require(t.pgd_step_size >= 0, "train.pgd_step_size", t.pgd_step_size,
+           "a number >= 0 (0 = 2.5 pgd_eps / pgd_steps)")
   _require(isinstance(config.finetune.epochs, int) and config.finetune.epochs >= 0,
            "finetune.epochs", config.finetune.epochs, "an integer >= 0")
   _require(config.finetune.learning_rate > 0, "finetune.learning_rate",

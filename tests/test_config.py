@@ -147,6 +147,13 @@ def test_config_file_typo_is_refused_when_the_file_runs(tmp_path):
     ("mistake.filter", "high", "'none'"),
     ("mistake.filter", 1.5, "in (0, 1)"),
     ("seeds", "0,x", "comma-separated integers"),
+    ("train.mix", "cutout", "one of none, mixup, cutmix, hardmix"),
+    ("train.mix_alpha", 0.0, "Beta(alpha, alpha)"),
+    ("train.hardmix_fraction", 0.0, "in (0, 1]"),
+    ("train.pgd_eps", 8.0, "a radius in [0, 1]"),
+    ("train.pgd_steps", 0, "a positive integer"),
+    ("data.randaugment_layers", -1, "an integer >= 0"),
+    ("data.randaugment_magnitude", 31, "from 0 to 30"),
 ])
 def test_validation_names_key_value_and_allowed(key, value, fragment):
   config = config_lib.base_config()

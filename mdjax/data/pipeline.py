@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 
 from mdjax.core import mesh as mesh_lib
 from mdjax.data import images as image_io
+from mdjax.data import randaugment as randaugment_lib
 from mdjax.data.sources import Source
 from mdjax.errors import ConfigError
 
@@ -97,8 +98,15 @@ def random_resized_box(height: int, width: int, rng: np.random.Generator,
   return (left, top, left + w, top + h)
 
 
-def train_transform(image_size: int, augment: str, crop_min_scale: float = 0.08):
-  """The per-example training transform of policy `augment` (see AUGMENTATIONS)."""
+def train_transform(image_size: int, augment: str, crop_min_scale: float = 0.08,
+                    randaugment_layers: int = 0, randaugment_magnitude: float = 9):
+  """The per-example training transform of policy `augment` (see AUGMENTATIONS), then
+  RandAugment's `randaugment_layers` ops at `randaugment_magnitude` (mdjax.data.randaugment; 0
+  layers: off, and no random numbers drawn for it).
+
+  An element's "index" (its position in the training set, `train_batches(with_index=True)`) is
+  passed through.
+  """
   _check_augment(augment)
   pad = max(1, image_size // 8)
 
@@ -115,7 +123,13 @@ def train_transform(image_size: int, augment: str, crop_min_scale: float = 0.08)
       image = padded[y:y + image_size, x:x + image_size]
     if augment.endswith("_flip") and rng.random() < 0.5:
       image = image[:, ::-1]
-    return {"image": _to_unit_float(image), "label": np.int32(element["label"])}
+    if randaugment_layers:
+      # On the final crop: at the input size, where it costs least.
+      image = randaugment_lib.randaugment(image, rng, randaugment_layers, randaugment_magnitude)
+    out = {"image": _to_unit_float(image), "label": np.int32(element["label"])}
+    if "index" in element:
+      out["index"] = np.int32(element["index"])
+    return out
 
   return transform
 
@@ -156,12 +170,14 @@ def _place(batches: Iterator[dict], sharding: NamedSharding) -> Iterator[dict]:
 
 def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int,
                   mesh: jax.sharding.Mesh | None = None, augment: str = "none",
-                  crop_min_scale: float = 0.08, start_step: int = 0, num_threads: int = 2,
-                  prefetch: int = 4, place: bool = True) -> Iterator[dict]:
+                  crop_min_scale: float = 0.08, randaugment_layers: int = 0,
+                  randaugment_magnitude: float = 9, with_index: bool = False, start_step: int = 0,
+                  num_threads: int = 2, prefetch: int = 4, place: bool = True) -> Iterator[dict]:
   """Endless training batches, reshuffled every epoch, starting at global step `start_step`.
 
   Yields {"image": float32 [B, S, S, 3] in [0, 1], "label": int32 [B]} as global arrays sharded
-  over the "data" axis (or as this process's numpy arrays with `place=False`).
+  over the "data" axis (or as this process's numpy arrays with `place=False`); with `with_index`
+  also "index": int32 [B], each example's position in `source` (HardMix counts mistakes by it).
   """
   mesh = mesh or mesh_lib.data_mesh()
   local_batch = _check_batch(batch_size, mesh, "train.batch_size")
@@ -169,15 +185,17 @@ def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int
   if steps == 0:
     raise ConfigError("train.batch_size", batch_size,
                       f"at most the training set size ({len(source)} examples)")
-  transform = train_transform(image_size, augment, crop_min_scale)
+  transform = train_transform(image_size, augment, crop_min_scale, randaugment_layers,
+                              randaugment_magnitude)
   options = _read_options(num_threads, prefetch, local_batch)
+  indexed = _Indexed(source) if with_index else source
   pid = jax.process_index()
 
   def epoch_batches(epoch: int, first: int):
     s = _epoch_seed(seed, epoch)
     # Shuffle and augment by global position, then let each process gather its slice of every
     # global batch: the global batches are the same whatever the number of processes.
-    ds = grain.MapDataset.source(source).shuffle(seed=s).random_map(transform, seed=s)
+    ds = grain.MapDataset.source(indexed).shuffle(seed=s).random_map(transform, seed=s)
     positions = _local_positions(steps, batch_size, local_batch, pid)[first * local_batch:]
     ds = grain.MapDataset.source(_Gather(ds, positions)).batch(local_batch, drop_remainder=True)
     return iter(ds.to_iter_dataset(options))
@@ -192,6 +210,19 @@ def _local_positions(num_batches: int, batch_size: int, local_batch: int, pid: i
   """Positions of this process's examples: the pid-th contiguous slice of every global batch."""
   starts = np.arange(num_batches)[:, None] * batch_size + pid * local_batch
   return (starts + np.arange(local_batch)[None, :]).reshape(-1)
+
+
+class _Indexed:
+  """`source` with each element's own position added as "index"."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return {**self.source[i], "index": int(i)}
 
 
 class _Gather:

@@ -171,6 +171,10 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   schedule = optim.make_schedule(config, steps_per_epoch, learning_rate=learning_rate, epochs=epochs)
   rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), zlib.crc32(tag.encode()))
   image_shape = (image_size, image_size, 3)
+  # HardMix counts mistakes per training example: the state holds one count per example of
+  # `train_source` (real + generated images in a fine-tune) and the batches carry their indices.
+  hardmix = str(t.get("mix", "none")) == "hardmix"
+  num_examples = len(train_source) if hardmix else 0
 
   # --- State: restored from the newest checkpoint, or created directly sharded -------------------
   stage_dir = os.path.join(os.path.abspath(workdir), tag)
@@ -178,7 +182,8 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   checkpoints = Checkpoints(checkpoint_dir, max_to_keep=int(t.max_checkpoints), record="history")
   restored = None
   if checkpoints.latest_step() is not None:
-    abstract = steps_lib.abstract_train_state(model, tx, rng, image_shape, mesh, init_variables)
+    abstract = steps_lib.abstract_train_state(model, tx, rng, image_shape, mesh, init_variables,
+                                              num_examples)
     try:
       # The newest intact checkpoint; damaged ones are set aside with a warning (core.checkpoint).
       restored = checkpoints.restore_latest(abstract)
@@ -188,7 +193,8 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   if restored is not None:
     _, state, history = restored
   else:
-    state = steps_lib.create_train_state(model, tx, rng, image_shape, mesh, init_variables)
+    state = steps_lib.create_train_state(model, tx, rng, image_shape, mesh, init_variables,
+                                         num_examples)
     history = _empty_history()
 
   train_step = steps_lib.make_train_step(model, tx, config, mesh)
@@ -204,7 +210,9 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
     batches = pipeline.train_batches(
         train_source, batch_size=batch_size, image_size=image_size, seed=int(config.seed), mesh=mesh,
         augment=str(config.data.augment), crop_min_scale=float(config.data.crop_min_scale),
-        start_step=start,
+        randaugment_layers=int(config.data.get("randaugment_layers", 0)),
+        randaugment_magnitude=float(config.data.get("randaugment_magnitude", 9)),
+        with_index=hardmix, start_step=start,
         num_threads=int(config.data.num_threads), prefetch=int(config.data.prefetch))
 
   # --- The loop ----------------------------------------------------------------------------------

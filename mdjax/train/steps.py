@@ -18,6 +18,13 @@ Plain optimizers always use the global form, for which the result does not depen
 devices up to rounding: its reductions are XLA's (the partitioner's all-reduces, whose order follows
 the process layout).
 
+Augmentation on device (`config.train.mix`, `config.train.pgd_eps`; mdjax.train.mixing and
+mdjax.train.adversarial): Mixup / CutMix / HardMix and then PGD transform the global batch at the
+start of the jitted step, before the (possibly per-device) body, with keys folded from the step's
+key; the body then trains on soft targets. HardMix's per-example counts live in the state
+(`TrainState.hard_examples`) and are updated from the batch's "index" entry. With both off the
+step is the plain one: nothing is added to its computation.
+
 CPU: convolution weight gradients are computed as matmuls (mdjax.core.cpu_conv) when the mesh is
 made of CPU devices, about halving the step time there; GPUs keep XLA's (cuDNN's) gradients.
 Random bits (init, dropout) use the non-partitionable threefry, see INIT_THREEFRY_PARTITIONABLE.
@@ -40,6 +47,7 @@ from mdjax.core import cpu_conv
 from mdjax.core.collectives import ordered_mean
 from mdjax.core.mesh import DATA_AXIS, auto_mesh, batch_sharding, replicated
 from mdjax.errors import ConfigError
+from mdjax.train import adversarial, mixing
 
 # Where SAM's perturbation is computed (`config.train.sam_perturbation`, module docstring).
 SAM_PERTURBATIONS = ("per_device", "global")
@@ -53,6 +61,9 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key (saves as a plain array)
+  # HardMix only (train.mix == "hardmix"): {"mistakes", "visits"}: int32 [N], one per training
+  # example (mdjax.train.mixing); None otherwise, which adds nothing to the pytree.
+  hard_examples: Any = None
 
   @property
   def variables(self) -> dict:
@@ -83,7 +94,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 INIT_THREEFRY_PARTITIONABLE = False
 
 
-def _init_fn(model, tx, image_shape):
+def _init_fn(model, tx, image_shape, num_examples=0):
   def init(rng, init_variables):
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     if init_variables is None:
@@ -92,13 +103,14 @@ def _init_fn(model, tx, image_shape):
     params = init_variables["params"]
     batch_stats = init_variables.get("batch_stats", {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), rng=state_rng)
+                      opt_state=tx.init(params), rng=state_rng,
+                      hard_examples=mixing.init_counts(num_examples) if num_examples else None)
   return init
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        image_shape: tuple[int, int, int], mesh: Mesh,
-                       init_variables: dict | None = None) -> TrainState:
+                       init_variables: dict | None = None, num_examples: int = 0) -> TrainState:
   """A replicated TrainState, created directly with its sharding (no host copy, no re-layout).
 
   Args:
@@ -108,18 +120,19 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
     image_shape: (H, W, 3) of one input image.
     mesh: the device mesh with a "data" axis.
     init_variables: {"params", "batch_stats"} to start from (fine-tuning); a fresh optimizer state.
+    num_examples: the training set's size, for HardMix's per-example counts (0: no counts).
   """
-  init = _init_fn(model, tx, image_shape)
+  init = _init_fn(model, tx, image_shape, num_examples)
   with jax.threefry_partitionable(INIT_THREEFRY_PARTITIONABLE):
     return jax.jit(init, out_shardings=replicated(mesh))(rng, init_variables)
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                          image_shape: tuple[int, int, int], mesh: Mesh,
-                         init_variables: dict | None = None) -> TrainState:
+                         init_variables: dict | None = None, num_examples: int = 0) -> TrainState:
   """The state's shapes, dtypes and shardings without computing it (the target of a restore)."""
   with jax.threefry_partitionable(INIT_THREEFRY_PARTITIONABLE):
-    shapes = jax.eval_shape(_init_fn(model, tx, image_shape), rng, init_variables)
+    shapes = jax.eval_shape(_init_fn(model, tx, image_shape, num_examples), rng, init_variables)
   rep = replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
 
@@ -142,6 +155,11 @@ def _with_unpartitioned_threefry(jitted):
   return call
 
 
+# Folded into the step's key for the batch transforms (mixing, PGD); the dropout key stays
+# fold_in(rng, step) as before, so turning augmentation on leaves the dropout masks unchanged.
+_AUGMENT_KEY = 0x6D6978
+
+
 def _to_varying(tree, axis_name):
   return jax.tree.map(
       lambda a: a if axis_name in cpu_conv.varying_axes(a) else
@@ -150,7 +168,13 @@ def _to_varying(tree, axis_name):
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Mean softmax cross-entropy with label smoothing (computed in float32)."""
+  """Mean softmax cross-entropy with label smoothing (computed in float32).
+
+  `labels` are class indices [B], or probability targets [B, C] (after Mixup / CutMix / HardMix),
+  which `mixing.soft_cross_entropy` smooths the same way.
+  """
+  if labels.ndim == logits.ndim:
+    return mixing.soft_cross_entropy(logits, labels, label_smoothing)
   num_classes = logits.shape[-1]
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
       if label_smoothing else jax.nn.one_hot(labels, num_classes)
@@ -167,9 +191,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   """Returns `train_step(state, batch) -> (state, metrics)`, jitted once, donating `state`.
 
   `batch` = {"image": float32 [B, H, W, 3] in [0, 1], "label": int32 [B]} sharded over "data"
-  (extra keys are ignored). `metrics` = {"loss", "accuracy", "grad_norm", "learning_rate"?} as
-  replicated device scalars: reading them is the only host sync, and the loop does it only at
-  logging points. `grad_norm` is that of the first (unperturbed) gradient; a non-finite gradient
+  (extra keys are ignored), plus "index": int32 [B] (each example's position in the training set)
+  for HardMix, whose counts the state then holds (`create_train_state(num_examples=...)`).
+  `metrics` = {"loss", "accuracy", "grad_norm", "learning_rate"?} as replicated device scalars
+  (on the batch as trained: mixed and attacked; a mixed example counts as correct when the model
+  picks the class of larger weight): reading them is the only host sync, and the loop does it only
+  at logging points. `grad_norm` is that of the first (unperturbed) gradient; a non-finite gradient
   shows up there before it reaches the loss.
 
   `fast_conv_grads` (default: when the mesh's devices are CPUs) computes convolution weight
@@ -181,6 +208,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   t = config.train
   label_smoothing = float(t.get("label_smoothing", 0.0))
   per_device = t.optimizer == "sam" and t.get("sam_perturbation", "global") == "per_device"
+  mix = str(t.get("mix", "none"))
+  if mix not in mixing.MIXES:
+    raise ConfigError("train.mix", mix, "one of " + ", ".join(mixing.MIXES))
+  mix_alpha = float(t.get("mix_alpha", 1.0))
+  pgd_eps, pgd_steps = float(t.get("pgd_eps", 0.0)), int(t.get("pgd_steps", 3))
+  pgd_step_size = (adversarial.pgd_step_size(pgd_eps, pgd_steps, float(t.get("pgd_step_size", 0.0)))
+                   if pgd_eps else 0.0)
 
   def loss_fn(params, batch_stats, images, labels, rng):
     variables = {"params": params}
@@ -215,6 +249,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
     params = optax.apply_updates(state.params, updates)
+    if labels.ndim == 2:  # soft targets: accuracy against the class with the larger weight
+      labels = jnp.argmax(labels, -1)
     metrics = {"loss": loss,
                "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
                "grad_norm": _global_norm(grads)}
@@ -231,9 +267,47 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   else:
     sharded_body = body
 
+  def augment(state, batch):
+    """Mix, then attack, the global batch: (images, soft or hard targets, HardMix counts)."""
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _AUGMENT_KEY)
+    mix_key, pgd_key = jax.random.split(key)
+    images, targets, counts = batch["image"], batch["label"], state.hard_examples
+    if mix != "none":
+      num_classes = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                                   state.variables, images).shape[-1]
+      targets = jax.nn.one_hot(targets, num_classes, dtype=jnp.float32)
+    if mix == "mixup":
+      images, targets = mixing.mixup(mix_key, images, targets, mix_alpha)
+    elif mix == "cutmix":
+      images, targets = mixing.cutmix(mix_key, images, targets, mix_alpha)
+    elif mix == "hardmix":
+      # This visit's verdict on the clean images (inference mode: see mdjax.train.mixing).
+      logits = model.apply(state.variables, images, train=False)
+      wrong = jnp.argmax(logits, -1) != batch["label"]
+      counts = mixing.update_counts(counts, batch["index"], wrong)
+      hard = mixing.hard_set(counts, float(t.get("hardmix_fraction", 0.1)))[batch["index"]]
+      images, targets = mixing.hardmix(mix_key, images, targets, hard, mix_alpha)
+    if pgd_eps:
+      def attack_loss(x):
+        with cpu_conv.use_fast_conv_grads(fast_conv_grads):
+          logits = model.apply(state.variables, x, train=False)
+        return cross_entropy(logits, targets, label_smoothing)
+      images = adversarial.pgd_attack(attack_loss, pgd_key, images, pgd_eps, pgd_steps,
+                                      pgd_step_size)
+    return images, targets, counts
+
   def step_fn(state, batch):
-    batch = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
-    return sharded_body(state, batch["image"], batch["label"])
+    if mix == "none" and not pgd_eps:
+      batch = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+      return sharded_body(state, batch["image"], batch["label"])
+    keys = ("image", "label", "index") if mix == "hardmix" else ("image", "label")
+    if mix == "hardmix" and ("index" not in batch or state.hard_examples is None):
+      raise ValueError("train.mix=hardmix needs each example's training-set position in the batch "
+                       "(pipeline.train_batches(with_index=True)) and per-example counts in the "
+                       "state (create_train_state(num_examples=...)).")
+    images, targets, counts = augment(state, shard_batch({k: batch[k] for k in keys}, mesh))
+    new_state, metrics = sharded_body(state, images, targets)
+    return new_state.replace(hard_examples=counts), metrics
 
   rep, data = replicated(mesh), batch_sharding(mesh)
   return _with_unpartitioned_threefry(
