@@ -89,7 +89,7 @@ def test_distill_config_errors_name_the_expected_values(key, value, fragment):
   config = config_lib.base_config()
   assert config.distill.enabled is False  # off unless asked for
   config_lib.validate(config)
-  config_lib._set(config, f"distill.{key}", value)  # pylint: disable=protected-access
+  config_lib.set_key(config, f"distill.{key}", value)
   with pytest.raises(ConfigError, match=f"distill.{key}") as err:
     config_lib.validate(config)
   assert fragment in str(err.value)
@@ -285,7 +285,7 @@ def tiny_config():
   with config.unlocked():
     for flag in TINY_RUN[1:]:
       key, value = flag[len("--config."):].split("=")
-      config_lib._set(config, key, config_lib._parse_value(value))  # pylint: disable=protected-access
+      config_lib.set_key(config, key, config_lib._parse_value(value))  # pylint: disable=protected-access
   config_lib.validate(config)
   return config
 

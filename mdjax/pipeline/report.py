@@ -105,7 +105,7 @@ def write_report(workdir: str, results: dict, run) -> str:
               "The classifier column is the same share under the trained classifier; the Frechet "
               "distance compares real and generated images of the class in the classifier's pooled "
               "feature space (lower is closer).", ""]
-    gen_dir = results.get("generated_dir") or os.path.join(workdir, "generated")
+    gen_dir = os.path.join(workdir, results.get("generated_dir") or "generated")
     if generate.is_complete(gen_dir):
       images, labels = generate.load_generated(gen_dir)
       real = run.weak_images(weak)

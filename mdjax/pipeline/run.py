@@ -110,7 +110,7 @@ def collect(config, splits, records: dict) -> dict:
       "generated_per_class": {int(k): v for k, v in generate.get("generated_per_class", {}).items()},
       "gan_quality": generate.get("quality", {}),
       "judge": generate.get("judge"),
-      "generated_dir": generate.get("dir"),
+      "generated_dir": generate.get("dir"),  # relative to the workdir
       # GAN distillation's rounds: hard / easy counts, GAN losses, validation accuracy per round.
       "distill": ({"rounds": distill["rounds"], "gan_steps": distill["gan_steps"]}
                   if "rounds" in distill else None),

@@ -190,7 +190,8 @@ class Run:
     return accept
 
   def generated_source(self, gen_dir: str) -> ArraySource:
-    images, labels = generate.load_generated(gen_dir)
+    """The generated set in `gen_dir` (absolute, or relative to the workdir as records keep it)."""
+    images, labels = generate.load_generated(os.path.join(self.workdir, gen_dir))
     return ArraySource(images, labels)
 
   # --- stages ----------------------------------------------------------------------------------
@@ -262,7 +263,9 @@ class Run:
                                source_step=int(self.config.gan.steps))
     process.barrier(f"generated {out_dir}")
     record = {"generated_per_class": {str(k): len(images.get(k, ())) for k in classes},
-              "class_sizes": {str(k): counts[k] for k in classes}, "dir": out_dir}
+              "class_sizes": {str(k): counts[k] for k in classes},
+              # Relative to the workdir: a workdir that is moved or copied keeps its own images.
+              "dir": os.path.relpath(out_dir, self.workdir)}
     if threshold is not None:
       record["filter"] = {"threshold": threshold, "wanted": {str(k): wanted[k] for k in classes},
                           "acceptance": {str(k): {"drawn": a.drawn, "passed": a.passed,
@@ -406,7 +409,7 @@ class Run:
       process.barrier(f"distill round {r} gan")
     variables = self._distilled(r, init=previous)
     val = self.evaluate(variables, self.splits.val)
-    record = {"round": r, "gan_steps": steps, "dir": gen_dir,
+    record = {"round": r, "gan_steps": steps, "dir": os.path.relpath(gen_dir, self.workdir),
               "labels": {str(k): labels[k].record() for k in weak}, **gan,
               "val_accuracy": val["accuracy"],
               "val_class_accuracy": [float(a) for a in val["class_wise_accuracy"]]}
