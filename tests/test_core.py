@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,46 @@ def test_checkpoints_round_trip_with_record_and_refuse_another_shape(tmp_path):
     assert sorted(int(p) for p in os.listdir(tmp_path / "ck") if p.isdigit()) == [2, 3]
     with pytest.raises(UserError, match="does not fit this run's state"):
       ck.restore(3, {"w": state["w"], "other": state["step"]})
+
+
+def test_failed_save_leaves_no_unfinished_folder(tmp_path, monkeypatch):
+  """A full disk in one write of a save while its other writes still run (the CI failure of stop
+  19: orbax reports the first failed write at once, a later write then put the step's tmp folder
+  back). The record's write fails at once; the state's metadata writes land 0.3 s later, creating
+  their folders as tensorstore does."""
+  import asyncio
+  import errno
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  from orbax.checkpoint._src.path import async_path
+  from mdjax.errors import StorageError
+
+  write_text, save_json = async_path.write_text, json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+  async def late_write(path, text):
+    if f"{os.sep}2.orbax-checkpoint-tmp" in str(path):
+      await asyncio.sleep(0.3)
+      os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    return await write_text(path, text)
+
+  async def full_disk(self, x, directory):
+    if f"{os.sep}2.orbax-checkpoint-tmp" in str(directory):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory / "history"))
+    return await save_json(self, x, directory)
+
+  monkeypatch.setattr(async_path, "write_text", late_write)
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_disk)
+  state = {"w": jnp.arange(8.0)}
+  with Checkpoints(tmp_path / "ck", record="history") as ck:
+    ck.save(1, state, {"loss": [1.0]})
+    ck.wait()
+    ck.save(2, state, {"loss": [2.0]})
+    with pytest.raises(StorageError, match="the disk is full"):
+      ck.wait()
+    time.sleep(0.8)  # the late writes have landed (or were waited for)
+    assert os.listdir(tmp_path / "ck") == ["1"]  # step 2's unfinished folder is gone, for good
+    monkeypatch.undo()
+    ck.save(3, state, {"loss": [3.0]})  # the same manager saves again once there is space
+  assert sorted(os.listdir(tmp_path / "ck")) == ["1", "3"]
 
 
 def test_meshes_are_auto_and_one_dimensional():

@@ -30,6 +30,7 @@ import gc
 import os
 import shutil
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -124,9 +125,12 @@ class Checkpoints:
     """After a save failed: frees what it wrote; returns the checkpoint's path to name.
 
     orbax keeps an unfinished save in a `<step>.orbax-checkpoint-tmp*` folder and removes it only
-    when the next manager opens (cleanup_tmp_directories); on a full disk that space is wanted now,
-    and no save is pending any more (the failure was reported by waiting for it).
+    when the next manager opens (cleanup_tmp_directories); on a full disk that space is wanted now.
+    The failure was reported by waiting for the save, but that wait stops at the first failed
+    write: the save's other writes (the record, the array metadata) may still be running, and
+    would put files back into a folder removed now. So they are waited for first.
     """
+    self._settle_failed_save()
     if process.is_writer() and os.path.isdir(self.directory):
       for name in os.listdir(self.directory):
         if ".orbax-checkpoint-tmp" in name:
@@ -136,6 +140,23 @@ class Checkpoints:
       first = os.path.relpath(failed, self.directory).split(os.sep)[0]
       return os.path.join(self.directory, first.split(".orbax-checkpoint-tmp")[0])
     return None
+
+  def _settle_failed_save(self, timeout: float = 120.0) -> None:
+    """Waits until every write of the failed save has ended (each may fail too: ignored here).
+
+    orbax waits for a save's commit futures one after another and stops at the first that fails
+    (`ChainedFuture.result`), and offers no public way to wait for the rest, so this reads its
+    async manager's list of them. If a later orbax moves that list, this waits for nothing and
+    the cleanup is best effort, as before.
+    """
+    checkpointer = getattr(self._manager, "_checkpointer", None)
+    futures = getattr(getattr(checkpointer, "_async_manager", None), "_commit_futures", None)
+    deadline = time.monotonic() + timeout
+    for f in futures or ():
+      try:
+        f.result(timeout=max(0.0, deadline - time.monotonic()))
+      except Exception:  # pylint: disable=broad-exception-caught
+        pass  # the fault already being reported, or another write's own failure
 
   def save(self, step: int, state: Any, record: Any = None) -> None:
     """Starts writing checkpoint `step`; a failure of the previous (background) save raises here."""
