@@ -66,6 +66,22 @@ def test_checkpoints_round_trip_with_record_and_refuse_another_shape(tmp_path):
       ck.restore(3, {"w": state["w"], "other": state["step"]})
 
 
+def test_resume_or_start_saves_the_start_then_resumes_the_newest(tmp_path):
+  start = {"w": jnp.zeros(4), "step": jnp.int32(0)}
+  with Checkpoints(tmp_path / "ck") as ck:
+    step, state, fresh = ck.resume_or_start(start)
+    assert (step, fresh) == (0, True) and state is start
+    ck.save(5, {"w": jnp.full(4, 5.0), "step": jnp.int32(5)})
+  with Checkpoints(tmp_path / "ck") as ck:
+    assert ck.latest_step() == 5
+    step, state, fresh = ck.resume_or_start(start)
+  assert (step, fresh) == (5, False)
+  np.testing.assert_array_equal(state["w"], np.full(4, 5.0))
+  with Checkpoints(tmp_path / "ck") as ck:  # checkpoint 0 was written by the fresh start
+    state0, _ = ck.restore(0, start)
+  np.testing.assert_array_equal(state0["w"], np.zeros(4))
+
+
 def test_failed_save_leaves_no_unfinished_folder(tmp_path, monkeypatch):
   """A full disk in one write of a save while its other writes still run (the CI failure of stop
   19: orbax reports the first failed write at once, a later write then put the step's tmp folder

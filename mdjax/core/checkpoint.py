@@ -274,6 +274,17 @@ class Checkpoints:
       return step, state, record
     return None
 
+  def resume_or_start(self, initial: Any) -> tuple[int, Any, bool]:
+    """(step, state, fresh): the newest intact checkpoint (`restore_latest`, `initial` giving the
+    shapes and shardings), else `initial` at step 0, saved as checkpoint 0 so that a resume and a
+    NaN recovery always have a good state to go back to. For states without a record."""
+    restored = self.restore_latest(initial)
+    if restored is None:
+      self.save(0, initial)
+      return 0, initial, True
+    step, state, _ = restored
+    return step, state, False
+
   def close(self) -> None:
     """Waits for the pending save, then releases the manager; raises StorageError if it failed."""
     try:

@@ -118,13 +118,7 @@ class Chunk:
     self.checkpoints = Checkpoints(chunk_dir / "checkpoints")
     self.ens = init_ensemble(fns, seed, self.padded, mesh)
     # The newest intact checkpoint; damaged ones are set aside with a warning (core.checkpoint).
-    restored = self.checkpoints.restore_latest(self.ens)
-    self.fresh = restored is None
-    if self.fresh:
-      self.step = 0
-      self.checkpoints.save(0, self.ens)
-    else:
-      self.step, self.ens, _ = restored
+    self.step, self.ens, self.fresh = self.checkpoints.resume_or_start(self.ens)
 
   def advance(self, step_fn) -> dict:
     """One step of every class; returns the step's metrics (device arrays, [K] each)."""

@@ -164,13 +164,7 @@ class _Run:
             "restarts": jnp.zeros((), jnp.int32)}
     self.cgan = jax.device_put(cgan, self._sharding)
     self.checkpoints = Checkpoints(workdir / "checkpoints")
-    restored = self.checkpoints.restore_latest(self.cgan)
-    self.fresh = restored is None
-    if self.fresh:
-      self.step = 0
-      self.checkpoints.save(0, self.cgan)
-    else:
-      self.step, self.cgan, _ = restored
+    self.step, self.cgan, self.fresh = self.checkpoints.resume_or_start(self.cgan)
 
   def advance(self, step_fn) -> dict:
     self.cgan, metrics = step_fn(self.cgan, self.data, self.counts, jnp.int32(self.step))
