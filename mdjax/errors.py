@@ -59,5 +59,10 @@ class RecoveryWarning(RuntimeWarning):
   "mdjax: warning: ..."."""
 
 
+class QualityWarning(UserWarning):
+  """The run went on, but something it made looks wrong (e.g. a GAN's images collapsed onto a
+  few); the message says what and what to try. Printed like RecoveryWarning."""
+
+
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss."""

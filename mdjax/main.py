@@ -35,7 +35,8 @@ from ml_collections import config_flags
 
 from mdjax import config as config_lib
 from mdjax.core import distributed, storage
-from mdjax.errors import RecoveryWarning, StorageError, UnknownConfigKeyError, UserError
+from mdjax.errors import (QualityWarning, RecoveryWarning, StorageError, UnknownConfigKeyError,
+                          UserError)
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -73,12 +74,12 @@ def warn(message: str) -> None:
 
 
 def _show_recovery_warnings() -> None:
-  """RecoveryWarnings as one "mdjax: warning:" line each (not Python's file:line form, which
+  """Recovery and quality warnings as one "mdjax: warning:" line each (not Python's file:line form, which
   points into mdjax's code rather than at what happened); other warnings as Python shows them."""
   show = warnings.showwarning
 
   def showwarning(message, category, filename, lineno, file=None, line=None):
-    if issubclass(category, RecoveryWarning):
+    if issubclass(category, (RecoveryWarning, QualityWarning)):
       warn(" ".join(str(message).split()))
     else:
       show(message, category, filename, lineno, file, line)

@@ -205,7 +205,8 @@ def test_gan_stage_faults_then_resume(reference, tmp_path):
     # 6. The same command, no fault: the uninterrupted run's results.
     result = run("none", workdir)
     assert result.returncode == 0, log(result)
-    assert not warnings_of(result), log(result)
+    # No recovery warning; the smoke GANs' images are near-copies, so the diversity warning stays.
+    assert all("diversity ratio" in w for w in warnings_of(result)), log(result)
     assert_same_results(workdir, reference)
     assert not glob.glob(os.path.join(workdir, ".generated.tmp-*"))
 

@@ -124,6 +124,23 @@ def test_frechet_distance_zero_for_identical_and_grows_with_shift():
     quality.frechet_distance(feats[:1], feats)
 
 
+def test_diversity_ratio_by_hand():
+  # Three points on a line at 0, 3 and 4: pairwise distances 3, 4 and 1, mean 8/3.
+  points = np.array([[0.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
+  assert quality.mean_pairwise_distance(points) == pytest.approx(8 / 3)
+  # A set half as spread out (scaled by 0.5 about any point) has ratio 0.5; one image drawn again
+  # and again (mode collapse) has ratio 0 however good that image is.
+  assert quality.diversity_ratio(points, 0.5 * points + 7.0) == pytest.approx(0.5)
+  assert quality.diversity_ratio(points, np.repeat(points[1:2], 5, axis=0)) == 0.0
+  rng = np.random.default_rng(0)
+  real = rng.normal(size=(600, 8))
+  # Two samples of the same distribution: about 1 (the subset of 512 rows is used for both).
+  assert quality.diversity_ratio(real[:300], real[300:]) == pytest.approx(1.0, abs=0.05)
+  assert np.isnan(quality.diversity_ratio(np.zeros((3, 2)), points))
+  with pytest.raises(DataError, match="at least 2"):
+    quality.mean_pairwise_distance(points[:1])
+
+
 def test_class_frechet_distances_with_feature_fn():
   real = {0: _images(12, 1), 1: _images(12, 2)}
   gen = {0: real[0], 1: np.clip(real[1].astype(int) + 60, 0, 255).astype(np.uint8)}

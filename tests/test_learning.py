@@ -110,6 +110,14 @@ def test_judge_recognises_real_digits_and_rejects_other_images(judge, splits):
   assert max(np.mean(judge.predict(noise) == k) for k in range(10)) < 1.0
   record = judge.record()
   assert record["heldout_accuracy"] == judge.heldout_accuracy and record["kind"] == judge.kind
+  # Diversity in the judge's feature space: real test images of a class spread like its training
+  # images; one training image repeated (a collapsed GAN that the judge still calls the class) not.
+  train = square(splits.train, 32)
+  real = {k: train[splits.train.labels == k] for k in (3, 8)}
+  good_eight = by_class[8][judge.predict(by_class[8]) == 8][:1]
+  spread = judge.diversity(real, {3: by_class[3], 8: np.repeat(good_eight, 20, axis=0)})
+  assert 0.8 <= spread[3] <= 1.2, spread
+  assert spread[8] == 0.0 and judge.fractions({8: good_eight})[8] == 1.0
 
 
 @pytest.mark.slow

@@ -57,8 +57,10 @@ def test_results_schema_and_consistency(reference):
   for k in r["worst_classes"]:
     q = r["gan_quality"][str(k)]
     assert 0 <= q["target_class_fraction"] <= 1 and q["frechet_distance"] >= 0
+    assert q["diversity_ratio"] > 0  # every image the same would be 0
   # The report a person reads, with its figures.
   report = open(os.path.join(workdir, "report.md")).read()
+  assert "| diversity |" in report
   assert "per-class test accuracy" in report and "real (left) and generated (right)" in report
   assert os.path.getsize(os.path.join(workdir, "figures", "class_accuracy.png")) > 1000
   # One summary line per stage, and the baseline vs final figures at the end.

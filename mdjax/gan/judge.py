@@ -89,6 +89,19 @@ class Judge:
       out[int(k)] = float(np.mean(self.predict(images) == int(k)))
     return out
 
+  def diversity(self, real_by_class: Mapping[int, np.ndarray],
+                generated_by_class: Mapping[int, np.ndarray]) -> dict[int, float]:
+    """For each class k in both: `quality.diversity_ratio` of its generated images against its
+    real ones, in this judge's feature space (classes with fewer than 2 images of either are left
+    out)."""
+    out = {}
+    for k in sorted(set(real_by_class) & set(generated_by_class)):
+      real, generated = real_by_class[k], generated_by_class[k]
+      if len(real) >= 2 and len(generated) >= 2:
+        out[int(k)] = quality.diversity_ratio(_features(self.kind, real, self.resolution),
+                                              _features(self.kind, generated, self.resolution))
+    return out
+
   def record(self) -> dict:
     return {"kind": self.kind, "model": JUDGES[self.kind], "resolution": self.resolution,
             "heldout_accuracy": self.heldout_accuracy,

@@ -1,6 +1,6 @@
 """Sample quality of the per-class GANs, measured with the classifier the samples are meant for.
 
-Two numbers per weak class:
+Three numbers per weak class:
 
 * `target_class_fraction`: the fraction of a class's generated images that the classifier assigns
   to that class. It answers the question the method cares about (do the samples carry the class's
@@ -9,6 +9,12 @@ Two numbers per weak class:
   The pipeline passes the classifier's own pooled backbone features: Inception weights cannot be
   downloaded here, so this is a "classifier-FID", comparable between runs of the same classifier
   and not with published FID figures.
+
+* `diversity_ratio`: how spread out a class's generated images are against its real ones, the mean
+  pairwise distance of the generated set over that of the real set in a feature space. Near 1 the
+  GAN covers the class about as widely as the data; near 0 it draws (nearly) one image again and
+  again. Mode collapse passes both numbers above (every copy of one good image is "the class"),
+  which is why it is measured on its own. The pipeline uses the independent judge's feature space.
 
 Statistics are computed on the host in float64 with numpy / `scipy.linalg.sqrtm`: the matrix square
 root has no JAX implementation on CPU, and float32 loses the small differences the distance is made
@@ -28,6 +34,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import scipy.linalg
+import scipy.spatial
 
 from mdjax.errors import DataError
 
@@ -128,3 +135,27 @@ def class_frechet_distances(feature_fn: ImageFn, real_by_class: Mapping[int, np.
     fake = apply_in_batches(feature_fn, generated_by_class[k], batch_size=batch_size)
     distances[int(k)] = frechet_distance(real, fake, eps=eps)
   return distances
+
+
+def mean_pairwise_distance(features: np.ndarray, *, max_samples: int = 512, seed: int = 0) -> float:
+  """The mean Euclidean distance over all pairs of distinct rows of `features` [N, ...].
+
+  At most `max_samples` rows (a fixed random subset) are used: there are max_samples^2 / 2 pairs.
+  """
+  x = np.asarray(features, np.float64).reshape(len(features), -1)
+  if len(x) < 2:
+    raise DataError(f"a pairwise distance needs at least 2 samples, got {len(x)}.")
+  if len(x) > max_samples:
+    x = x[np.random.default_rng(seed).choice(len(x), max_samples, replace=False)]
+  return float(scipy.spatial.distance.pdist(x).mean())
+
+
+def diversity_ratio(real_features: np.ndarray, generated_features: np.ndarray, *,
+                    max_samples: int = 512) -> float:
+  """mean_pairwise_distance(generated) / mean_pairwise_distance(real) (see the module docstring).
+
+  NaN when the real images are all identical (no spread to compare with).
+  """
+  real = mean_pairwise_distance(real_features, max_samples=max_samples)
+  generated = mean_pairwise_distance(generated_features, max_samples=max_samples)
+  return generated / real if real > 0 else float("nan")

@@ -88,20 +88,24 @@ def write_report(workdir: str, results: dict, run) -> str:
     lines.append("None: mistake-driven training was off (nWPC = 0).")
   else:
     lines += ["| class | val accuracy (selection) | test before | test after | generated | "
-              "judge says target | classifier says target | Frechet distance |",
-              "|---|---|---|---|---|---|---|---|"]
+              "judge says target | diversity | classifier says target | Frechet distance |",
+              "|---|---|---|---|---|---|---|---|---|"]
     quality = results.get("gan_quality", {})
     for k in weak:
       q = quality.get(str(k), {})
       lines.append(f"| {names[k]} | {_fmt(results['val_class_accuracy'][k])} | "
                    f"{_fmt(b['test_class_accuracy'][k])} | {_fmt(f['test_class_accuracy'][k])} | "
                    f"{results['generated_per_class'].get(k, 0)} | {_fmt(q.get('judge_fraction'), 3)} | "
+                   f"{_fmt(q.get('diversity_ratio'), 2)} | "
                    f"{_fmt(q.get('target_class_fraction'), 3)} | {_fmt(q.get('frechet_distance'), 2)} |")
     judge = results.get("judge") or {}
     lines += ["", "The judge is a " + judge.get("model", "classifier the pipeline did not train")
               + (f" (held-out accuracy on the real validation images {judge['heldout_accuracy']:.3f})"
                  if "heldout_accuracy" in judge else "")
               + "; its column is the share of a class's generated images it assigns to that class. "
+              "Diversity is the generated images' mean pairwise distance over the real images' "
+              "in the judge's feature space: near 1 they vary as much as the class, near 0 the GAN "
+              "draws the same few images (mode collapse, which the other columns miss). "
               "The classifier column is the same share under the trained classifier; the Frechet "
               "distance compares real and generated images of the class in the classifier's pooled "
               "feature space (lower is closer).", ""]
