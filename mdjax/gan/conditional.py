@@ -1,12 +1,13 @@
 """ONE class-conditional FastGAN for all weak classes: the alternative to one GAN per class.
 
-`gan.conditional = True` (issue 13 item 5; the conditional-GAN augmentation paper, REFERENCE.md
-section 5): instead of K independent FastGANs (mdjax.gan.ensemble), one FastGAN whose G embeds the
-label and whose D is a projection discriminator (mdjax.gan.fastgan) learns all K weak classes
-together, with one-sided label smoothing of the real side (`gan.real_label_smoothing`,
-mdjax.gan.losses). What the comparison is about: K times fewer parameters to train and store and
-one model that can share what the weak classes have in common (strokes, backgrounds), against
-each class getting a K-th of the real images per step and a model that may mix classes up.
+`gan.conditional = True` (after Abi Hana, "Enhancing Image Classification Using Conditional GAN-
+Based Data Augmentation", Université Paris-Saclay): instead of K independent FastGANs
+(mdjax.gan.ensemble), one FastGAN whose G embeds the label and whose D is a projection
+discriminator (mdjax.gan.fastgan) learns all K weak classes together, with one-sided label
+smoothing of the real side (`gan.real_label_smoothing`, mdjax.gan.losses). What the comparison is
+about: K times fewer parameters to train and store and one model that can share what the weak
+classes have in common (strokes, backgrounds), against each class getting a K-th of the real images
+per step and a model that may mix classes up.
 
 Batches are class-balanced: slot i of step s draws class (s * B + i) mod K, so every batch holds
 the classes as evenly as B allows and over K steps each class fills exactly B slots, whatever the

@@ -18,9 +18,10 @@ partner and pasted into the same place of x_i. The label weight is then recomput
 actually pasted: lam = 1 - box area / image area, so a box clipped at a border mixes the labels
 by the area it really covers. One box per batch, as in the paper's recipe.
 
-HardMix (Uddin et al., J. of Artificial Intelligence 2024, papers/hardmix.md): CutMix whose source
-patch is cut from "hard samples (which are frequently being miss-classified by a model)". Only the
-paper's abstract is available here, so the exact rule is mdjax's own:
+HardMix (Uddin et al., "HardMix: Considering Difficult Examples in Mixed Sample Data Augmentation",
+J. of Artificial Intelligence 2024): CutMix whose source patch is cut from "hard samples (which are
+frequently being miss-classified by a model)". Only the paper's abstract is available here, so the
+exact rule is mdjax's own:
   - Counts: for every example i of the training set the train state keeps `visits[i]` (batches i
     was in) and `mistakes[i]` (how many of those times the model got it wrong). A visit's verdict
     is the model's inference-mode prediction on the clean image at the start of the step (no
