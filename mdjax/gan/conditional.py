@@ -1,7 +1,7 @@
 """ONE class-conditional FastGAN for all weak classes: the alternative to one GAN per class.
 
-`gan.conditional = True` (after Abi Hana, "Enhancing Image Classification Using Conditional GAN-
-Based Data Augmentation", Université Paris-Saclay): instead of K independent FastGANs
+`gan.conditional = True` (after Abi Hana, "Enhancing Image Classification Using Conditional
+GAN-Based Data Augmentation", Université Paris-Saclay): instead of K independent FastGANs
 (mdjax.gan.ensemble), one FastGAN whose G embeds the label and whose D is a projection
 discriminator (mdjax.gan.fastgan) learns all K weak classes together, with one-sided label
 smoothing of the real side (`gan.real_label_smoothing`, mdjax.gan.losses). What the comparison is
