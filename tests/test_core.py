@@ -166,3 +166,21 @@ def test_ordered_mean_adds_in_device_order():
   # The same on every device (out_specs=P() holds it as one replicated value).
   shards = [np.asarray(s.data) for s in got["w"].addressable_shards]
   assert all(np.array_equal(s, shards[0]) for s in shards)
+
+
+def test_abandoned_write_warnings_are_dropped_only_after_a_reported_fault(monkeypatch):
+  # CI of stop 20: after the one "mdjax: error:" line of a full disk, the exit printed
+  # "RuntimeWarning: coroutine 'async_serialize_from_host.<locals>.write_fragment' was never
+  # awaited" (a write abandoned by the failed save).
+  import threading
+  import warnings
+  from mdjax.core import storage
+  monkeypatch.setattr(storage, "_reported", threading.Event())
+  text = "coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited"
+  with warnings.catch_warnings(record=True) as shown:  # restores the filters afterwards
+    warnings.simplefilter("always")
+    warnings.warn(text, RuntimeWarning)  # no fault reported: shown
+    storage.mark_reported()
+    warnings.warn(text, RuntimeWarning)
+    warnings.warn("something else", RuntimeWarning)
+  assert [str(w.message) for w in shown] == [text, "something else"]

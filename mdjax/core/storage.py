@@ -11,8 +11,9 @@ that the same command resumes), and `converted` does both around a block of work
 The failing threads also print their own tracebacks as they die: orbax logs each failed write
 with its traceback (absl), asyncio logs the futures nobody retrieved, tensorstore's callbacks into
 the closed event loop go to `sys.unraisablehook` (hundreds of lines for one full disk), and the
-tensorboardX writer thread dies with "Exception in thread". `quiet_fault_echoes` (installed by
-`mdjax.main`) drops exactly those echoes of a storage fault; the fault itself still ends the run
+tensorboardX writer thread dies with "Exception in thread"; at exit, the coroutines of abandoned
+writes are collected unawaited ("RuntimeWarning: coroutine ... was never awaited").
+`quiet_fault_echoes` and `mark_reported` (called by `mdjax.main`) drop exactly those echoes of a storage fault; the fault itself still ends the run
 through the error above. Any other error in those places is printed as before.
 """
 
@@ -26,6 +27,7 @@ import re
 import shutil
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import humanize
@@ -131,8 +133,15 @@ def converted(where: str | None = None, *, needed_bytes: int | None = None,
 
 
 def mark_reported() -> None:
-  """Called by `mdjax.main` after printing a StorageError (see quiet_fault_echoes)."""
+  """Called by `mdjax.main` after printing a StorageError (see quiet_fault_echoes).
+
+  From then on Python's "coroutine ... was never awaited" is not shown: the writes the failed save
+  abandoned (orbax's `write_fragment`) are collected unawaited as the process exits. A warnings
+  filter, not a hook, because at that point the interpreter may be shutting down, where only the
+  filter list (shared with the C warnings module) is still consulted.
+  """
   _reported.set()
+  warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
 
 
 class _DropFaultRecords(logging.Filter):
