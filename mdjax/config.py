@@ -156,8 +156,8 @@ def base_config() -> ml_collections.ConfigDict:
   # small images at a third of the cost.
   g.judge = "lite0"
   g.judge_resolution = 128
-  # Beyond the paper (a conditional-GAN augmentation): True trains ONE class-conditional FastGAN on the images of
-  # all weak classes together (label embedding into G, projection D; mdjax.gan.conditional)
+  # Beyond the paper (a conditional-GAN augmentation): True trains ONE class-conditional FastGAN
+  # on the images of all weak classes together (label embedding into G, projection D; mdjax.gan.conditional)
   # instead of one FastGAN per weak class, to compare cost and benefit with the per-class
   # ensemble. It generates the same images per class, to the same place. gan.steps are then the
   # conditional GAN's steps, each on a class-balanced batch of all weak classes.

@@ -13,8 +13,8 @@ with its traceback (absl), asyncio logs the futures nobody retrieved, tensorstor
 the closed event loop go to `sys.unraisablehook` (hundreds of lines for one full disk), and the
 tensorboardX writer thread dies with "Exception in thread"; at exit, the coroutines of abandoned
 writes are collected unawaited ("RuntimeWarning: coroutine ... was never awaited").
-`quiet_fault_echoes` and `mark_reported` (called by `mdjax.main`) drop exactly those echoes of a storage fault; the fault itself still ends the run
-through the error above. Any other error in those places is printed as before.
+`quiet_fault_echoes` and `mark_reported` (called by `mdjax.main`) drop exactly those echoes of a
+storage fault; the fault itself still ends the run through the error above. Any other error in those places is printed as before.
 """
 
 from __future__ import annotations
