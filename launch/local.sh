@@ -8,6 +8,9 @@
 # over all devices of all processes, so it must be a multiple of the device count. $PYTHON chooses
 # the interpreter (default: python), $MDJAX_PORT the coordinator's port (default: a random one).
 #
+# CPU processes round like a one-process run of D CPU devices when both run with NPROC=D exported
+# (XLA sizes its CPU thread pool by it; README, "Several GPUs or hosts").
+#
 # The processes wait for each other at every collective, so one that fails would leave the others
 # waiting forever: as soon as any process exits with an error, the others are stopped and the
 # script exits with that process's status. Ctrl-C stops them all.
