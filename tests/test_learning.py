@@ -95,7 +95,7 @@ def judge(request, splits):
   return fitted, bounds
 
 
-def test_judge_recognises_real_digits_and_rejects_other_images(judge, splits):
+def test_judge_recognises_real_digits_and_rejects_other_images(judge, splits, monkeypatch):
   """Fit on real training images only; measured on images it never saw."""
   judge, (min_accuracy, min_class_accuracy) = judge
   assert judge.heldout_accuracy >= min_accuracy, judge.heldout_accuracy
@@ -118,6 +118,15 @@ def test_judge_recognises_real_digits_and_rejects_other_images(judge, splits):
   spread = judge.diversity(real, {3: by_class[3], 8: np.repeat(good_eight, 20, axis=0)})
   assert 0.8 <= spread[3] <= 1.2, spread
   assert spread[8] == 0.0 and judge.fractions({8: good_eight})[8] == 1.0
+  # `assess` gives both verdicts at once and computes each image set's features once (fractions
+  # and diversity apart compute the generated images' twice).
+  generated = {3: by_class[3], 8: np.repeat(good_eight, 20, axis=0)}
+  expected = (judge.fractions(generated), judge.diversity(real, generated))
+  featurised = []
+  features = judge.features
+  monkeypatch.setattr(judge, "features", lambda x: featurised.append(len(x)) or features(x))
+  assert judge.assess(real, generated) == expected
+  assert sorted(featurised) == sorted([len(generated[3]), 20, len(real[3]), len(real[8])])
 
 
 @pytest.mark.slow

@@ -68,7 +68,8 @@ def pixel_features(images: np.ndarray, resolution: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class Judge:
-  """A fitted judge; `fractions` gives its verdicts on generated images."""
+  """A fitted judge; `fractions` gives its verdicts on generated images, `diversity` their
+  spread, `assess` both at once."""
 
   classifier: object  # a fitted scikit-learn estimator on `features(images)`
   kind: str  # a key of JUDGES
@@ -76,31 +77,44 @@ class Judge:
   heldout_accuracy: float
   heldout_class_accuracy: list[float]
 
+  def features(self, images: np.ndarray) -> np.ndarray:
+    """The judge's features [N, F] of images uint8 or float [0, 1], NHWC (what it classifies)."""
+    return _features(self.kind, images, self.resolution)
+
   def predict(self, images: np.ndarray) -> np.ndarray:
     """Class indices for images uint8 or float [0, 1], NHWC."""
-    return self.classifier.predict(_features(self.kind, images, self.resolution))
+    return self.classifier.predict(self.features(images))
 
   def fractions(self, images_by_class: Mapping[int, np.ndarray]) -> dict[int, float]:
     """For each class k: the share of `images_by_class[k]` the judge assigns to k."""
-    out = {}
-    for k, images in images_by_class.items():
-      if len(images) == 0:
-        raise DataError(f"class {k} has no images to judge.")
-      out[int(k)] = float(np.mean(self.predict(images) == int(k)))
-    return out
+    return self.assess({}, images_by_class)[0]
 
   def diversity(self, real_by_class: Mapping[int, np.ndarray],
                 generated_by_class: Mapping[int, np.ndarray]) -> dict[int, float]:
     """For each class k in both: `quality.diversity_ratio` of its generated images against its
     real ones, in this judge's feature space (classes with fewer than 2 images of either are left
     out)."""
-    out = {}
-    for k in sorted(set(real_by_class) & set(generated_by_class)):
-      real, generated = real_by_class[k], generated_by_class[k]
-      if len(real) >= 2 and len(generated) >= 2:
-        out[int(k)] = quality.diversity_ratio(_features(self.kind, real, self.resolution),
-                                              _features(self.kind, generated, self.resolution))
-    return out
+    both = [k for k in real_by_class if k in generated_by_class
+            and len(real_by_class[k]) >= 2 and len(generated_by_class[k]) >= 2]
+    return self.assess({k: real_by_class[k] for k in both},
+                       {k: generated_by_class[k] for k in both})[1]
+
+  def assess(self, real_by_class: Mapping[int, np.ndarray],
+             generated_by_class: Mapping[int, np.ndarray]) -> tuple[dict[int, float],
+                                                                    dict[int, float]]:
+    """(`fractions(generated_by_class)`, `diversity(real_by_class, generated_by_class)`), with
+    the judge's features of each class's generated images computed once for both (for the Lite0
+    judge that is one EfficientNet pass per image, not two)."""
+    fractions, spread = {}, {}
+    for k, images in generated_by_class.items():
+      if len(images) == 0:
+        raise DataError(f"class {k} has no images to judge.")
+      generated = self.features(images)
+      fractions[int(k)] = float(np.mean(self.classifier.predict(generated) == int(k)))
+      real = real_by_class.get(k)
+      if real is not None and len(real) >= 2 and len(images) >= 2:
+        spread[int(k)] = quality.diversity_ratio(self.features(real), generated)
+    return fractions, spread
 
   def record(self) -> dict:
     return {"kind": self.kind, "model": JUDGES[self.kind], "resolution": self.resolution,

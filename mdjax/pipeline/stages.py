@@ -283,7 +283,7 @@ class Run:
       fd = quality.class_frechet_distances(self.image_fn(variables, "features"), real, images) \
           if all(len(v) >= 2 for v in images.values()) and all(len(real[k]) >= 2 for k in images) else {}
       judge = self.judge()
-      verdicts, spread = judge.fractions(images), judge.diversity(real, images)
+      verdicts, spread = judge.assess(real, images)
       record["judge"] = judge.record()
       record["quality"] = {str(k): {"target_class_fraction": fractions[k],
                                     "frechet_distance": fd.get(k),
