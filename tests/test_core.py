@@ -184,3 +184,41 @@ def test_abandoned_write_warnings_are_dropped_only_after_a_reported_fault(monkey
     warnings.warn(text, RuntimeWarning)
     warnings.warn("something else", RuntimeWarning)
   assert [str(w.message) for w in shown] == [text, "something else"]
+
+
+def test_metric_writer_makes_its_event_file_with_the_first_value(tmp_path):
+  """A writer that is opened and closed with nothing written (a finished GAN stage reopened to
+  generate) leaves no event file; one that writes leaves one file holding the value."""
+  idle = process.metric_writer(str(tmp_path / "idle"))
+  idle.flush()
+  idle.close()
+  assert not (tmp_path / "idle").exists()
+  used = process.metric_writer(str(tmp_path / "used"))
+  used.add_scalar("loss", 0.5, 1)
+  used.close()
+  files_written = list((tmp_path / "used").glob("events.out.tfevents.*"))
+  assert len(files_written) == 1 and files_written[0].stat().st_size > 0
+  assert _scalars(files_written[0]) == [("loss", 1, 0.5)]
+  # Processes other than 0 (active=False here) get a writer that writes nothing at all.
+  off = process.metric_writer(str(tmp_path / "off"), active=False)
+  off.add_scalar("loss", 0.5, 1)
+  off.close()
+  assert not (tmp_path / "off").exists()
+
+
+def _scalars(path) -> list[tuple[str, int, float]]:
+  """(tag, step, value) of every scalar in a TensorBoard event file.
+
+  Read by hand (TFRecord framing: uint64 length, uint32 CRC, the serialized Event, uint32 CRC)
+  because the tensorboard package, which has a reader, is not a dependency; tensorboardX ships
+  the Event proto.
+  """
+  import struct  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  data, out, at = path.read_bytes(), [], 0
+  while at < len(data):
+    (length,) = struct.unpack("<Q", data[at:at + 8])
+    event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+    at += 12 + length + 4
+    out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return out

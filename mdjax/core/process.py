@@ -62,14 +62,37 @@ class _NoMetricWriter:
     return lambda *args, **kwargs: None
 
 
+class _LazyMetricWriter:
+  """A tensorboardX writer made at the first value written, so a loop that writes nothing (a
+  finished GAN stage reopened to generate from it) leaves no empty event file beside the real one."""
+
+  def __init__(self, logdir: str):
+    self._logdir, self._writer = logdir, None
+
+  def __getattr__(self, name):  # add_scalar, add_image, ...: the real writer's, made on first use
+    if self._writer is None:
+      # Imported here: tensorboardX pulls in protobuf, and only the writing process needs it.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      # max_queue=0: an unbounded queue. With the default (10) a writer thread that died (a full
+      # disk) leaves the queue full and the next add_scalar blocks forever; unbounded, logging goes
+      # on into memory until the run's next write in the main thread fails and ends it with one
+      # line.
+      self._writer = tensorboardX.SummaryWriter(self._logdir, max_queue=0)
+    return getattr(self._writer, name)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
 def metric_writer(logdir: str, *, active: bool = True):
-  """A tensorboardX writer for `logdir` on process 0 (when `active`); elsewhere one that does
-  nothing, so loops call it unconditionally."""
+  """A tensorboardX writer for `logdir` on process 0 (when `active`), whose event file appears
+  with the first value written; elsewhere one that does nothing, so loops call it
+  unconditionally."""
   if not (active and is_writer()):
     return _NoMetricWriter()
-  # Imported here: tensorboardX pulls in protobuf, and only the writing process needs it.
-  import tensorboardX  # pylint: disable=g-import-not-at-top
-  # max_queue=0: an unbounded queue. With the default (10) a writer thread that died (a full
-  # disk) leaves the queue full and the next add_scalar blocks forever; unbounded, logging goes on
-  # into memory until the run's next write in the main thread fails and ends it with one line.
-  return tensorboardX.SummaryWriter(logdir, max_queue=0)
+  return _LazyMetricWriter(logdir)
