@@ -64,9 +64,14 @@ modules and their parameter trees are exactly the unconditional ones.
   weighed against it (AC-GAN's classification term also rewards easily classified samples, which
   costs diversity, Miyato & Koyama's comparison), and over concatenating the label to D's input
   because that puts a label map through every convolution. The class embedding starts at
-  N(0, 0.02), the conv init, so the projection starts near 0 and D begins as the unconditional
-  one; it is not spectrally normalised (the hinge loss stops rewarding D once a margin is met,
-  which bounds it).
+  N(0, 0.1), about Glorot's scale for a [K, C] table (sqrt(2 / (K + C)) = 0.12 for 5 classes and
+  C = 128), so D tells the labels apart from its first steps. At the conv init's N(0, 0.02) it
+  could not at mdjax's budgets: Adam at lr 2e-4 moves each entry by at most ~2e-4 per step, and
+  after the default digits run's 200 steps the table still had std 0.021, D was in effect
+  unconditional, and G drew the wrong digit for some labels (seed 0: 3s for class 5 and 5s for
+  class 3; the judge recognised 5% and 12% of them). At N(0, 0.1) the same run's classes were
+  recognised 97-100%. The table is not spectrally normalised (the hinge loss stops rewarding D
+  once a margin is met, which bounds it).
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
 G_MULT = {4: 16, 8: 8, 16: 4, 32: 2, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}
 D_MULT = {4: 16, 8: 16, 16: 8, 32: 4, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}
 DECODER_MULT = (4, 2, 2, 1)  # 16, 32, 64, 128 of the reference SimpleDecoder
+# The projection discriminator's class embedding starts at N(0, CLASS_EMBEDDING_STD) (module
+# docstring: why not the conv init's 0.02).
+CLASS_EMBEDDING_STD = 0.1
 
 _conv_init = nn.initializers.normal(0.02)
 
@@ -400,7 +408,7 @@ class Discriminator(nn.Module):
     b = img.shape[0]
     logits = jnp.concatenate([rf_big.reshape(b, -1), rf_small.reshape(b, -1)], axis=1)
     if self.num_classes:
-      table = self.param("class_embedding", nn.initializers.normal(0.02),
+      table = self.param("class_embedding", nn.initializers.normal(CLASS_EMBEDDING_STD),
                          (self.num_classes, x.shape[-1]))
       pooled = jnp.mean(x, axis=(1, 2))  # [B, C]: the big branch's 8x8 features
       logits = logits + jnp.sum(table[_labels(labels, b)] * pooled, axis=-1, keepdims=True)
@@ -439,8 +447,8 @@ _INIT_RULES = {
     "bias": (0.0, 0.0), "weight": (0.0, 0.0), "mean": (0.0, 0.0), "var": (1.0, 0.0),
     "sigma": (1.0, 0.0),
     # Class conditioning (module docstring): G's label embedding on z's scale, D's projection
-    # embedding on the conv init's.
-    "label_embedding": (0.0, 1.0), "class_embedding": (0.0, 0.02),
+    # embedding at CLASS_EMBEDDING_STD.
+    "label_embedding": (0.0, 1.0), "class_embedding": (0.0, CLASS_EMBEDDING_STD),
 }
 
 
