@@ -302,6 +302,12 @@ def check_distill_results(workdir) -> dict:
       assert labels["hard"] >= 1 and labels["easy"] >= 1 and labels["images"] == 10
       assert x["generated_per_class"][str(k)] == 5  # ceil(0.5 x 10)
       assert np.isfinite(x["final_losses"][str(k)]["triplet_loss"])
+      # Each round's images are judged as the generate stage judges its own.
+      assert 0 <= x["quality"][str(k)]["judge_fraction"] <= 1
+      assert x["quality"][str(k)]["diversity_ratio"] >= 0
+  # results.json: the last round's verdicts (those images fine-tuned the final classifier).
+  assert r["gan_quality"] == rounds[-1]["quality"] and r["judge"] == rounds[-1]["judge"]
+  assert r["judge"]["kind"] == "pixels" and sorted(map(int, r["gan_quality"])) == r["worst_classes"]
   for stage in ("gan", "generate", "finetune"):
     with open(workdir / "stages" / f"{stage}.json") as fh:
       assert "distill" in json.load(fh)["skipped"]

@@ -92,7 +92,9 @@ def collect(config, splits, records: dict) -> dict:
   validate, generate = records["validate"], records.get("generate", {})
   distill = records.get("distill", {})
   if "rounds" in distill:  # GAN distillation replaced gan / generate / finetune
-    generate = {"generated_per_class": distill["generated_per_class"], "dir": distill["dir"]}
+    # The last round's images are the ones the final classifier was fine-tuned on.
+    generate = {key: distill[key] for key in ("generated_per_class", "dir", "quality", "judge")
+                if key in distill}
   weak = validate["worst_classes"]
   controls = {n: records[n] for n in CONTROL_STAGES if n in records}
   ran = {n: r for n, r in controls.items() if "skipped" not in r}

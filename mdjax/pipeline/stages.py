@@ -278,32 +278,39 @@ class Run:
             f"{self.splits.class_names[k]} {len(images.get(k, ()))}/{wanted[k]}"
             for k in classes if short[k]))
     if images:
-      variables = self.classifier("train")
-      fractions = quality.target_class_fraction(self.image_fn(variables, "logits"), images)
-      fd = quality.class_frechet_distances(self.image_fn(variables, "features"), real, images) \
-          if all(len(v) >= 2 for v in images.values()) and all(len(real[k]) >= 2 for k in images) else {}
-      judge = self.judge()
-      verdicts, spread = judge.assess(real, images)
-      record["judge"] = judge.record()
-      record["quality"] = {str(k): {"target_class_fraction": fractions[k],
-                                    "frechet_distance": fd.get(k),
-                                    "judge_fraction": verdicts[k],
-                                    "diversity_ratio": spread.get(k)} for k in images}
-      say("generated images judged their class (independent judge, held-out accuracy "
-          f"{judge.heldout_accuracy:.3f}): " + ", ".join(
-              f"{self.splits.class_names[k]} {verdicts[k]:.2f}" for k in sorted(images)))
-      say("their spread against the real images' (diversity ratio, 1 = as varied as the class): "
-          + ", ".join(f"{self.splits.class_names[k]} {spread[k]:.2f}" for k in sorted(spread)))
-      collapsed = [self.splits.class_names[k] for k in sorted(spread) if spread[k] < COLLAPSED]
-      if collapsed:
-        warnings.warn(
-            f"the generated images of {', '.join(collapsed)} vary less than {COLLAPSED:.0%} as much "
-            "as the real ones (diversity ratio): the GAN draws nearly the same image again and "
-            "again (mode collapse, or too few steps to learn the class's variety), and fine-tuning "
-            "on them adds little. Look at the sample grids; train longer (gan.steps) or lower "
-            "gan.learning_rate.",
-            QualityWarning, stacklevel=1)
+      record.update(self.judge_generated(images, real))
     return record
+
+  def judge_generated(self, images: dict, real: dict) -> dict:
+    """{"judge": the judge's record, "quality": per class {target_class_fraction (the trained
+    classifier's), frechet_distance, judge_fraction, diversity_ratio}} of generated `images`
+    against the `real` training images of their classes; prints the verdicts and warns
+    (QualityWarning) about classes whose images barely vary."""
+    variables = self.classifier("train")
+    fractions = quality.target_class_fraction(self.image_fn(variables, "logits"), images)
+    fd = quality.class_frechet_distances(self.image_fn(variables, "features"), real, images) \
+        if all(len(v) >= 2 for v in images.values()) and all(len(real[k]) >= 2 for k in images) else {}
+    judge = self.judge()
+    verdicts, spread = judge.assess(real, images)
+    say("generated images judged their class (independent judge, held-out accuracy "
+        f"{judge.heldout_accuracy:.3f}): " + ", ".join(
+            f"{self.splits.class_names[k]} {verdicts[k]:.2f}" for k in sorted(images)))
+    say("their spread against the real images' (diversity ratio, 1 = as varied as the class): "
+        + ", ".join(f"{self.splits.class_names[k]} {spread[k]:.2f}" for k in sorted(spread)))
+    collapsed = [self.splits.class_names[k] for k in sorted(spread) if spread[k] < COLLAPSED]
+    if collapsed:
+      warnings.warn(
+          f"the generated images of {', '.join(collapsed)} vary less than {COLLAPSED:.0%} as much "
+          "as the real ones (diversity ratio): the GAN draws nearly the same image again and "
+          "again (mode collapse, or too few steps to learn the class's variety), and fine-tuning "
+          "on them adds little. Look at the sample grids; train longer (gan.steps) or lower "
+          "gan.learning_rate.",
+          QualityWarning, stacklevel=1)
+    return {"judge": judge.record(),
+            "quality": {str(k): {"target_class_fraction": fractions[k],
+                                 "frechet_distance": fd.get(k),
+                                 "judge_fraction": verdicts[k],
+                                 "diversity_ratio": spread.get(k)} for k in images}}
 
   def finetune(self) -> dict:
     if self.config.distill.enabled:
@@ -356,7 +363,8 @@ class Run:
     rounds = [self._distill_round(r, weak, real) for r in range(int(ds.rounds))]
     last = rounds[-1]
     return {"classes": weak, "rounds": rounds, "gan_steps": last["gan_steps"],
-            "generated_per_class": last["generated_per_class"], "dir": last["dir"]}
+            "generated_per_class": last["generated_per_class"], "dir": last["dir"],
+            "quality": last.get("quality", {}), "judge": last.get("judge")}
 
   def _round_dir(self, r: int) -> str:
     return os.path.join(self.workdir, "distill", f"round_{r}")
@@ -416,7 +424,9 @@ class Run:
       process.barrier(f"generated {gen_dir}")
       gan = {"generated_per_class": {str(k): len(images.get(k, ())) for k in weak},
              # The last logged losses of the steps this run took (empty if all were restored).
-             "final_losses": {str(k): h[-1] for k, h in result.history.items() if h}}
+             "final_losses": {str(k): h[-1] for k, h in result.history.items() if h},
+             # The generate stage's measures of this round's images: judge, spread, FD.
+             **(self.judge_generated(images, real) if images else {})}
       if process.is_writer():
         files.write_json_atomic(gan_path, gan)
       process.barrier(f"distill round {r} gan")
