@@ -210,6 +210,8 @@ def init_distributed(setup: distributed.Setup | None) -> None:
   # Every argument comes from the launcher: JAX's own cluster detection, which would choose the
   # local devices by its own rule, is switched off.
   jax.distributed.initialize(**setup.kwargs(), cluster_detection_method="deactivate")
+  from mdjax.core import process  # pylint: disable=g-import-not-at-top
+  process.use_service_barriers()
 
 
 def main() -> None:

@@ -39,8 +39,7 @@ def smoke_reference(tmp_path_factory, worker_id) -> tuple[str, str]:
 
 def pytest_collection_modifyitems(config, items):
   """`e2e` tests chain many full `mdjax.main` runs (the real-FastGAN distillation pipeline, the
-  2-process pipeline against 1 process, which also hung once in CI (see its module), the benchmark
-  suite): tens of minutes on a 2-core machine, so CI leaves them out and
+  benchmark suite): tens of minutes on a 2-core machine, so CI leaves them out and
   `MDJAX_E2E=1 python -m pytest -m e2e` runs them."""
   if os.environ.get("MDJAX_E2E") == "1":
     return

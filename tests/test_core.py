@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -222,3 +224,28 @@ def _scalars(path) -> list[tuple[str, int, float]]:
     at += 12 + length + 4
     out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
   return out
+
+
+def test_two_processes_meet_without_device_collectives(tmp_path, free_port):
+  """Barriers, shared flags and placements of host values go through the coordination service and
+  each process's own copy, never a device collective (mdjax.core.process's docstring says why)."""
+  worker = os.path.join(os.path.dirname(__file__), "process_multiprocess_worker.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  procs = [subprocess.Popen([sys.executable, worker, str(free_port), str(i), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=180)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  assert all(o.strip().endswith("ok") for o in outs), outs
+  timeout = [line for line in outs[0].splitlines() if line.startswith("timeout: ")]
+  assert len(timeout) == 1 and "at the barrier 'only process 0 comes here'" in timeout[0], outs[0]
+  assert "MDJAX_SYNC_TIMEOUT_S" in timeout[0]
+
+
+def test_sync_timeout_must_be_positive_seconds(monkeypatch):
+  monkeypatch.setenv("MDJAX_SYNC_TIMEOUT_S", "ten")
+  with pytest.raises(UserError, match="MDJAX_SYNC_TIMEOUT_S='ten': expected a whole number"):
+    process.sync_timeout_s()
+  monkeypatch.setenv("MDJAX_SYNC_TIMEOUT_S", "5")
+  assert process.sync_timeout_s() == 5

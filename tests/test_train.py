@@ -200,6 +200,35 @@ def test_evaluate_counts_every_example_once_with_padded_last_batch():
   assert counts["accuracy"] == pytest.approx(np.mean(pred == labels))
 
 
+def test_eval_step_keeps_counts_per_device_with_no_collective():
+  # Each step adds to the counts it is given and sums nothing across devices, so successive steps
+  # depend on each other and a multi-process run cannot get two evaluation steps' collectives out
+  # of order (steps.make_eval_step, tests/test_multiprocess_pipeline.py).
+  model = TinyClassifier()
+  with jax.threefry_partitionable(False):
+    variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
+  mesh = mesh_lib.data_mesh()
+  n = mesh.size
+  assert n == 4
+  step = steps.make_eval_step(model, NUM_CLASSES, mesh)
+  src = _source(8)
+  images = np.stack([src[i]["image"] for i in range(8)]).astype(np.float32) / 255.0
+  batch = {"image": images, "label": src.labels, "mask": np.ones(8, np.float32)}
+  counts = steps.eval_counts_init(NUM_CLASSES, mesh)
+  hlo = step.lower(variables, batch, counts).compile().as_text()
+  assert "all-reduce" not in hlo and "all-gather" not in hlo
+  counts = step(variables, batch, counts)
+  counts = step(variables, batch, counts)  # the second pass adds to the first
+  assert counts.shape == (n, NUM_CLASSES, NUM_CLASSES)
+  pred = np.asarray(jnp.argmax(model.apply(variables, images), -1))
+  per_device = np.zeros((n, NUM_CLASSES, NUM_CLASSES), np.int64)
+  np.add.at(per_device, (np.arange(8) // (8 // n), src.labels, pred), 2)
+  np.testing.assert_array_equal(np.asarray(counts), per_device)
+  total = steps.eval_counts(counts)
+  np.testing.assert_array_equal(total["confusion"], per_device.sum(0))
+  np.testing.assert_array_equal(total["total"], 2 * np.bincount(src.labels, minlength=NUM_CLASSES))
+
+
 def test_class_wise_accuracy():
   cwa = clf.class_wise_accuracy({"correct": np.array([3, 0, 0]), "total": np.array([4, 2, 0])})
   np.testing.assert_allclose(cwa[:2], [0.75, 0.0])

@@ -4,16 +4,48 @@ In a multi-process run (launch/local.sh, SLURM) every process runs every stage o
 mesh. Process 0 alone writes files, TensorBoard logs and progress output; everyone meets at a
 barrier after a write before anyone reads it. Arrays that span other processes' devices cannot be
 read with `jax.device_get`: replicated ones are read from the local replica (`fetch_replicated`),
-sharded ones are gathered from every process (`fetch_sharded`, a collective).
+sharded ones are gathered from every process (`fetch_sharded`, a collective); host values that
+every process holds alike become global arrays with `put_global`, which moves nothing between
+processes.
+
+The processes meet (`barrier`) and agree on a flag or a number (`any_process`, `from_writer`)
+through JAX's coordination service (the `jax.distributed` client), not through device
+collectives. Why: on CPU, XLA runs collectives over gloo, and a run of small host-level collectives
+between the stages' own ones (a `multihost_utils.sync_global_devices` all-gather after every stage,
+the `assert_equal` all-gather `jax.device_put` runs on every host value it places on a global
+sharding) failed about one 2-process pipeline run in seven on a loaded 2-core machine with "Received
+data size doesn't match expected size. Is there a distributed collective mismatch": one process
+still in a barrier's all-gather received the next collective's data from a process already past
+it (tests/test_multiprocess_pipeline.py). The service's barriers carry no data over the devices,
+and a process that does not arrive makes the others fail after `sync_timeout_s()` with the
+barrier's name, where a collective would wait forever.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import zlib
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from mdjax.errors import UserError
+
+# How long a process waits at a barrier (or for another process's value) before failing: the
+# longest any process may work alone between two meetings (process 0 writing the generated images).
+_SYNC_TIMEOUT_ENV = "MDJAX_SYNC_TIMEOUT_S"
+_DEFAULT_SYNC_TIMEOUT_S = 3600
+
+# Every meeting gets a fresh key: the service's barrier ids and keys are single-use, and every
+# process meets the others in the same order, so the n-th meeting has the same number everywhere.
+_meetings = itertools.count()
+
+
+class PeerTimeoutError(UserError):
+  """Another process of a multi-process run did not reach a meeting point in time."""
 
 
 def is_writer() -> bool:
@@ -21,24 +53,108 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def sync_timeout_s() -> int:
+  """Seconds a process waits for the others at a barrier (env MDJAX_SYNC_TIMEOUT_S, default 1 h)."""
+  raw = os.environ.get(_SYNC_TIMEOUT_ENV, str(_DEFAULT_SYNC_TIMEOUT_S))
+  try:
+    value = int(raw)
+  except ValueError:
+    value = 0
+  if value <= 0:
+    raise UserError(f"{_SYNC_TIMEOUT_ENV}={raw!r}: expected a whole number of seconds above 0 "
+                    f"(default {_DEFAULT_SYNC_TIMEOUT_S}).")
+  return value
+
+
+def _service():
+  """The coordination service's client of this process (None if jax.distributed is not joined)."""
+  # JAX has no public accessor for its client; orbax reads the same attribute.
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
+def _meeting_key(kind: str, name: str) -> str:
+  # The name's checksum in the key: processes that disagree on where they are wait on different
+  # keys and fail with the name, instead of passing each other.
+  return f"mdjax/{kind}/{next(_meetings)}/{zlib.crc32(name.encode()):08x}"
+
+
+def _timed_out(what: str, error: Exception) -> PeerTimeoutError:
+  return PeerTimeoutError(
+      f"process {jax.process_index()} of {jax.process_count()} waited {sync_timeout_s()} s {what} "
+      f"and not every other process came ({type(error).__name__}: {str(error).splitlines()[0]}). "
+      "One of them failed or is stuck: its own log says where. If it was only slow, set "
+      f"{_SYNC_TIMEOUT_ENV} to a longer wait.")
+
+
 def barrier(name: str) -> None:
   """All processes wait here until every one has arrived (a no-op in a single-process run)."""
-  if jax.process_count() > 1:
+  if jax.process_count() == 1:
+    return
+  client = _service()
+  if client is None:  # joined some other way: a device collective is all there is
     multihost_utils.sync_global_devices(name)
+    return
+  try:
+    client.wait_at_barrier(_meeting_key("barrier", name), sync_timeout_s() * 1000)
+  except Exception as e:  # jaxlib raises its runtime error type; a timeout is DEADLINE_EXCEEDED
+    raise _timed_out(f"at the barrier '{name}'", e) from e
+
+
+def _exchange(name: str, value: str | None, sources: range) -> list[str]:
+  """Publishes `value` (unless None) under this meeting's key and returns `sources`' values."""
+  client, key = _service(), _meeting_key("value", name)
+  if value is not None:
+    client.key_value_set(f"{key}/{jax.process_index()}", value)
+  try:
+    return [client.blocking_key_value_get(f"{key}/{p}", sync_timeout_s() * 1000) for p in sources]
+  except Exception as e:  # see barrier()
+    raise _timed_out(f"for the other processes' '{name}'", e) from e
 
 
 def any_process(flag: bool) -> bool:
-  """Whether `flag` is true in any process (every process gets the same answer; a collective)."""
+  """Whether `flag` is true in any process (every process gets the same answer)."""
   if jax.process_count() == 1:
     return bool(flag)
-  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+  if _service() is None:
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+  return "1" in _exchange("any_process", "1" if flag else "0", range(jax.process_count()))
 
 
 def from_writer(value: int) -> int:
-  """Process 0's `value` in every process (a collective; `value` itself in a single process)."""
+  """Process 0's `value` in every process (`value` itself in a single process)."""
   if jax.process_count() == 1:
     return int(value)
-  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  if _service() is None:
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  return int(_exchange("from_writer", str(int(value)) if is_writer() else None, range(1))[0])
+
+
+# orbax's own absl flag (orbax.checkpoint._src.multihost): its barriers through the coordination
+# service instead of a device collective.
+_ORBAX_SERVICE_BARRIERS = "experimental_orbax_use_distributed_barrier"
+
+
+def use_service_barriers() -> None:
+  """Makes orbax's barriers wait on the coordination service, not on a device collective.
+
+  Why: orbax creates a save's folders in a background thread (`AsyncOptions.
+  create_directories_asynchronously`, on by default) with a barrier before and after, and by default
+  its barriers are `multihost_utils.sync_global_devices`, an all-gather over every device. Run from
+  that thread while the main thread runs its own collectives (train and evaluation steps, this
+  module's fetches), the two threads' collectives reach the devices in a different order in each
+  process; over gloo (CPU) the processes then hang or fail ("Received data size doesn't match
+  expected size. Is there a distributed collective mismatch"), both seen in
+  tests/test_multiprocess_pipeline.py. The coordination service's barrier is safe from any thread.
+
+  Sets orbax's flag; it needs parsed absl flags (mdjax.main parses them before joining a
+  multi-process run). A program that joins one without absl should pass
+  `--experimental_orbax_use_distributed_barrier` to absl itself.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint  # noqa: F401  (defines the flag)  pylint: disable=g-import-not-at-top,unused-import
+  if _ORBAX_SERVICE_BARRIERS in flags.FLAGS and flags.FLAGS.is_parsed():
+    setattr(flags.FLAGS, _ORBAX_SERVICE_BARRIERS, True)
 
 
 def fetch_replicated(tree: Any) -> Any:
@@ -47,12 +163,62 @@ def fetch_replicated(tree: Any) -> Any:
                       else np.asarray(a), tree)
 
 
+def _identity(*xs):
+  return xs
+
+
 def fetch_sharded(tree: Any) -> Any:
   """Numpy copies of arrays sharded over the mesh, the whole of them on every process.
 
-  A collective: every process must call it at the same point.
+  A collective: every process must call it at the same point. Global arrays are gathered in one
+  program, and it has finished on every local device before this returns, so no later
+  collective can start beside it (`multihost_utils.process_allgather`, which this replaces for
+  them, gathers leaf by leaf and waits for the first local device only). Other leaves (numpy, a
+  process's own arrays) are concatenated over the processes as `process_allgather(tiled=True)`
+  does.
   """
-  return multihost_utils.process_allgather(tree, tiled=True)
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  spread = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)
+            and not x.is_fully_addressable and isinstance(x.sharding, jax.sharding.NamedSharding)]
+  out = list(leaves)
+  if spread:
+    shardings = tuple(leaves[i].sharding.update(spec=jax.sharding.PartitionSpec()) for i in spread)
+    gathered = jax.block_until_ready(
+        jax.jit(_identity, out_shardings=shardings)(*(leaves[i] for i in spread)))
+    for i, g in zip(spread, gathered):
+      out[i] = np.asarray(g.addressable_data(0))
+  rest = [i for i in range(len(leaves)) if i not in set(spread)]
+  if rest:
+    for i, g in zip(rest, multihost_utils.process_allgather([leaves[i] for i in rest], tiled=True)):
+      out[i] = g
+  return jax.tree.unflatten(treedef, out)
+
+
+def put_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """`jax.device_put(tree, sharding)` for values every process holds alike, moving nothing
+  between processes.
+
+  In a multi-process run `jax.device_put` of a host value (numpy, or an array of this process's
+  own) onto a sharding over every process's devices first checks that every process passed the
+  same value, with an all-gather of the whole value (`multihost_utils.assert_equal`): a collective
+  the size of the data, outside the run's own sequence of collectives (module docstring). Here
+  each process fills its own devices' shards from its copy; the values must be equal (they come
+  from the same seeds and files), which tests/test_multiprocess_pipeline.py checks end to end.
+  Arrays already global are resharded by `jax.device_put`.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    host = host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
 
 
 class _NoMetricWriter:

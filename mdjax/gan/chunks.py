@@ -70,7 +70,7 @@ def init_ensemble(fns: program.GanFns, seed: int, class_indices: Sequence[int],
   ens = {"gan": program.stack_states(states), "rng": jnp.stack(rngs),
          "ok": jnp.ones((len(class_indices),), bool),
          "restarts": jnp.zeros((len(class_indices),), jnp.int32)}
-  return jax.device_put(ens, mesh_lib.class_sharding(mesh))
+  return process.put_global(ens, mesh_lib.class_sharding(mesh))
 
 
 def checkpoint_meta(classes, images, gan_config, seed) -> dict:
@@ -114,7 +114,7 @@ class Chunk:
     check_meta(chunk_dir, checkpoint_meta(self.classes, [images[k] for k in self.classes],
                                           gan_config, seed))
     data, counts = class_data.stack_class_images([images[k] for k in self.padded], capacity)
-    self.data, self.counts = jax.device_put((data, counts), self._sharding)
+    self.data, self.counts = process.put_global((data, counts), self._sharding)
     self.checkpoints = Checkpoints(chunk_dir / "checkpoints")
     self.ens = init_ensemble(fns, seed, self.padded, mesh)
     # The newest intact checkpoint; damaged ones are set aside with a warning (core.checkpoint).
@@ -166,9 +166,9 @@ class Chunk:
     rng = process.fetch_sharded(restored["rng"]).copy()
     for p in bad:
       rng[p] = np.asarray(jax.random.fold_in(rng[p], int(restarts[p])))
-    restored["rng"] = jax.device_put(rng, self._sharding)
-    restored["restarts"] = jax.device_put(restarts, self._sharding)
-    restored["ok"] = jax.device_put(np.ones_like(ok), self._sharding)
+    restored["rng"] = process.put_global(rng, self._sharding)
+    restored["restarts"] = process.put_global(restarts, self._sharding)
+    restored["ok"] = process.put_global(np.ones_like(ok), self._sharding)
     self.ens, self.step = restored, last
 
   def close(self) -> None:

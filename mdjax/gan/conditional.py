@@ -159,11 +159,11 @@ class _Run:
             "real_label_smoothing": fns.spec.real_label_smoothing}
     chunks.check_meta(workdir, meta)
     data, counts = class_data.stack_class_images(images)
-    self.data, self.counts = jax.device_put((data, counts), self._sharding)
+    self.data, self.counts = process.put_global((data, counts), self._sharding)
     init_key, stream = conditional_keys(seed)
     cgan = {"gan": program.jit_once(fns.init)(init_key), "rng": stream, "ok": jnp.ones((), bool),
             "restarts": jnp.zeros((), jnp.int32)}
-    self.cgan = jax.device_put(cgan, self._sharding)
+    self.cgan = process.put_global(cgan, self._sharding)
     self.checkpoints = Checkpoints(workdir / "checkpoints")
     self.step, self.cgan, self.fresh = self.checkpoints.resume_or_start(self.cgan)
 
@@ -198,7 +198,7 @@ class _Run:
     restored, _ = self.checkpoints.restore(last, self.cgan)
     rng = jax.random.fold_in(process.fetch_replicated(restored["rng"]), restarts)
     restored.update(rng=rng, restarts=jnp.int32(restarts), ok=jnp.ones((), bool))
-    self.cgan = jax.device_put(restored, self._sharding)
+    self.cgan = process.put_global(restored, self._sharding)
     self.step = last
 
   def close(self) -> None:

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mdjax.core import mesh as mesh_lib
+from mdjax.core import mesh as mesh_lib, process
 from mdjax.gan import class_data
 
 # `distill.hard_rule`: what makes a training image hard for the current classifier.
@@ -240,8 +240,8 @@ class Teacher:
 
     hard, hard_count = rows("hard")
     easy, easy_count = rows("easy")
-    per_class = jax.device_put(
+    per_class = process.put_global(
         {"hard": hard, "hard_count": hard_count, "easy": easy, "easy_count": easy_count},
         mesh_lib.class_sharding(mesh))
-    variables = jax.device_put(self.variables, mesh_lib.replicated(mesh))
+    variables = process.put_global(self.variables, mesh_lib.replicated(mesh))
     return {"variables": variables, **per_class}

@@ -96,19 +96,19 @@ def evaluate(model: nn.Module, variables: dict, source, config, mesh: Mesh | Non
   """
   mesh = mesh or mesh_lib.data_mesh()
   size = int(config.data.image_size)
-  variables = jax.device_put(dict(variables), mesh_lib.replicated(mesh))
+  variables = process.put_global(dict(variables), mesh_lib.replicated(mesh))
+  num_classes = _num_classes(model, variables, size)
   if eval_step is None:
-    eval_step = steps_lib.make_eval_step(model, _num_classes(model, variables, size), mesh)
+    eval_step = steps_lib.make_eval_step(model, num_classes, mesh)
   batch_size = pipeline.eval_batch_size(batch_size or int(config.train.batch_size), mesh)
-  total = None
+  confusion = steps_lib.eval_counts_init(num_classes, mesh)
   for batch in pipeline.eval_batches(source, batch_size=batch_size, image_size=size, mesh=mesh,
                                      augment=str(config.data.augment),
                                      num_threads=int(config.data.num_threads),
                                      prefetch=int(config.data.prefetch)):
-    out = eval_step(variables, batch)
-    # Summed on device: one host transfer per pass, not one per batch.
-    total = out if total is None else jax.tree.map(jnp.add, total, out)
-  counts = {k: np.asarray(v, np.int64) for k, v in process.fetch_replicated(total).items()}
+    # Summed on device, per device: one host transfer (and one collective) per pass.
+    confusion = eval_step(variables, batch, confusion)
+  counts = steps_lib.eval_counts(confusion)
   n = counts["total"].sum()
   counts["accuracy"] = float(counts["correct"].sum() / n) if n else float("nan")
   counts["class_wise_accuracy"] = class_wise_accuracy(counts)

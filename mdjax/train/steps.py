@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mdjax.core import cpu_conv
+from mdjax.core import cpu_conv, process
 from mdjax.core.collectives import ordered_mean
 from mdjax.core.mesh import DATA_AXIS, auto_mesh, batch_sharding, replicated
 from mdjax.errors import ConfigError
@@ -315,27 +315,55 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
 
 
 def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh
-                   ) -> Callable[[dict, dict], dict]:
-  """Returns `eval_step(variables, batch) -> {"confusion", "correct", "total"}` (int32, replicated).
+                   ) -> Callable[[dict, dict, jax.Array], jax.Array]:
+  """Returns `eval_step(variables, batch, confusion) -> confusion + this batch's counts`.
 
-  `confusion[i, j]` counts examples of true class i predicted as j; `correct` is its diagonal and
-  `total` its row sums. Examples with `batch["mask"] == 0` (the padding of the last batch) count
-  nowhere, so summing over one pass of `eval_batches` counts every example exactly once.
+  `confusion` is int32 [devices, C, C], one slice per device of the "data" axis (sharded over
+  it; start from `eval_counts_init`): `confusion[d, i, j]` counts the examples of true class i
+  that device d's share of the batches predicted as j. Examples with `batch["mask"] == 0` (the
+  padding of the last batch) count nowhere, so one pass of `eval_batches` counts every example
+  exactly once; `eval_counts` adds up the devices at the end.
+
+  Why per-device counts carried from step to step, and no cross-device sum in the step: two
+  evaluation steps that each summed over the devices did not depend on each other, so XLA's CPU
+  runtime could run two of them at once, and in a multi-process run over gloo the processes then
+  hung in mismatched collectives (tests/test_multiprocess_pipeline.py has the stacks). Carried,
+  each step waits for the one before; summed once per pass, an evaluation has one collective
+  (in `eval_counts`) instead of one per batch. The old totals are donated.
   """
-  def step(variables, batch):
+  n = mesh.shape[DATA_AXIS]
+
+  def step(variables, batch, confusion):
     batch = shard_batch(batch, mesh)
     logits = model.apply(variables, batch["image"], train=False)
     labels = batch["label"]
     mask = batch["mask"] if "mask" in batch else jnp.ones(labels.shape, jnp.float32)
     true = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
     pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes, dtype=jnp.float32)
-    # A matmul instead of a scatter: exact in float32 for batches below 2**24 examples.
-    confusion = jnp.round(true.T @ pred).astype(jnp.int32)
-    return {"confusion": confusion, "correct": jnp.diagonal(confusion),
-            "total": confusion.sum(axis=1)}
+    # Each device's share of the batch on its own row ([devices, B / devices, C], the batch's
+    # own split over "data"), so the contraction below stays on each device. A matmul instead
+    # of a scatter: exact in float32 for shares below 2**24 examples.
+    true, pred = (a.reshape(n, -1, num_classes) for a in (true, pred))
+    return confusion + jnp.round(jnp.einsum("dbi,dbj->dij", true, pred)).astype(jnp.int32)
 
   rep, data = replicated(mesh), batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, data), out_shardings=rep)
+  return jax.jit(step, in_shardings=(rep, data, data), out_shardings=data, donate_argnums=2)
+
+
+def eval_counts_init(num_classes: int, mesh: Mesh) -> jax.Array:
+  """Zero per-device counts for `make_eval_step`'s first step."""
+  n = mesh.shape[DATA_AXIS]
+  return process.put_global(np.zeros((n, num_classes, num_classes), np.int32), batch_sharding(mesh))
+
+
+def eval_counts(confusion: jax.Array) -> dict:
+  """{"confusion", "correct", "total"} (int64 numpy) from `make_eval_step`'s per-device counts.
+
+  A collective in a multi-process run (every process reads every device's counts): every process
+  must call it at the same point.
+  """
+  total = np.asarray(process.fetch_sharded(confusion), np.int64).sum(axis=0)
+  return {"confusion": total, "correct": np.diagonal(total).copy(), "total": total.sum(axis=1)}
 
 
 def class_wise_accuracy(counts: dict) -> np.ndarray:
