@@ -44,10 +44,15 @@ if pid == 1:
     fh.write("1")
 process.barrier("late written")
 assert os.path.exists(os.path.join(out, "late"))  # nobody passed the barrier before process 1
-# The one collective: both leaves gathered together, every process gets the whole array.
-got = process.fetch_sharded({"w": x["w"], "w2": x["w"] * 2})
+# Gathered through the service too: every process gets the whole arrays, and a process's own
+# values (numpy) are concatenated in process order.
+got = process.fetch_sharded({"w": x["w"], "w2": x["w"] * 2, "n": n, "own": np.full(2, pid)})
 np.testing.assert_array_equal(got["w"], host.astype(np.float32))
 np.testing.assert_array_equal(got["w2"], 2 * host.astype(np.float32))
+assert int(got["n"]) == 3
+np.testing.assert_array_equal(got["own"], [0, 0, 1, 1])
+for _ in range(3):  # later gathers delete the earlier ones' keys and still agree
+  np.testing.assert_array_equal(process.fetch_sharded(x["w"]), host.astype(np.float32))
 # A barrier process 1 never reaches fails process 0 with its name instead of waiting forever.
 if pid == 0:
   os.environ["MDJAX_SYNC_TIMEOUT_S"] = "2"

@@ -35,18 +35,15 @@ import pytest
 
 from mdjax.gan import generate
 
-# This test hung once in CI (commit 78fb794, a 2-core Intel Xeon VM) and was opt-in until the cause
-# was found: the 2-process run stopped in its test stage with both processes idle inside XLA's gloo
-# CPU collectives, process 0 in the all-gather of the barrier after the stage
-# (`Stages.complete` -> `multihost_utils.sync_global_devices`), both local devices of process 1
-# still in an all-reduce of an evaluation step (gdb stacks: gloo::allgather against
-# gloo::allreduce waitSend / waitRecv). The evaluation steps each summed their counts over the
-# devices and did not depend on each other, so the CPU runtime could run two of them at once and
-# the processes' collectives no longer matched. Reproduced with two such runs side by side
-# (1 of the first 2 hung); with `steps.make_eval_step` carrying per-device counts from step to step
-# and summing once per pass, none of 26 loaded runs hung, but 3 failed with a gloo size mismatch:
-# process 0 still in the finetune stage's barrier while process 1 was past it. NOT FIXED: restore
-# `pytestmark = pytest.mark.e2e` before merging this into main unless that fault is found.
+# This test was opt-in (e2e) for a while: about one loaded run in seven hung or failed with the
+# processes' collectives out of step (gloo: "collective mismatch", or both idle in mismatched
+# gloo::allgather / allreduce), always at a stage boundary. The cause: each process decided for
+# itself whether a stage was done by looking for its record, and a stage that takes no time
+# (distill, skipped) had its record written by process 0 before a slower process 1 looked, so
+# process 1 skipped it and its barrier. Found once the processes met through the coordination
+# service with named meetings (mdjax.core.process), which turned the hang into "process 0 waited
+# at 'stage distill complete'" against "process 1 waited for 'fetch_sharded'"; fixed in
+# mdjax.pipeline.workdir.Stages.done (tests/test_pipeline.py has the race on its own).
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/default.py:smoke", "--config.data.max_train_per_class=40",

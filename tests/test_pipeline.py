@@ -178,3 +178,17 @@ def test_two_processes_build_one_global_batch(tmp_path, free_port):
     np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), ids(single[step]))
   ev = [np.load(tmp_path / f"eval_{i}.npy") for i in range(2)]
   assert sorted(np.concatenate(ev).tolist()) == list(range(50))
+
+
+def test_two_processes_agree_on_which_stages_are_done(tmp_path, free_port):
+  """A process that looks for a stage's record after process 0 wrote it still runs the stage
+  (process 0's answer counts): otherwise it would skip the stage's barrier and collectives."""
+  worker = os.path.join(os.path.dirname(__file__), "stages_multiprocess_worker.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  procs = [subprocess.Popen([sys.executable, worker, str(free_port), str(i), str(tmp_path / "w")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=180)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  assert [o.strip().splitlines()[-1] for o in outs] == ["ran done", "ran done"], outs

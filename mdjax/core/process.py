@@ -4,27 +4,25 @@ In a multi-process run (launch/local.sh, SLURM) every process runs every stage o
 mesh. Process 0 alone writes files, TensorBoard logs and progress output; everyone meets at a
 barrier after a write before anyone reads it. Arrays that span other processes' devices cannot be
 read with `jax.device_get`: replicated ones are read from the local replica (`fetch_replicated`),
-sharded ones are gathered from every process (`fetch_sharded`, a collective); host values that
-every process holds alike become global arrays with `put_global`, which moves nothing between
-processes.
+small sharded ones are gathered from every process (`fetch_sharded`); host values that every
+process holds alike become global arrays with `put_global`, which moves nothing between processes.
 
-The processes meet (`barrier`) and agree on a flag or a number (`any_process`, `from_writer`)
-through JAX's coordination service (the `jax.distributed` client), not through device
-collectives. Why: on CPU, XLA runs collectives over gloo, and a run of small host-level collectives
-between the stages' own ones (a `multihost_utils.sync_global_devices` all-gather after every stage,
-the `assert_equal` all-gather `jax.device_put` runs on every host value it places on a global
-sharding) failed about one 2-process pipeline run in seven on a loaded 2-core machine with "Received
-data size doesn't match expected size. Is there a distributed collective mismatch": one process
-still in a barrier's all-gather received the next collective's data from a process already past
-it (tests/test_multiprocess_pipeline.py). The service's barriers carry no data over the devices,
-and a process that does not arrive makes the others fail after `sync_timeout_s()` with the
-barrier's name, where a collective would wait forever.
+The processes meet (`barrier`), agree on a flag or a number (`any_process`, `from_writer`) and
+gather small arrays (`fetch_sharded`) through JAX's coordination service (the `jax.distributed`
+client), not through device collectives: every meeting has its own key with its name's checksum
+in it, so processes that disagree on where they are fail after `sync_timeout_s()` with both names
+in their logs, where collectives would hang or fail with gloo's "Received data size doesn't match
+expected size. Is there a distributed collective mismatch" (how the 2-process pipeline failed one
+loaded run in seven, until the named timeout showed the cause: mdjax.pipeline.workdir.Stages.done).
+Nor do they add small collectives between the stages' own ones: the host-level data never goes
+over the devices.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import zlib
 from typing import Any
 
@@ -112,6 +110,27 @@ def _exchange(name: str, value: str | None, sources: range) -> list[str]:
     raise _timed_out(f"for the other processes' '{name}'", e) from e
 
 
+# This process's keys of its last all-process byte exchange: deleted after the next one, when
+# every process has read them (none can publish exchange n + 1 before it has read exchange n).
+_stale_keys: list[str] = []
+
+
+def _exchange_bytes(name: str, value: bytes, sources: range) -> list[bytes]:
+  """`_exchange` for bytes that every process publishes; keeps the service's store small."""
+  client, key = _service(), _meeting_key("bytes", name)
+  mine = f"{key}/{jax.process_index()}"
+  client.key_value_set_bytes(mine, value)
+  try:
+    got = [client.blocking_key_value_get_bytes(f"{key}/{p}", sync_timeout_s() * 1000)
+           for p in sources]
+  except Exception as e:  # see barrier()
+    raise _timed_out(f"for the other processes' '{name}'", e) from e
+  for old in _stale_keys:
+    client.key_value_delete(old)
+  _stale_keys[:] = [mine]
+  return got
+
+
 def any_process(flag: bool) -> bool:
   """Whether `flag` is true in any process (every process gets the same answer)."""
   if jax.process_count() == 1:
@@ -141,11 +160,9 @@ def use_service_barriers() -> None:
   Why: orbax creates a save's folders in a background thread (`AsyncOptions.
   create_directories_asynchronously`, on by default) with a barrier before and after, and by default
   its barriers are `multihost_utils.sync_global_devices`, an all-gather over every device. Run from
-  that thread while the main thread runs its own collectives (train and evaluation steps, this
-  module's fetches), the two threads' collectives reach the devices in a different order in each
-  process; over gloo (CPU) the processes then hang or fail ("Received data size doesn't match
-  expected size. Is there a distributed collective mismatch"), both seen in
-  tests/test_multiprocess_pipeline.py. The coordination service's barrier is safe from any thread.
+  that thread while the main thread runs its own collectives (train steps), the two threads'
+  collectives could reach the devices in a different order in each process, and over gloo (CPU)
+  mismatched collectives hang or fail. The coordination service's barrier is safe from any thread.
 
   Sets orbax's flag; it needs parsed absl flags (mdjax.main parses them before joining a
   multi-process run). A program that joins one without absl should pass
@@ -163,37 +180,48 @@ def fetch_replicated(tree: Any) -> Any:
                       else np.asarray(a), tree)
 
 
-def _identity(*xs):
-  return xs
-
-
 def fetch_sharded(tree: Any) -> Any:
   """Numpy copies of arrays sharded over the mesh, the whole of them on every process.
 
-  A collective: every process must call it at the same point. Global arrays are gathered in one
-  program, and it has finished on every local device before this returns, so no later
-  collective can start beside it (`multihost_utils.process_allgather`, which this replaces for
-  them, gathers leaf by leaf and waits for the first local device only). Other leaves (numpy, a
-  process's own arrays) are concatenated over the processes as `process_allgather(tiled=True)`
-  does.
+  Every process must call it at the same point. In a multi-process run each process publishes
+  the shards it holds (one copy of each, `replica_id` 0) to the coordination service and reads
+  everyone else's: meant for small arrays (metrics, flags, keys, evaluation counts), with no
+  device collective (`multihost_utils.process_allgather` runs an all-gather program over every
+  device) and a named timeout (module docstring). Leaves that are not global arrays (numpy, a
+  process's own arrays) are concatenated over the processes along axis 0 (0-d ones stacked), as
+  `process_allgather(tiled=True)` does.
   """
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
+  if _service() is None:  # joined some other way: a device collective is all there is
+    return multihost_utils.process_allgather(tree, tiled=True)
   leaves, treedef = jax.tree.flatten(tree)
-  spread = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)
-            and not x.is_fully_addressable and isinstance(x.sharding, jax.sharding.NamedSharding)]
-  out = list(leaves)
-  if spread:
-    shardings = tuple(leaves[i].sharding.update(spec=jax.sharding.PartitionSpec()) for i in spread)
-    gathered = jax.block_until_ready(
-        jax.jit(_identity, out_shardings=shardings)(*(leaves[i] for i in spread)))
-    for i, g in zip(spread, gathered):
-      out[i] = np.asarray(g.addressable_data(0))
-  rest = [i for i in range(len(leaves)) if i not in set(spread)]
-  if rest:
-    for i, g in zip(rest, multihost_utils.process_allgather([leaves[i] for i in rest], tiled=True)):
-      out[i] = g
+  mine = []
+  for x in leaves:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      mine.append([(_slices_to_bounds(s.index, x.shape), np.asarray(s.data))
+                   for s in x.addressable_shards if s.replica_id == 0])
+    else:
+      mine.append([(None, np.asarray(x))])
+  # pickle: the values come from this run's own processes, and numpy arrays round-trip exactly.
+  parts = [pickle.loads(b) for b in
+           _exchange_bytes("fetch_sharded", pickle.dumps(mine), range(jax.process_count()))]
+  out = []
+  for i, x in enumerate(leaves):
+    pieces = [piece for part in parts for piece in part[i]]
+    if pieces[0][0] is None:  # a process-local leaf: one block per process
+      out.append(np.concatenate([np.atleast_1d(block) for _, block in pieces]))
+      continue
+    whole = np.empty(x.shape, pieces[0][1].dtype)
+    for bounds, block in pieces:
+      whole[tuple(slice(lo, hi) for lo, hi in bounds)] = block
+    out.append(whole)
   return jax.tree.unflatten(treedef, out)
+
+
+def _slices_to_bounds(index: tuple, shape: tuple) -> tuple:
+  """A shard's index (slices, possibly open-ended) as (start, stop) per dimension."""
+  return tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
 
 
 def put_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:

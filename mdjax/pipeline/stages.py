@@ -397,7 +397,8 @@ class Run:
   def _distill_round(self, r: int, weak, real: dict) -> dict:
     ds, rdir = self.config.distill, self._round_dir(r)
     record_path = os.path.join(rdir, "round.json")
-    if os.path.exists(record_path):
+    # Process 0's answers, as in Stages.done: process 0 writes these files.
+    if process.from_writer(os.path.exists(record_path)):
       return files.read_json(record_path)
     gen_dir, gan_path = os.path.join(rdir, "generated"), os.path.join(rdir, "gan.json")
     previous = self._distilled(r - 1)
@@ -405,7 +406,7 @@ class Run:
         self.triplet(), previous, real, rule=str(ds.hard_rule),
         threshold=float(ds.hard_threshold), min_fraction=float(ds.min_fraction))
     steps = int(self.config.gan.steps) + r * int(ds.round_gan_steps)
-    if os.path.exists(gan_path):  # this round's GANs and images are done (written after both)
+    if process.from_writer(os.path.exists(gan_path)):  # this round's GANs and images are done
       gan = files.read_json(gan_path)
     else:
       counts = {k: len(real[k]) for k in weak}

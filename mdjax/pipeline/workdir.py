@@ -97,7 +97,15 @@ class Stages:
     return os.path.join(self.dir, f"{name}.json")
 
   def done(self, name: str) -> bool:
-    return os.path.exists(self.path(name))
+    """Whether stage `name` has its record: process 0's answer, the same in every process.
+
+    Every process must call it at the same point. Each process looking for itself raced with
+    process 0's write: a stage that takes no time (one skipped, like distill when it is off) had
+    its record written by process 0 before a slower process 1 looked, so process 1 skipped the
+    stage and its barrier while process 0 waited there, and the two processes' meetings and
+    collectives fell out of step (the faults of tests/test_multiprocess_pipeline.py).
+    """
+    return bool(process.from_writer(os.path.exists(self.path(name))))
 
   def load(self, name: str) -> dict:
     return files.read_json(self.path(name))

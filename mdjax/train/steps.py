@@ -324,12 +324,10 @@ def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh
   padding of the last batch) count nowhere, so one pass of `eval_batches` counts every example
   exactly once; `eval_counts` adds up the devices at the end.
 
-  Why per-device counts carried from step to step, and no cross-device sum in the step: two
-  evaluation steps that each summed over the devices did not depend on each other, so XLA's CPU
-  runtime could run two of them at once, and in a multi-process run over gloo the processes then
-  hung in mismatched collectives (tests/test_multiprocess_pipeline.py has the stacks). Carried,
-  each step waits for the one before; summed once per pass, an evaluation has one collective
-  (in `eval_counts`) instead of one per batch. The old totals are donated.
+  Why per-device counts carried from step to step, and no cross-device sum in the step: an
+  evaluation then runs no collective at all until `eval_counts` reads the counts once per pass
+  (through the coordination service in a multi-process run, mdjax.core.process.fetch_sharded),
+  where a sum in every step was one all-reduce per batch. The old totals are donated.
   """
   n = mesh.shape[DATA_AXIS]
 
