@@ -33,6 +33,7 @@ import contextlib
 import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -335,6 +336,35 @@ def test_damaged_checkpoints_are_set_aside_and_a_different_config_is_refused(tmp
     assert ck.restore_latest(_state()) is None
   assert sorted(os.listdir(str(directory) + ".damaged")) == ["1", "2"]
   ck.close()
+
+
+def test_the_read_errors_a_damaged_checkpoint_leaves_behind_are_not_echoed(tmp_path):
+  """orbax reads a checkpoint as many asyncio tasks; when one fails, the others' errors are logged
+  by asyncio later ("Task exception was never retrieved", with a traceback), a fresh-clone CI run's
+  fault chain failed on one such echo. Once a read has failed, mdjax.main's log filter drops the
+  records quoting that checkpoint, and keeps every other error."""
+  directory = tmp_path / "ck"
+  with Checkpoints(directory) as ck:
+    for step in (1, 2):
+      ck.save(step, _state())
+  for data in glob.glob(str(directory / "2" / "**" / "d" / "*"), recursive=True):
+    os.remove(data)
+
+  def echo(folder: str) -> logging.LogRecord:
+    error = ValueError(f'NOT_FOUND: Error reading "w/.zarray" in OCDBT database at local file '
+                       f'"{folder}/": Error reading byte range of local file "{folder}/d/3f6c"')
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                             "Task exception was never retrieved", None, (ValueError, error, None))
+
+  drop = storage._DropFaultRecords()  # pylint: disable=protected-access
+  assert drop.filter(echo(str(directory / "2"))), "kept: no read of step 2 has failed yet"
+  ck = Checkpoints(directory)
+  with pytest.warns(RecoveryWarning, match="step 2 .* is damaged"):
+    assert ck.restore_latest(_state())[0] == 1
+  ck.close()
+  assert not drop.filter(echo(str(directory / "2"))), "an echo of the reported damage"
+  assert drop.filter(echo(str(directory / "1"))), "step 1 read fine: its errors are news"
+  assert drop.filter(echo(str(tmp_path / "elsewhere"))), "another folder's errors are news"
 
 
 # The failed save leaves tensorstore callbacks into orbax's closed event loop ("Event loop is

@@ -187,7 +187,7 @@ class Checkpoints:
     self.wait()  # the step may still be being written
     abstract = _abstract(like)
     try:
-      with _collected_unraisable():
+      with _collected_unraisable(), storage.reported_read(os.path.join(self.directory, str(step))):
         if not self._record:
           return self._manager.restore(step, args=ocp.args.StandardRestore(abstract)), None
         restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -12,7 +12,9 @@ The failing threads also print their own tracebacks as they die: orbax logs each
 with its traceback (absl), asyncio logs the futures nobody retrieved, tensorstore's callbacks into
 the closed event loop go to `sys.unraisablehook` (hundreds of lines for one full disk), and the
 tensorboardX writer thread dies with "Exception in thread"; at exit, the coroutines of abandoned
-writes are collected unawaited ("RuntimeWarning: coroutine ... was never awaited").
+writes are collected unawaited ("RuntimeWarning: coroutine ... was never awaited"). A damaged
+checkpoint's failed read, which the caller reports once, leaves the same kind of echoes: asyncio
+logs the failures of orbax's other read tasks whenever they are dropped (`reported_read`).
 `quiet_fault_echoes` and `mark_reported` (called by `mdjax.main`) drop exactly those echoes of a
 storage fault; the fault itself still ends the run through the error above. Any other error in those places is printed as before.
 """
@@ -44,6 +46,9 @@ _QUOTED_PATH = re.compile(r"\"(/[^\"]+)\"")
 # Set once a storage fault has been reported, so the interpreter's shutdown does not print the
 # abandoned asynchronous writes' own errors after the one line (see quiet_fault_echoes).
 _reported = threading.Event()
+# Checkpoint folders (each ending in a separator) whose failed read was reported (see
+# reported_read): later log records that quote them are echoes of that one report.
+_damaged_reads: set[str] = set()
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
@@ -144,11 +149,42 @@ def mark_reported() -> None:
   warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
 
 
+@contextlib.contextmanager
+def reported_read(folder: str | os.PathLike):
+  """Around a read of the checkpoint in `folder` whose failure the caller reports (damaged: set
+  aside with a warning; another config's, or unreadable: an error).
+
+  orbax reads a checkpoint's arrays as many asyncio tasks and stops at the first that fails; the
+  others fail on the same damage and, when the event loop or the garbage collector drops them,
+  asyncio logs each one ("Task exception was never retrieved", "Future exception was never
+  retrieved", with a traceback), at a time that depends on the scheduling: during the read, or
+  seconds later in another stage. From the failure on, `quiet_fault_echoes`' filter drops the
+  records that quote `folder`.
+  """
+  try:
+    yield
+  except Exception:
+    _damaged_reads.add(os.path.join(os.path.abspath(os.fspath(folder)), ""))
+    raise
+
+
+def _quotes_damaged_read(*texts: str) -> bool:
+  return any(folder in text for folder in tuple(_damaged_reads) for text in texts)
+
+
 class _DropFaultRecords(logging.Filter):
-  """Drops log records that carry (or only quote) a storage fault: orbax's and asyncio's echoes."""
+  """Drops log records that carry (or only quote) a storage fault, or the read error of a damaged
+  checkpoint already reported: orbax's and asyncio's echoes."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
+    if _damaged_reads and record.levelno >= logging.ERROR:
+      try:
+        message = record.getMessage()
+      except Exception:  # pylint: disable=broad-exception-caught
+        message = ""
+      if _quotes_damaged_read(message, str(exc) if exc is not None else ""):
+        return False
     if exc is not None:
       return os_fault(exc) is None
     if record.levelno >= logging.ERROR:
@@ -174,7 +210,7 @@ def quiet_fault_echoes(warn=None) -> None:
 
   def unraisable(info):
     exc = info.exc_value
-    if os_fault(exc) is not None:
+    if os_fault(exc) is not None or (_damaged_reads and _quotes_damaged_read(str(exc))):
       return
     # tensorstore completing a write whose asyncio loop orbax already closed after a failure.
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
