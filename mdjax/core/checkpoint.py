@@ -131,15 +131,39 @@ class Checkpoints:
     would put files back into a folder removed now. So they are waited for first.
     """
     self._settle_failed_save()
-    if process.is_writer() and os.path.isdir(self.directory):
-      for name in os.listdir(self.directory):
-        if ".orbax-checkpoint-tmp" in name:
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    if process.is_writer():
+      self._remove_unfinished()
     failed = os.path.abspath(os.fspath(fault.filename)) if fault.filename else ""
     if failed.startswith(self.directory + os.sep):
       first = os.path.relpath(failed, self.directory).split(os.sep)[0]
       return os.path.join(self.directory, first.split(".orbax-checkpoint-tmp")[0])
     return None
+
+  def _remove_unfinished(self, quiet: float = 1.0, timeout: float = 30.0) -> None:
+    """Removes the `*.orbax-checkpoint-tmp*` folders of a failed save, until none reappears for
+    `quiet` seconds (at most `timeout`).
+
+    Why a quiet period: the writes orbax abandoned at the first failure are tensorstore's, running
+    in its own threads with no handle left to wait on (their completions land on orbax's closed
+    event loop); one that ends after the removal recreates its folder (a fresh-clone CI run caught
+    `2.orbax-checkpoint-tmp` back after the cleanup). A small checkpoint's writes end within
+    milliseconds; anything left after `timeout` is removed when the next manager opens the folder.
+    """
+    deadline = quiet_until = time.monotonic()
+    deadline += timeout
+    quiet_until += quiet
+    while True:
+      names = (sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
+               if os.path.isdir(self.directory) else [])
+      for name in names:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      if not names and time.monotonic() >= quiet_until:
+        return
+      if names:
+        quiet_until = time.monotonic() + quiet
+      if time.monotonic() >= deadline:
+        return
+      time.sleep(0.05)
 
   def _settle_failed_save(self, timeout: float = 120.0) -> None:
     """Waits until every write of the failed save has ended (each may fail too: ignored here).
