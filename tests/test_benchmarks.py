@@ -143,3 +143,20 @@ def test_derive_rows_for_every_benchmark():
       "fastgan_256"]
   assert "DISAGREE" in rows[2]["result"]
   json.dumps(rows)  # the rows go into the JSON file as they are
+
+
+def test_conv_layers_times_each_gradient_and_checks_it():
+  """benchmarks/conv_layers.py on two tiny layers (one strided): every figure is there, and its
+  own check (mdjax's dX and dW equal XLA's) passed, or the script would have failed."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "conv_layers.py"), "--batch", "2",
+       "--layers", "4:8:8:1,8:4:8:2", "--steps", "1", "--no-torch"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert [(r["c"], r["o"], r["stride"]) for r in report["rows"]] == [(4, 8, 1), (8, 4, 2)]
+  for row in report["rows"]:
+    assert set(row["mdjax"]) == {"fwd", "dX xla", "dX mdjax", "dW xla", "dW mdjax"}
+    assert all(v > 0 for v in row["mdjax"].values())

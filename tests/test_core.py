@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -16,6 +14,8 @@ import pytest
 from mdjax.core import files, loop, mesh as mesh_lib, process
 from mdjax.core.checkpoint import Checkpoints
 from mdjax.errors import UserError
+
+from local_processes import run_processes
 
 
 def test_itstime_every_and_last_step():
@@ -229,14 +229,9 @@ def _scalars(path) -> list[tuple[str, int, float]]:
 def test_two_processes_meet_without_device_collectives(tmp_path, free_port):
   """Barriers, shared flags and placements of host values go through the coordination service and
   each process's own copy, never a device collective (mdjax.core.process's docstring says why)."""
-  worker = os.path.join(os.path.dirname(__file__), "process_multiprocess_worker.py")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  procs = [subprocess.Popen([sys.executable, worker, str(free_port), str(i), str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=180)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs
+  runs = run_processes("process_multiprocess_worker.py", free_port, tmp_path, timeout=180)
+  outs = [r.stdout for r in runs]
+  assert all(r.returncode == 0 for r in runs), outs
   assert all(o.strip().endswith("ok") for o in outs), outs
   timeout = [line for line in outs[0].splitlines() if line.startswith("timeout: ")]
   assert len(timeout) == 1 and "at the barrier 'only process 0 comes here'" in timeout[0], outs[0]

@@ -52,6 +52,7 @@ from mdjax.core.checkpoint import Checkpoints
 from mdjax.errors import RecoveryWarning, StorageError, UserError, WorkdirBusyError
 from mdjax.pipeline import workdir as workdir_lib
 
+from local_processes import run_processes
 from pipeline_runs import REPO, SMOKE_RUN, WORKER, log, run_worker as run, worker_env
 
 # The folders each stage writes (a copy "up to a stage" keeps these and the stages' records).
@@ -445,14 +446,11 @@ def test_a_dead_tensorboard_writer_does_not_hang_the_loop(tmp_path, monkeypatch)
 
 def test_every_process_of_a_run_stops_when_the_workdir_is_busy(tmp_path, free_port):
   """Process 0 alone takes the lock and tells the others; none runs on a busy workdir."""
-  worker = os.path.join(REPO, "tests", "lock_multiprocess_worker.py")
-
   def launch(port):
-    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / "w")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=worker_env()) for i in range(2)]
+    runs = run_processes("lock_multiprocess_worker.py", port, tmp_path / "w", timeout=120,
+                         merge_stderr=False)
     # The last line: gloo (the CPU collectives) prints its own connection lines to stdout first.
-    return [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
+    return [r.stdout.strip().splitlines()[-1] for r in runs]
 
   with workdir_lib.locked(str(tmp_path / "w")):
     out = launch(free_port)

@@ -6,10 +6,7 @@ FastGAN at ngf = ndf = 8, 32x32."""
 from __future__ import annotations
 
 import functools
-import os
 import pickle
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +18,8 @@ from mdjax import config as config_lib
 from mdjax.core import mesh as mesh_lib
 from mdjax.errors import NonFiniteLossError, UserError
 from mdjax.gan import chunks, class_data, ensemble, generate, program
+
+from local_processes import run_processes
 
 RES = 8
 TINY = None
@@ -311,15 +310,8 @@ def comparable(result):
 def test_two_processes_train_like_one_process(tmp_path, free_port):
   """Two local JAX processes, 2 CPU devices each, against this process's 4 devices."""
   assert jax.device_count() == 4
-  worker = os.path.join(os.path.dirname(__file__), "gan_multiprocess_worker.py")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  out_dir = str(tmp_path / "multi")
-  procs = [subprocess.Popen([sys.executable, worker, str(free_port), str(i), out_dir], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs
+  runs = run_processes("gan_multiprocess_worker.py", free_port, tmp_path / "multi", timeout=300)
+  assert all(r.returncode == 0 for r in runs), [r.stdout for r in runs]
   multi = []
   for i in range(2):
     with open(tmp_path / "multi" / f"result_{i}.pkl", "rb") as fh:

@@ -1,8 +1,5 @@
 """The grain input pipeline: determinism, resumption, sharding, exact evaluation coverage."""
 
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,6 +9,8 @@ from mdjax.core import mesh as mesh_lib
 from mdjax.data import pipeline
 from mdjax.data.sources import ArraySource
 from mdjax.errors import ConfigError
+
+from local_processes import run_processes
 
 
 def make_source(n=50, size=12, num_classes=5):
@@ -161,15 +160,8 @@ def test_batch_size_must_divide_over_devices():
 
 def test_two_processes_build_one_global_batch(tmp_path, free_port):
   """Two local JAX processes, 2 CPU devices each: their parts form the single-process batch."""
-  worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
-  port = free_port
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=240)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs
+  runs = run_processes("multiprocess_worker.py", free_port, tmp_path, timeout=240)
+  assert all(r.returncode == 0 for r in runs), [r.stdout for r in runs]
   parts = [np.load(tmp_path / f"ids_{i}.npy") for i in range(2)]
   src = make_source()
   single = take(pipeline.train_batches(src, batch_size=8, image_size=12, seed=5, augment="none"), 3)
@@ -183,12 +175,7 @@ def test_two_processes_build_one_global_batch(tmp_path, free_port):
 def test_two_processes_agree_on_which_stages_are_done(tmp_path, free_port):
   """A process that looks for a stage's record after process 0 wrote it still runs the stage
   (process 0's answer counts): otherwise it would skip the stage's barrier and collectives."""
-  worker = os.path.join(os.path.dirname(__file__), "stages_multiprocess_worker.py")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  procs = [subprocess.Popen([sys.executable, worker, str(free_port), str(i), str(tmp_path / "w")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=180)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs
+  runs = run_processes("stages_multiprocess_worker.py", free_port, tmp_path / "w", timeout=180)
+  outs = [r.stdout for r in runs]
+  assert all(r.returncode == 0 for r in runs), outs
   assert [o.strip().splitlines()[-1] for o in outs] == ["ran done", "ran done"], outs

@@ -1,0 +1,134 @@
+"""Where a classifier step's time goes: each 3x3 conv of a WRN-16-4 step, forward, input gradient
+(dX) and weight gradient (dW), in mdjax, in XLA's own form, and in PyTorch, side by side.
+
+    python benchmarks/conv_layers.py                 # WRN-16-4's 3x3 convs at 32x32, batch 128
+    python benchmarks/conv_layers.py --batch 8 --layers 16:16:128:1,8:8:256:1   # FastGAN-like maps
+
+Each layer is C->O channels at an HxW input with a stride; every figure is the median of `--steps`
+calls of one jitted function (compile excluded), float32, on the default device:
+  fwd          lax.conv_general_dilated (what mdjax's models run forward, on every backend)
+  dX xla       jax.vjp of that conv with respect to its input (XLA's own input gradient)
+  dX mdjax     mdjax.core.cpu_conv's input gradient for kh*kw > 1 (one matmul, then col2im)
+  dW xla       jax.vjp with respect to the kernel (XLA's own weight gradient)
+  dW mdjax     mdjax.core.cpu_conv's weight gradient (one matmul per tap, or im2col for C < 16)
+and PyTorch's conv2d on `torch.set_num_threads(2)` (NCHW, its native layout): the forward pass
+under no_grad, and forward + the gradient of one operand, from which its dX and dW are the
+differences (a conv's backward does not run without its forward in eager PyTorch).
+
+A single conv timed alone is not the same as a step: inside a whole train step XLA fuses and
+schedules differently (a variant that wins here can lose in the step: see benchmarks/RESULTS.md,
+"Classifier step against PyTorch"), so choices are confirmed with classifier_step.py and
+fastgan_256.py. The last line printed is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mdjax.core import cpu_conv
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+# WRN-16-4 on 32x32 images: its 3x3 convs as C:O:H:stride (each appears 1-3 times per step).
+WRN16_4 = "16:64:32:1,64:64:32:1,64:128:32:2,128:128:16:1,128:256:16:2,256:256:8:1"
+
+
+def _median(fn, steps: int) -> float:
+  fn()
+  fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def jax_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int) -> dict:
+  rs = np.random.RandomState(0)
+  ho = h // stride
+  x = jnp.asarray(rs.randn(batch, h, h, c).astype(np.float32))
+  w = jnp.asarray(rs.randn(3, 3, c, o).astype(np.float32) * 0.1)
+  dy = jnp.asarray(rs.randn(batch, ho, ho, o).astype(np.float32))
+  pad, strides = ((1, 1), (1, 1)), (stride, stride)
+
+  def conv(x_, w_):
+    return lax.conv_general_dilated(x_, w_, strides, pad, dimension_numbers=_NHWC)
+
+  fns = {
+      "fwd": jax.jit(conv),
+      "dX xla": jax.jit(lambda x, w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0]),
+      "dX mdjax": jax.jit(lambda x, w, dy: cpu_conv._input_grad(  # pylint: disable=protected-access
+          dy, w, pad, x.shape, strides)),
+      "dW xla": jax.jit(lambda x, w, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0]),
+      "dW mdjax": jax.jit(lambda x, w, dy: cpu_conv._weight_grad(  # pylint: disable=protected-access
+          x, dy, (3, 3), strides, pad, w.dtype)),
+  }
+  out = {}
+  for name, fn in fns.items():
+    args = (x, w) if name == "fwd" else (x, w, dy)
+    out[name] = _median(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), steps)
+  # The rewrites must compute what XLA's own gradients compute, or their times mean nothing.
+  for kind in ("dX", "dW"):
+    ref, got = fns[f"{kind} xla"](x, w, dy), fns[f"{kind} mdjax"](x, w, dy)
+    err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+    if err > 1e-4:
+      raise AssertionError(f"{kind} mdjax differs from XLA's by {err:.2e} (relative)")
+  return out
+
+
+def torch_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(2)
+  rs = np.random.RandomState(0)
+  x = torch.from_numpy(rs.randn(batch, c, h, h).astype(np.float32)).requires_grad_(True)
+  w = torch.from_numpy(rs.randn(o, c, 3, 3).astype(np.float32) * 0.1).requires_grad_(True)
+  dy = torch.from_numpy(rs.randn(batch, o, h // stride, h // stride).astype(np.float32))
+
+  def conv():
+    return torch.nn.functional.conv2d(x, w, stride=stride, padding=1)
+
+  def no_grad():
+    with torch.no_grad():
+      conv()
+
+  fwd = _median(no_grad, steps)
+  fwd_dx = _median(lambda: torch.autograd.grad(conv(), [x], dy), steps)
+  fwd_dw = _median(lambda: torch.autograd.grad(conv(), [w], dy), steps)
+  return {"fwd": fwd, "dX": fwd_dx - fwd, "dW": fwd_dw - fwd}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--layers", default=WRN16_4, help="C:O:H:stride,... (3x3 convs, padding 1)")
+  p.add_argument("--steps", type=int, default=5, help="timed calls per figure (median)")
+  p.add_argument("--no-torch", action="store_true")
+  args = p.parse_args()
+  layers = [tuple(int(v) for v in item.split(":")) for item in args.layers.split(",") if item]
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, median of "
+        f"{args.steps} calls, milliseconds")
+  rows = []
+  for c, o, h, stride in layers:
+    gflop = 2 * args.batch * (h // stride) ** 2 * 9 * c * o / 1e9
+    row = {"c": c, "o": o, "h": h, "stride": stride, "gflop_per_pass": gflop,
+           "mdjax": jax_layer(args.batch, c, o, h, stride, args.steps)}
+    if not args.no_torch:
+      row["torch"] = torch_layer(args.batch, c, o, h, stride, args.steps)
+    rows.append(row)
+    line = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in row["mdjax"].items())
+    if "torch" in row:
+      line += " | torch " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in row["torch"].items())
+    print(f"{c}->{o} at {h}x{h} stride {stride} ({gflop:.2f} GFLOP a pass): {line}", flush=True)
+  print(json.dumps({"benchmark": "conv_layers", "batch": args.batch, "rows": rows}))
+
+
+if __name__ == "__main__":
+  main()
