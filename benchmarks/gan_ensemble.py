@@ -36,10 +36,12 @@ one_program_flops_per_s, separate_flops_per_s (and "profile" with --profile).
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -83,15 +85,18 @@ def _profile(run, out_dir: pathlib.Path, steps: int = 3) -> dict:
       run()
     wall = (time.perf_counter() - t0) / steps
   (xplane,) = out_dir.glob("plugins/profile/*/*.xplane.pb")
-  op_ns = 0
+  by_kind = collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(str(xplane)).planes:
     for line in plane.lines:
       if "XLAEigen" in line.name:
-        op_ns += sum(e.duration_ns for e in line.events
-                     if not e.name.startswith(("ThunkExecutor", "SlinkyThreadPool")))
-  op_s = op_ns / 1e9 / steps
+        for e in line.events:
+          if not e.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+            by_kind[re.sub(r"[.\d]+$", "", e.name)] += e.duration_ns
+  op_s = sum(by_kind.values()) / 1e9 / steps
   return {"wall_s_per_step": round(wall, 4), "op_s_per_step": round(op_s, 4),
-          "mean_busy_threads": round(op_s / wall, 2)}
+          "mean_busy_threads": round(op_s / wall, 2),
+          # The HLO op kinds (names without their numbers) that took the most time, s per step.
+          "top_ops": {k: round(v / 1e9 / steps, 4) for k, v in by_kind.most_common(8)}}
 
 
 def main():
