@@ -15,8 +15,8 @@ median of `--steps` timed steps. The machine is shared, so compare ratios within
   SAM/Adam   = SAM step time / Adam step time (the floor is 2.0: two gradients per step)
   torch/mdjax = PyTorch step time / mdjax step time (> 1: mdjax is faster)
 
-Each mdjax step also reports its FLOPs (XLA's cost analysis of the compiled step: 2 per
-multiply-add, both SAM gradients included) and the FLOP/s it achieves. `--sides mdjax` leaves
+Each mdjax step also reports its FLOPs (XLA's cost analysis of the same step with XLA's own conv
+gradients, machine.loop_free_flops: 2 per multiply-add, both SAM gradients included) and the FLOP/s it achieves. `--sides mdjax` leaves
 PyTorch out; `--cases wrn10_2:16:32,...` times other backbone:size:batch cases. `--scaling 1,2,4,8`
 times the SAM step (per-device perturbation, as training runs it) data parallel over the first 1,
 2, 4, 8 devices with the per-device batch fixed (weak scaling): images/s and the efficiency
@@ -41,7 +41,7 @@ from mdjax.core import cpu_conv
 from mdjax.core import mesh as mesh_lib
 from mdjax.train import steps as steps_lib
 
-from machine import flops_of  # benchmarks/ is on sys.path when a script in it runs
+from machine import lowered_flops  # benchmarks/ is on sys.path when a script in it runs
 
 NUM_CLASSES = 10
 
@@ -96,7 +96,11 @@ def mdjax_step(backbone: str, size: int, batch: int, optimizer: str, steps: int,
   with jax.threefry_partitionable(steps_lib.INIT_THREEFRY_PARTITIONABLE):
     compiled = train_step.jitted.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t0
-  flops = flops_of(compiled) * devices  # the cost analysis is that of one device's program
+  # The cost analysis is that of one device's program, taken from the step's twin with XLA's own
+  # conv gradients (the same multiply-adds without cpu_conv's loop: machine.loop_free_flops).
+  twin = steps_lib.make_train_step(model, tx, config, mesh, fast_conv_grads=False)
+  with jax.threefry_partitionable(steps_lib.INIT_THREEFRY_PARTITIONABLE):
+    flops = lowered_flops(twin.jitted.lower(state, batch_arrays)) * devices
   holder = [state]
 
   def run():

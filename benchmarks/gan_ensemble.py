@@ -22,8 +22,8 @@ idle.
 Each op counts once, on the thread that runs it: work it hands to the other thread (YNNPACK's own
 parallel loops inside matmul fusions) is not traced, so mean_busy_threads is a lower bound.
 
-FLOPs: XLA's cost analysis of the compiled single-class step, times K, is the work of one step of
-either side (`flops_per_step`); each side's FLOP/s divides it by its step time. The one program's
+FLOPs: XLA's cost analysis of the single-class step (its loop-free twin, machine.loop_free_flops),
+times K, is the work of one step of either side (`flops_per_step`); each side's FLOP/s divides it by its step time. The one program's
 own analysis is not used: a `lax.map` loop ("map", the CPU strategy) is counted once, not K times
 (it is kept as `xla_flops_one_program` for reference).
 
@@ -52,7 +52,7 @@ import numpy as np
 
 from mdjax.gan.program import ENSEMBLES
 
-from machine import flops_of  # benchmarks/ is on sys.path when a script in it runs
+from machine import flops_of, loop_free_flops  # benchmarks/ is on sys.path when a script in it runs
 
 
 def _parse():
@@ -155,7 +155,8 @@ def main():
   t0 = time.perf_counter()
   single = single.lower(sep_states[0], sep_rngs[0], *sep_data[0], jnp.int32(0)).compile()
   compile_sep = time.perf_counter() - t0
-  class_flops = flops_of(single)
+  class_flops = loop_free_flops(functools.partial(program.class_step, fns, batch_size=b),
+                                sep_states[0], sep_rngs[0], *sep_data[0], jnp.int32(0))
 
   def run_one(ens, s):
     ens, m = one_step(ens, data, counts, jnp.int32(s))

@@ -160,3 +160,35 @@ def test_conv_layers_times_each_gradient_and_checks_it():
   for row in report["rows"]:
     assert set(row["mdjax"]) == {"fwd", "dX xla", "dX mdjax", "dW xla", "dW mdjax"}
     assert all(v > 0 for v in row["mdjax"].values())
+
+
+def test_flops_are_counted_on_the_loop_free_twin(monkeypatch):
+  """XLA's cost analysis counts a loop's body once, so a step whose conv weight gradients loop over
+  chunks of the batch (mdjax.core.cpu_conv) reads too few FLOPs; machine.loop_free_flops counts
+  the same step with XLA's own gradients, which do the same multiply-adds with no loop."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from mdjax.core import cpu_conv  # pylint: disable=import-outside-toplevel
+
+  spec = importlib.util.spec_from_file_location("bench_machine",
+                                                os.path.join(REPO, "benchmarks", "machine.py"))
+  machine = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(machine)
+  monkeypatch.setattr(cpu_conv, "_DW_CHUNK_ROWS", 64)  # 8 images of 8x8: a loop of 8 chunks
+  conv = nn.Conv(8, (3, 3), padding=1, use_bias=False)
+  x = jnp.ones((8, 8, 8, 16))  # 16 input channels: the per-tap form, which chunks
+  params = conv.init(jax.random.key(0), x)
+
+  def grad(params, x):
+    with cpu_conv.use_fast_conv_grads(True):
+      return jax.grad(lambda p: conv.apply(p, x).sum())(params)
+
+  looped = machine.lowered_flops(jax.jit(grad).lower(params, x))
+  xla_own = machine.lowered_flops(jax.jit(jax.grad(lambda p, x: conv.apply(p, x).sum())).lower(
+      params, x))
+  assert "while" in jax.jit(grad).lower(params, x).as_text()  # the loop is there
+  assert machine.loop_free_flops(grad, params, x) == xla_own > looped

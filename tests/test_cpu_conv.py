@@ -55,6 +55,36 @@ def test_fast_conv_weight_gradients_match_jax_grad():
   assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(fast_loss))(params, x))
 
 
+# (rows per chunk, stride) -> images per chunk: 6 images of 9x9 -> 81 output pixels at stride 1,
+# 5x4 = 20 at stride 2 with padding ((1, 1), (0, 1)).
+CHUNKS = {(2048, 1): 6, (243, 1): 3, (81, 1): 1, (1, 1): 1,
+          (2048, 2): 6, (243, 2): 6, (81, 2): 3, (1, 2): 1}
+
+
+@pytest.mark.parametrize("rows, stride", list(CHUNKS))
+def test_weight_gradient_in_batch_chunks_matches_xla(monkeypatch, rows, stride):
+  """dW of a 3x3 conv summed over chunks of the batch (a lax.scan; each chunk's output pixels at
+  most _DW_CHUNK_ROWS, at least one image) equals XLA's own weight gradient for every chunking."""
+  monkeypatch.setattr(cpu_conv, "_DW_CHUNK_ROWS", rows)
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.randn(6, 9, 9, 16).astype(np.float32))
+  w = jnp.asarray(rng.randn(3, 3, 16, 5).astype(np.float32))
+  strides, padding = (stride, stride), ((1, 1), (1, 1)) if stride == 1 else ((1, 1), (0, 1))
+
+  def conv(w_):
+    return jax.lax.conv_general_dilated(x, w_, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  y, vjp = jax.vjp(conv, w)
+  dy = jnp.asarray(rng.randn(*y.shape).astype(np.float32))
+  chunk = cpu_conv._images_per_chunk(6, y.shape[1] * y.shape[2])  # pylint: disable=protected-access
+  assert chunk == CHUNKS[(rows, stride)]
+  ours = jax.jit(lambda x, dy: cpu_conv._weight_grad(  # pylint: disable=protected-access
+      x, dy, (3, 3), strides, padding, jnp.float32))
+  np.testing.assert_allclose(ours(x, dy), vjp(dy)[0], rtol=1e-4, atol=1e-4)
+  assert ("scan" in str(jax.make_jaxpr(ours)(x, dy))) == (chunk < 6)  # the loop ran iff chunked
+
+
 @pytest.mark.parametrize("batched", ["per_model", "shared_input", "shared_kernel"])
 def test_fast_conv_under_vmap(batched):
   """vmap over K models' kernels (the GAN ensemble's "vmap" strategy on CPU): the gradients equal

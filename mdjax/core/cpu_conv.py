@@ -9,6 +9,14 @@ written as one matmul per kernel tap,
 runs several times faster (matmul-shaped work is what the CPU backend is good at); for few input
 channels (a 7x7 RGB stem) one matmul over im2col patches is better than 49 thin ones.
 
+The per-tap form copies the shifted input kh*kw times, and over a whole batch those copies cost
+more than the matmuls they feed (a 64->64 3x3 conv at 32x32, batch 128: nine 33 MB copies). So a
+kh*kw > 1 weight gradient loops (`lax.scan`) over chunks of the batch of about _DW_CHUNK_ROWS
+output pixels, summing each chunk's taps: the copies then stay in the cache. That layer's dW went
+from 220-234 ms to 103-107 ms, the WRN-16-4 b128 step from 2.28 to 1.94-2.10 s and the FastGAN
+256x256 iteration from 6.1-6.3 to 5.4-5.5 s (benchmarks/RESULTS.md). XLA's cost analysis counts
+the loop's body once: benchmarks count FLOPs on a twin with XLA's own gradients (`xla_conv_grads`).
+
 Scope: only used on the CPU backend (`enabled()`), only for plain NHWC/HWIO convolutions (no
 dilation, no feature groups); everything else calls `lax.conv_general_dilated` unchanged, and
 GPUs/TPUs never see this code (cuDNN's own gradients are fast). The forward pass and the input
@@ -40,6 +48,9 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels one im2col matmul beats kh*kw thin per-tap matmuls.
 _PATCHES_BELOW_CHANNELS = 16
+# dW of a kh*kw > 1 conv loops over chunks of the batch with about this many output pixels each
+# (rows of its matmuls): measured best of 1024-16384 (benchmarks/RESULTS.md).
+_DW_CHUNK_ROWS = 2048
 
 
 def varying_axes(x) -> frozenset:
@@ -73,14 +84,33 @@ def _weight_grad(x, dy, kernel_hw, strides, padding, dtype):
                                                dimension_numbers=_NHWC)  # features ordered (c, kh, kw)
     dw = mm(patches.reshape(-1, c * kh * kw).T, dyf)
     return dw.reshape(c, kh, kw, o).transpose(1, 2, 0, 3).astype(dtype)
-  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      xs = lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                     (1, sh, sw, 1))
-      taps.append(mm(xs.reshape(-1, c).T, dyf))
-  return jnp.stack(taps).reshape(kh, kw, c, o).astype(dtype)
+  pads = ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0))
+
+  def per_tap(xs, dys):
+    """[kh*kw, C, O]: one matmul per tap over the images `xs` (unpadded) and their `dys`."""
+    xp = jnp.pad(xs, pads)
+    dysf = dys.reshape(-1, o)
+    n = xs.shape[0]
+    return jnp.stack([
+        mm(lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                     (1, sh, sw, 1)).reshape(-1, c).T, dysf)
+        for i in range(kh) for j in range(kw)])
+
+  chunk = _images_per_chunk(b, ho * wo) if kh * kw > 1 else b
+  if chunk == b:
+    dw = per_tap(x, dy)
+  else:  # the batch in chunks, so that the taps' copies stay in the cache (module docstring)
+    n = b // chunk
+    dw, _ = lax.scan(lambda acc, xy: (acc + per_tap(*xy), None),
+                     jnp.zeros((kh * kw, c, o), jnp.float32),
+                     (x.reshape(n, chunk, *x.shape[1:]), dy.reshape(n, chunk, ho, wo, o)))
+  return dw.reshape(kh, kw, c, o).astype(dtype)
+
+
+def _images_per_chunk(batch: int, pixels: int) -> int:
+  """The most images (a divisor of `batch`) whose output pixels fit in _DW_CHUNK_ROWS, at least 1."""
+  fits = [d for d in range(1, batch + 1) if batch % d == 0 and d * pixels <= _DW_CHUNK_ROWS]
+  return max(fits, default=1)
 
 
 # vmap over per-model kernels (the GAN ensemble's "vmap" strategy: K classes' GANs stacked) would
@@ -216,11 +246,31 @@ def _interceptor(next_fun, args, kwargs, context):
 def use_fast_conv_grads(enable: bool | None = None):
   """Within the block (while tracing), flax Convs use `conv_general_dilated` above.
 
-  `enable=None` turns it on for the CPU backend only."""
+  `enable=None` turns it on for the CPU backend only; inside `xla_conv_grads()` it is off."""
   if enable is None:
     enable = enabled()
-  if not enable:
+  if not enable or _xla_only:
     yield
     return
   with nn.intercept_methods(_interceptor):
     yield
+
+
+_xla_only = False
+
+
+@contextlib.contextmanager
+def xla_conv_grads():
+  """Within the block (while tracing), `use_fast_conv_grads` changes nothing: every convolution
+  keeps XLA's own gradients.
+
+  For counting a step's FLOPs (benchmarks/machine.py): XLA's cost analysis counts the body of a
+  loop once, and the weight gradients here loop over chunks of the batch; XLA's own gradients do
+  the same multiply-adds with no loop. Trace a fresh function inside it (jit caches traces).
+  """
+  global _xla_only  # pylint: disable=global-statement
+  previous, _xla_only = _xla_only, True
+  try:
+    yield
+  finally:
+    _xla_only = previous
