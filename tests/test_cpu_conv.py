@@ -3,6 +3,7 @@ batching rules under vmap (no grouped convolutions)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import flax.linen as nn
@@ -83,6 +84,29 @@ def test_weight_gradient_in_batch_chunks_matches_xla(monkeypatch, rows, stride):
       x, dy, (3, 3), strides, padding, jnp.float32))
   np.testing.assert_allclose(ours(x, dy), vjp(dy)[0], rtol=1e-4, atol=1e-4)
   assert ("scan" in str(jax.make_jaxpr(ours)(x, dy))) == (chunk < 6)  # the loop ran iff chunked
+
+
+def test_weight_gradient_in_chunks_under_shard_map(monkeypatch):
+  """The chunked dW inside shard_map (the per-device SAM step): the loop's carry varies over the
+  devices like its chunks (it failed to trace before), and the replicated kernel's gradient,
+  summed over the 4 devices, is the global batch's."""
+  monkeypatch.setattr(cpu_conv, "_DW_CHUNK_ROWS", 81)  # one 9x9 image a chunk: 2 per device
+  rng = np.random.RandomState(2)
+  x = jnp.asarray(rng.randn(8, 9, 9, 16).astype(np.float32))
+  w = jnp.asarray(rng.randn(3, 3, 16, 5).astype(np.float32))
+  nhwc = ("NHWC", "HWIO", "NHWC")
+
+  def grad(conv, w, x):
+    return jax.grad(lambda w_: (conv(x, w_, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=nhwc) ** 2).sum())(w)
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+  P = jax.sharding.PartitionSpec
+  sharded = jax.jit(jax.shard_map(functools.partial(grad, cpu_conv.conv_general_dilated),
+                                  mesh=mesh, in_specs=(P(), P("data")), out_specs=P(),
+                                  check_vma=True))
+  np.testing.assert_allclose(sharded(w, x), grad(jax.lax.conv_general_dilated, w, x),
+                             rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("batched", ["per_model", "shared_input", "shared_kernel"])

@@ -101,8 +101,13 @@ def _weight_grad(x, dy, kernel_hw, strides, padding, dtype):
     dw = per_tap(x, dy)
   else:  # the batch in chunks, so that the taps' copies stay in the cache (module docstring)
     n = b // chunk
-    dw, _ = lax.scan(lambda acc, xy: (acc + per_tap(*xy), None),
-                     jnp.zeros((kh * kw, c, o), jnp.float32),
+    zeros = jnp.zeros((kh * kw, c, o), jnp.float32)
+    # Under shard_map the sum varies over the devices as x and dy do; the loop's carry must be
+    # typed alike from the start (a per-device SAM step fails to trace otherwise).
+    axes = tuple(sorted(varying_axes(x) | varying_axes(dy)))
+    if axes:
+      zeros = lax.pcast(zeros, axes, to="varying")
+    dw, _ = lax.scan(lambda acc, xy: (acc + per_tap(*xy), None), zeros,
                      (x.reshape(n, chunk, *x.shape[1:]), dy.reshape(n, chunk, ho, wo, o)))
   return dw.reshape(kh, kw, c, o).astype(dtype)
 
