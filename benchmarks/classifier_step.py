@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
@@ -41,24 +40,9 @@ from mdjax.core import cpu_conv
 from mdjax.core import mesh as mesh_lib
 from mdjax.train import steps as steps_lib
 
-from machine import lowered_flops  # benchmarks/ is on sys.path when a script in it runs
+from machine import lowered_flops, median_time  # benchmarks/ is on sys.path when a script in it runs
 
 NUM_CLASSES = 10
-
-
-def _median_time(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
-  """(first call incl. compile, median of `steps` later calls) in seconds."""
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
-  for _ in range(warmup - 1):
-    fn()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,7 +91,7 @@ def mdjax_step(backbone: str, size: int, batch: int, optimizer: str, steps: int,
     holder[0], metrics = compiled(holder[0], batch_arrays)
     jax.block_until_ready(metrics["loss"])
 
-  _, median = _median_time(run, steps)
+  _, median = median_time(run, steps)
   return {"backbone": backbone, "size": size, "batch": batch, "optimizer": optimizer,
           "devices": devices, "s_per_step": median, "images_per_s": batch / median,
           "flops_per_step": flops, "flops_per_s": flops / median, "compile_s": compile_s}
@@ -161,11 +145,11 @@ def mdjax_profile(backbone: str, size: int, batch: int, steps: int) -> dict:
   fast_grad = jax.jit(jax.value_and_grad(fast_loss))
   out = {}
   with jax.threefry_partitionable(False):
-    out["forward"] = _median_time(lambda: fwd(variables["params"], x, y).block_until_ready(), steps)[1]
-    out["forward+backward (XLA conv grads)"] = _median_time(
+    out["forward"] = median_time(lambda: fwd(variables["params"], x, y).block_until_ready(), steps)[1]
+    out["forward+backward (XLA conv grads)"] = median_time(
         lambda: jax.block_until_ready(grad(variables["params"], x, y)), steps)[1]
     if cpu_conv.enabled():
-      out["forward+backward (matmul dW)"] = _median_time(
+      out["forward+backward (matmul dW)"] = median_time(
           lambda: jax.block_until_ready(fast_grad(variables["params"], x, y)), steps)[1]
   return out
 
@@ -199,7 +183,7 @@ def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
   def sam_step():
     return ref.sam_step(model, loss_fn, x, y, opt, rho=rho).item()
 
-  result = _median_time(adam_step if optimizer == "adam" else sam_step, steps)
+  result = median_time(adam_step if optimizer == "adam" else sam_step, steps)
   if not profile:
     return result
 
@@ -211,8 +195,8 @@ def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
     model.zero_grad(set_to_none=True)
     loss_fn(model(x), y).backward()
 
-  return result, {"forward (no grad)": _median_time(fwd, steps)[1],
-                  "forward+backward": _median_time(fwd_bwd, steps)[1]}
+  return result, {"forward (no grad)": median_time(fwd, steps)[1],
+                  "forward+backward": median_time(fwd_bwd, steps)[1]}
 
 
 # ------------------------------------------------------------------------------------------------

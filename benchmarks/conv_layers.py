@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +33,11 @@ from jax import lax
 
 from mdjax.core import cpu_conv
 
+from machine import median_time  # benchmarks/ is on sys.path when a script in it runs
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # WRN-16-4 on 32x32 images: its 3x3 convs as C:O:H:stride (each appears 1-3 times per step).
 WRN16_4 = "16:64:32:1,64:64:32:1,64:128:32:2,128:128:16:1,128:256:16:2,256:256:8:1"
-
-
-def _median(fn, steps: int) -> float:
-  fn()
-  fn()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def jax_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int) -> dict:
@@ -74,7 +63,7 @@ def jax_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int) -> di
   out = {}
   for name, fn in fns.items():
     args = (x, w) if name == "fwd" else (x, w, dy)
-    out[name] = _median(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), steps)
+    out[name] = median_time(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), steps)[1]
   # The rewrites must compute what XLA's own gradients compute, or their times mean nothing.
   for kind in ("dX", "dW"):
     ref, got = fns[f"{kind} xla"](x, w, dy), fns[f"{kind} mdjax"](x, w, dy)
@@ -99,9 +88,9 @@ def torch_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int) -> 
     with torch.no_grad():
       conv()
 
-  fwd = _median(no_grad, steps)
-  fwd_dx = _median(lambda: torch.autograd.grad(conv(), [x], dy), steps)
-  fwd_dw = _median(lambda: torch.autograd.grad(conv(), [w], dy), steps)
+  fwd = median_time(no_grad, steps)[1]
+  fwd_dx = median_time(lambda: torch.autograd.grad(conv(), [x], dy), steps)[1]
+  fwd_dw = median_time(lambda: torch.autograd.grad(conv(), [w], dy), steps)[1]
   return {"fwd": fwd, "dX": fwd_dx - fwd, "dW": fwd_dw - fwd}
 
 

@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -53,6 +54,22 @@ def flops_of(compiled) -> float:
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
     analysis = analysis[0]
   return float(analysis.get("flops", 0.0))
+
+
+def median_time(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
+  """(first call, compile included; median of `steps` later calls) of `fn()` in seconds, after
+  `warmup` calls in all."""
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return first, statistics.median(times)
 
 
 def loop_free_flops(fn, *args) -> float:
