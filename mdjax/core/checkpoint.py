@@ -149,19 +149,16 @@ class Checkpoints:
     `2.orbax-checkpoint-tmp` back after the cleanup). A small checkpoint's writes end within
     milliseconds; anything left after `timeout` is removed when the next manager opens the folder.
     """
-    deadline = quiet_until = time.monotonic()
-    deadline += timeout
-    quiet_until += quiet
-    while True:
+    start = time.monotonic()
+    quiet_until = start + quiet
+    while (now := time.monotonic()) < start + timeout:
       names = (sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
                if os.path.isdir(self.directory) else [])
       for name in names:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-      if not names and time.monotonic() >= quiet_until:
-        return
       if names:
-        quiet_until = time.monotonic() + quiet
-      if time.monotonic() >= deadline:
+        quiet_until = now + quiet
+      elif now >= quiet_until:
         return
       time.sleep(0.05)
 

@@ -51,6 +51,8 @@ _PATCHES_BELOW_CHANNELS = 16
 # dW of a kh*kw > 1 conv loops over chunks of the batch with about this many output pixels each
 # (rows of its matmuls): measured best of 1024-16384 (benchmarks/RESULTS.md).
 _DW_CHUNK_ROWS = 2048
+# Set inside `xla_conv_grads()`: use_fast_conv_grads then leaves every conv to XLA.
+_xla_only = False
 
 
 def varying_axes(x) -> frozenset:
@@ -259,9 +261,6 @@ def use_fast_conv_grads(enable: bool | None = None):
     return
   with nn.intercept_methods(_interceptor):
     yield
-
-
-_xla_only = False
 
 
 @contextlib.contextmanager

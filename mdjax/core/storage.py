@@ -48,7 +48,7 @@ _QUOTED_PATH = re.compile(r"\"(/[^\"]+)\"")
 _reported = threading.Event()
 # Checkpoint folders (each ending in a separator) whose failed read was reported (see
 # reported_read): later log records that quote them are echoes of that one report.
-_damaged_reads: set[str] = set()
+_failed_reads: set[str] = set()
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
@@ -164,12 +164,12 @@ def reported_read(folder: str | os.PathLike):
   try:
     yield
   except Exception:
-    _damaged_reads.add(os.path.join(os.path.abspath(os.fspath(folder)), ""))
+    _failed_reads.add(os.path.join(os.path.abspath(os.fspath(folder)), ""))
     raise
 
 
-def _quotes_damaged_read(*texts: str) -> bool:
-  return any(folder in text for folder in tuple(_damaged_reads) for text in texts)
+def _quotes_failed_read(*texts: str) -> bool:
+  return any(folder in text for folder in tuple(_failed_reads) for text in texts)
 
 
 class _DropFaultRecords(logging.Filter):
@@ -178,22 +178,15 @@ class _DropFaultRecords(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    if _damaged_reads and record.levelno >= logging.ERROR:
-      try:
-        message = record.getMessage()
-      except Exception:  # pylint: disable=broad-exception-caught
-        message = ""
-      if _quotes_damaged_read(message, str(exc) if exc is not None else ""):
-        return False
-    if exc is not None:
-      return os_fault(exc) is None
-    if record.levelno >= logging.ERROR:
-      try:
-        message = record.getMessage()
-      except Exception:  # pylint: disable=broad-exception-caught
-        return True
-      return os_fault(Exception(message)) is None
-    return True
+    if exc is None and record.levelno < logging.ERROR:
+      return True
+    try:
+      message = record.getMessage()
+    except Exception:  # pylint: disable=broad-exception-caught
+      message = ""
+    if _quotes_failed_read(message, str(exc) if exc is not None else ""):
+      return False
+    return os_fault(exc if exc is not None else Exception(message)) is None
 
 
 def quiet_fault_echoes(warn=None) -> None:
@@ -210,7 +203,7 @@ def quiet_fault_echoes(warn=None) -> None:
 
   def unraisable(info):
     exc = info.exc_value
-    if os_fault(exc) is not None or (_damaged_reads and _quotes_damaged_read(str(exc))):
+    if os_fault(exc) is not None or _quotes_failed_read(str(exc)):
       return
     # tensorstore completing a write whose asyncio loop orbax already closed after a failure.
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
