@@ -6,8 +6,8 @@
 
 mdjax's side is exactly what training runs: `mdjax.models.build_classifier` (linear head),
 `mdjax.optim.make_optimizer` and `mdjax.train.steps.make_train_step` on one device (float32, batch
-already on device; on CPU with the matmul weight gradients of mdjax.core.cpu_conv, which
---profile compares with XLA's own). PyTorch's side is a plain torch.nn re-implementation of the same networks
+already on device; on CPU compiled with mdjax.core.cpu_conv's compiler options and gradient
+rules, which --profile compares with XLA's defaults). PyTorch's side is a plain torch.nn re-implementation of the same networks
 (ImageNet normalisation, pre-activation WRN / torchvision-layout ResNet-50, BN momentum 0.1,
 dropout head) with torch.optim.Adam and the usual two-pass SAM (perturb, second backward, restore,
 step), on `torch.set_num_threads(2)`. Compile / warm-up steps are excluded; every figure is the
@@ -258,8 +258,9 @@ def main():
     if args.profile and "mdjax" in sides:
       if cpu_conv.enabled():
         xla = mdjax_step_time(backbone, size, batch, "adam", steps, fast_conv_grads=False)[1]
-        print(f"  mdjax adam with XLA's own conv gradients: {xla:.3f} s/step "
-              f"(matmul dW speed-up {xla / t[('mdjax', 'adam')]:.2f}x)")
+        print(f"  mdjax adam with XLA's defaults (YNNPACK convolutions, XLA's own gradients): "
+              f"{xla:.3f} s/step (cpu_conv's options and rules: "
+              f"{xla / t[('mdjax', 'adam')]:.2f}x faster)")
       prof = mdjax_profile(backbone, size, batch, steps)
       print("  mdjax " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
     for side in sides:

@@ -5,12 +5,14 @@
     python benchmarks/conv_layers.py --batch 8 --layers 16:16:128:1,8:8:256:1   # FastGAN-like maps
 
 Each layer is C->O channels at an HxW input with a stride; every figure is the median of `--steps`
-calls of one jitted function (compile excluded), float32, on the default device:
+calls of one function compiled with mdjax's CPU compiler options (`cpu_conv.jit`: Eigen's
+convolutions; `--xla-defaults`: XLA's, YNNPACK's), compile excluded, float32, on the default device:
   fwd          lax.conv_general_dilated (what mdjax's models run forward, on every backend)
   dX xla       jax.vjp of that conv with respect to its input (XLA's own input gradient)
-  dX mdjax     mdjax.core.cpu_conv's input gradient for kh*kw > 1 (one matmul, then col2im)
+  dX mdjax     cpu_conv's matmul input gradient (one matmul, then col2im; mdjax uses it at stride 2)
   dW xla       jax.vjp with respect to the kernel (XLA's own weight gradient)
-  dW mdjax     mdjax.core.cpu_conv's weight gradient (one matmul per tap, or im2col for C < 16)
+  dW mdjax     cpu_conv's matmul weight gradient (per tap, or im2col for C < 16; mdjax uses it but
+               for 3x3 stride-1 convs)
 and PyTorch's conv2d on `torch.set_num_threads(2)` (NCHW, its native layout): the forward pass
 under no_grad, and forward + the gradient of one operand, from which its dX and dW are the
 differences (a conv's backward does not run without its forward in eager PyTorch).
@@ -40,7 +42,8 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 WRN16_4 = "16:64:32:1,64:64:32:1,64:128:32:2,128:128:16:1,128:256:16:2,256:256:8:1"
 
 
-def jax_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int) -> dict:
+def jax_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int,
+              xla_defaults: bool = False) -> dict:
   rs = np.random.RandomState(0)
   ho = h // stride
   x = jnp.asarray(rs.randn(batch, h, h, c).astype(np.float32))
@@ -51,13 +54,16 @@ def jax_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int) -> di
   def conv(x_, w_):
     return lax.conv_general_dilated(x_, w_, strides, pad, dimension_numbers=_NHWC)
 
+  # mdjax's CPU programs compile with cpu_conv's options (Eigen convolutions); --xla-defaults
+  # compiles with XLA's (YNNPACK convolutions), to see what the options buy.
+  jit = jax.jit if xla_defaults else cpu_conv.jit
   fns = {
-      "fwd": jax.jit(conv),
-      "dX xla": jax.jit(lambda x, w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0]),
-      "dX mdjax": jax.jit(lambda x, w, dy: cpu_conv._input_grad(  # pylint: disable=protected-access
+      "fwd": jit(conv),
+      "dX xla": jit(lambda x, w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0]),
+      "dX mdjax": jit(lambda x, w, dy: cpu_conv._input_grad(  # pylint: disable=protected-access
           dy, w, pad, x.shape, strides)),
-      "dW xla": jax.jit(lambda x, w, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0]),
-      "dW mdjax": jax.jit(lambda x, w, dy: cpu_conv._weight_grad(  # pylint: disable=protected-access
+      "dW xla": jit(lambda x, w, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0]),
+      "dW mdjax": jit(lambda x, w, dy: cpu_conv._weight_grad(  # pylint: disable=protected-access
           x, dy, (3, 3), strides, pad, w.dtype)),
   }
   out = {}
@@ -100,15 +106,18 @@ def main():
   p.add_argument("--layers", default=WRN16_4, help="C:O:H:stride,... (3x3 convs, padding 1)")
   p.add_argument("--steps", type=int, default=5, help="timed calls per figure (median)")
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--xla-defaults", action="store_true",
+                 help="compile with XLA's default CPU options, not mdjax's (cpu_conv.jit)")
   args = p.parse_args()
   layers = [tuple(int(v) for v in item.split(":")) for item in args.layers.split(",") if item]
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, median of "
-        f"{args.steps} calls, milliseconds")
+        f"{args.steps} calls, milliseconds, "
+        f"{'XLA default' if args.xla_defaults else 'mdjax (cpu_conv.jit)'} compiler options")
   rows = []
   for c, o, h, stride in layers:
     gflop = 2 * args.batch * (h // stride) ** 2 * 9 * c * o / 1e9
     row = {"c": c, "o": o, "h": h, "stride": stride, "gflop_per_pass": gflop,
-           "mdjax": jax_layer(args.batch, c, o, h, stride, args.steps)}
+           "mdjax": jax_layer(args.batch, c, o, h, stride, args.steps, args.xla_defaults)}
     if not args.no_torch:
       row["torch"] = torch_layer(args.batch, c, o, h, stride, args.steps)
     rows.append(row)
@@ -116,7 +125,8 @@ def main():
     if "torch" in row:
       line += " | torch " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in row["torch"].items())
     print(f"{c}->{o} at {h}x{h} stride {stride} ({gflop:.2f} GFLOP a pass): {line}", flush=True)
-  print(json.dumps({"benchmark": "conv_layers", "batch": args.batch, "rows": rows}))
+  print(json.dumps({"benchmark": "conv_layers", "batch": args.batch,
+                    "xla_defaults": args.xla_defaults, "rows": rows}))
 
 
 if __name__ == "__main__":

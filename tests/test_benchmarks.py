@@ -178,9 +178,10 @@ def test_flops_are_counted_on_the_loop_free_twin(monkeypatch):
                                                 os.path.join(REPO, "benchmarks", "machine.py"))
   machine = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(machine)
-  monkeypatch.setattr(cpu_conv, "_DW_CHUNK_ROWS", 64)  # 8 images of 8x8: a loop of 8 chunks
-  conv = nn.Conv(8, (3, 3), padding=1, use_bias=False)
-  x = jnp.ones((8, 8, 8, 16))  # 16 input channels: the per-tap form, which chunks
+  monkeypatch.setattr(cpu_conv, "_DW_CHUNK_ROWS", 16)  # 8 images of 4x4 outputs: 8 chunks
+  # Stride 2 and 16 input channels: the per-tap matmul weight gradient, which chunks.
+  conv = nn.Conv(8, (3, 3), strides=2, padding=1, use_bias=False)
+  x = jnp.ones((8, 8, 8, 16))
   params = conv.init(jax.random.key(0), x)
 
   def grad(params, x):

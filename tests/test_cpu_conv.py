@@ -35,7 +35,10 @@ class _ConvNet(nn.Module):
     return x.sum((1, 2))
 
 
-def test_fast_conv_weight_gradients_match_jax_grad():
+@pytest.mark.parametrize("eigen", [False, True])
+def test_fast_conv_weight_gradients_match_jax_grad(eigen):
+  """Both rule sets (for XLA's default YNNPACK convolutions, and for Eigen's under
+  cpu_conv.jit's options) give jax.grad's gradients."""
   model = _ConvNet()
   x = jnp.asarray(np.random.RandomState(0).rand(2, 15, 15, 3).astype(np.float32))
   with jax.threefry_partitionable(False):
@@ -45,11 +48,11 @@ def test_fast_conv_weight_gradients_match_jax_grad():
     return jnp.sum(jnp.sin(model.apply({"params": p}, x)))
 
   def fast_loss(p, x):
-    with cpu_conv.use_fast_conv_grads(True):
+    with cpu_conv.use_fast_conv_grads(True, eigen=eigen):
       return loss(p, x)
 
   ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-  fast = jax.jit(jax.grad(fast_loss, argnums=(0, 1)))(params, x)
+  fast = cpu_conv.jit(jax.grad(fast_loss, argnums=(0, 1)), enable=eigen)(params, x)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
     np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)
   # The interceptor really replaced the convolution (a custom_vjp shows up in the jaxpr).
@@ -90,14 +93,14 @@ def test_weight_gradient_in_chunks_under_shard_map(monkeypatch):
   """The chunked dW inside shard_map (the per-device SAM step): the loop's carry varies over the
   devices like its chunks (it failed to trace before), and the replicated kernel's gradient,
   summed over the 4 devices, is the global batch's."""
-  monkeypatch.setattr(cpu_conv, "_DW_CHUNK_ROWS", 81)  # one 9x9 image a chunk: 2 per device
+  monkeypatch.setattr(cpu_conv, "_DW_CHUNK_ROWS", 25)  # one image's 5x5 outputs a chunk: 2 a device
   rng = np.random.RandomState(2)
   x = jnp.asarray(rng.randn(8, 9, 9, 16).astype(np.float32))
   w = jnp.asarray(rng.randn(3, 3, 16, 5).astype(np.float32))
   nhwc = ("NHWC", "HWIO", "NHWC")
 
-  def grad(conv, w, x):
-    return jax.grad(lambda w_: (conv(x, w_, (1, 1), ((1, 1), (1, 1)),
+  def grad(conv, w, x):  # stride 2: a matmul weight gradient under either rule set
+    return jax.grad(lambda w_: (conv(x, w_, (2, 2), ((1, 1), (1, 1)),
                                      dimension_numbers=nhwc) ** 2).sum())(w)
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
@@ -107,6 +110,88 @@ def test_weight_gradient_in_chunks_under_shard_map(monkeypatch):
                                   check_vma=True))
   np.testing.assert_allclose(sharded(w, x), grad(jax.lax.conv_general_dilated, w, x),
                              rtol=1e-4, atol=1e-3)
+  assert "scan" in str(jax.make_jaxpr(sharded)(w, x))  # the chunked loop really ran
+
+
+# ------------------------------------------------------------------------------------------------
+# Which gradient is XLA's and which a matmul, and the CPU compiler options
+
+
+def _compiled_convolutions(fn, *args) -> list[str]:
+  """The convolution instructions of `fn`'s compiled CPU program, and the fusion kind of each
+  (a YNNPACK fusion's body holds its convolution: the fusion line says __ynn_fusion)."""
+  hlo = fn.lower(*args).compile().as_text()
+  ynn_bodies = set(re.findall(r"calls=(%[\w.\-]+), [^\n]*__ynn_fusion", hlo))
+  convs, body = [], None
+  for line in hlo.splitlines():
+    header = re.match(r"^(%[\w.\-]+) ", line)
+    if header:
+      body = header.group(1)
+    if " convolution(" in line:
+      labels = re.search(r"dim_labels=([^,\s]+)", line).group(1)
+      convs.append(("ynn " if body in ynn_bodies else "") + labels)
+  return convs
+
+
+def _grad_of_conv(kernel, stride, padding, jit):
+  # Big enough for XLA's defaults to hand the convolutions to YNNPACK (it keeps tiny ones).
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(8, 16, 16, 32).astype(np.float32))
+  w = jnp.asarray(rng.randn(kernel, kernel, 32, 32).astype(np.float32) * 0.1)
+
+  def loss(w, x):
+    with cpu_conv.use_fast_conv_grads(True, eigen=True):
+      y = cpu_conv.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jnp.sin(y))
+
+  def ref_loss(w, x):
+    return jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+        x, w, (stride, stride), [(padding, padding)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+
+  fn = jit(jax.grad(loss, argnums=(0, 1)))
+  for a, b in zip(jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(w, x), fn(w, x)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+  return _compiled_convolutions(fn, w, x)
+
+
+def test_3x3_stride_1_gradients_are_xla_own_eigen_convolutions():
+  """A 3x3 stride-1 "same" conv keeps XLA's gradients (Eigen runs them fast once mdjax's compiler
+  options take YNNPACK off convolutions): forward, dX and dW are all convolutions, none in a YNN
+  fusion. XLA's defaults put them in YNN fusions, which is what the options change."""
+  convs = _grad_of_conv(3, 1, 1, cpu_conv.jit)
+  assert len(convs) == 3 and not any(c.startswith("ynn") for c in convs), convs
+  assert any(c.startswith("ynn") for c in _grad_of_conv(3, 1, 1, jax.jit))
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(2, 1, 1), (3, 2, 1), (4, 2, 1)])
+def test_other_weight_gradients_are_matmuls(kernel, stride, padding):
+  """dW of anything but a 3x3 stride-1 same conv is the matmul form: XLA's own became a
+  convolution in a non-canonical layout (dim_labels other than b01f_01io->b01f) for FastGAN's 2x2
+  phase kernels, which XLA's CPU backend runs through a naive loop (30 s of a 1.6 s step); the
+  compiled gradient holds only canonical convolutions (the forward, and dX at stride 1)."""
+  convs = _grad_of_conv(kernel, stride, padding, cpu_conv.jit)
+  assert all(c == "b01f_01io->b01f" for c in convs), convs
+  assert len(convs) == (2 if stride == 1 else 1), convs  # strided dX: a matmul and col2im
+
+
+def test_compiler_options_fall_back_when_jaxlib_rejects_them(monkeypatch, caplog):
+  """A jaxlib that does not know the option: one warning, and programs compile with XLA's
+  defaults instead of failing."""
+  monkeypatch.setattr(cpu_conv, "CPU_COMPILER_OPTIONS",
+                      {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
+  cpu_conv._options_accepted.cache_clear()  # pylint: disable=protected-access
+  try:
+    with caplog.at_level("WARNING"):
+      assert cpu_conv.compiler_options() is None
+      assert float(cpu_conv.jit(lambda x: x * 2)(jnp.float32(3))) == 6.0
+    assert "rejects mdjax's CPU compiler options" in caplog.text
+  finally:
+    cpu_conv._options_accepted.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.undo()
+  assert cpu_conv.compiler_options() == cpu_conv.CPU_COMPILER_OPTIONS
+  assert cpu_conv.compiler_options(enable=False) is None
 
 
 @pytest.mark.parametrize("batched", ["per_model", "shared_input", "shared_kernel"])

@@ -7,5 +7,5 @@
   files       atomic writes (temp file, fsync, rename)
   storage     a full disk or a permission problem, in any thread, as one StorageError
   loop        cadence (`itstime`) and finite checks
-  cpu_conv    convolution gradients as matmuls on XLA's CPU backend (used by classifier and GANs)
+  cpu_conv    XLA CPU compiler options (`cpu_conv.jit`) and convolution gradient rules (classifier, GANs)
 """

@@ -1,43 +1,65 @@
-"""A convolution whose gradients XLA's CPU backend computes as matrix products.
+"""XLA CPU compiler options and convolution gradient rules that make mdjax's CPU programs fast.
 
-Why: on XLA's CPU backend the weight gradient of a convolution takes several times as long as the
-forward conv, while the input gradient costs about one forward conv (figures:
-benchmarks/RESULTS.md). XLA lowers dW as a convolution whose "batch" is the input channels and
-whose kernel is the whole output gradient, a shape its CPU runtime handles badly. The same sum,
-written as one matmul per kernel tap,
+Everything here applies to the CPU backend only (`enabled()`); GPUs and TPUs keep XLA's defaults and
+its own convolution gradients (cuDNN's are fast).
+
+1. Compiler options (`CPU_COMPILER_OPTIONS`, `jit()`). jaxlib 0.10's CPU backend hands every
+   convolution to YNNPACK ("ynn fusions") by default. XLA's older Eigen convolution ran the
+   WRN-16-4 b128 3x3 convs 1.3-3x faster, forward, input gradient and weight gradient alike (the
+   64->64 32x32 layer: forward 93 -> 39 ms, dX 93 -> 41 ms, dW 292 -> 68 ms; PyTorch 47 / 55 / 48
+   ms; benchmarks/conv_layers.py --xla-defaults against without). The options keep YNNPACK for dots
+   and reductions (its reductions are several times faster than XLA's own) and give convolutions
+   to Eigen. They go to one program at a time (`jit()`: jax.jit's compiler_options), never into
+   the process's XLA_FLAGS, because they are not a win everywhere:
+     - the classifier train step of a dense-conv backbone (WRN, ResNet) uses them
+       (mdjax.train.steps; WRN-16-4 b128 Adam 2.2 -> 1.5 s);
+     - depthwise convolutions run slower on Eigen (EfficientNet-Lite0 features 5.5 -> 9.8 s), so
+       EfficientNet backbones keep XLA's defaults (mdjax.models.backbones.dense_convs);
+     - the GAN programs keep XLA's defaults: with them and the Eigen rules of point 2, the GAN
+       ensemble's `lax.map` loop over classes ran 140 s a step against 9.2 s with XLA's defaults
+       (width 64, 32x32, K = 5; 9.0 s with them and the YNNPACK rules), though one FastGAN
+       256x256 step alone ran 5.8 -> 4.8 s (benchmarks/RESULTS.md).
+
+2. Gradient rules (`use_fast_conv_grads()`), where XLA's CPU gradient is slow; which rules apply
+   depends on whose convolutions the program compiles to (`eigen`):
+   - with XLA's defaults (YNNPACK): every dW as matmuls (`_weight_grad`), and dX of every
+     kh*kw > 1 conv as one matmul plus col2im (`_input_grad`); YNNPACK's own dW ran 3-4x slower.
+   - with Eigen (`eigen=True`, under CPU_COMPILER_OPTIONS): XLA's own gradients, except dX of a
+     strided kh*kw > 1 conv (XLA's is an lhs-dilated convolution: 64->128 3x3 stride 2 at 32x32,
+     batch 128, 69 ms against 42 ms as a matmul) and dW of any conv but a 3x3 stride-1 padding-1
+     one. XLA's dW is itself a convolution, of the input with the output gradient as its kernel;
+     Eigen runs that well for 3x3 stride-1 same kernels (73 ms against 104 ms as matmuls at
+     64->64 32x32), but XLA lowers others badly: FastGAN's 2x2 phase kernels
+     (`fastgan.upsample_conv3x3`) became non-canonical convolutions run by a naive loop (30 s of a
+     1.6 s step at 64x64), and strided ones are faster as matmuls (44 against 36 ms).
+   Forward passes and 1x1 input gradients are always XLA's own. Every rewritten gradient is
+   checked against `jax.grad` in tests/test_cpu_conv.py.
+
+The matmul weight gradient is one matmul per kernel tap,
   dW[i, j] = X_shifted(i, j)^T @ dY   ([C, B*Ho*Wo] @ [B*Ho*Wo, O]),
-runs several times faster (matmul-shaped work is what the CPU backend is good at); for few input
-channels (a 7x7 RGB stem) one matmul over im2col patches is better than 49 thin ones.
-
-The per-tap form copies the shifted input kh*kw times, and over a whole batch those copies cost
-more than the matmuls they feed (a 64->64 3x3 conv at 32x32, batch 128: nine 33 MB copies). So a
-kh*kw > 1 weight gradient loops (`lax.scan`) over chunks of the batch of about _DW_CHUNK_ROWS
-output pixels, summing each chunk's taps: the copies then stay in the cache. That layer's dW went
-from 220-234 ms to 103-107 ms, the WRN-16-4 b128 step from 2.28 to 1.94-2.10 s and the FastGAN
-256x256 iteration from 6.1-6.3 to 5.4-5.5 s (benchmarks/RESULTS.md). XLA's cost analysis counts
-the loop's body once: benchmarks count FLOPs on a twin with XLA's own gradients (`xla_conv_grads`).
-
-Scope: only used on the CPU backend (`enabled()`), only for plain NHWC/HWIO convolutions (no
-dilation, no feature groups); everything else calls `lax.conv_general_dilated` unchanged, and
-GPUs/TPUs never see this code (cuDNN's own gradients are fast). The forward pass and the input
-gradient of 1x1 convs are XLA's own. dW, and dX of every kh*kw > 1 conv (`_input_grad`, added for
-FastGAN's large maps), are rewritten; both are checked against `jax.grad` in
-tests/test_cpu_conv.py. A forward pass as im2col + one matmul was tried and not kept: on FastGAN it
-was slower than XLA's own forward conv.
+or, for few input channels (a 7x7 RGB stem), one matmul over im2col patches. The per-tap form copies
+the shifted input kh*kw times, and over a whole batch those copies cost more than the matmuls they
+feed; so a kh*kw > 1 weight gradient loops (`lax.scan`) over chunks of the batch of about
+_DW_CHUNK_ROWS output pixels, summing each chunk's taps: the copies then stay in the cache. XLA's
+cost analysis counts the loop's body once: benchmarks count FLOPs on a twin with XLA's own
+gradients (`xla_conv_grads`).
 
 Under `jax.vmap` with per-model kernels (the GAN ensemble's "vmap" strategy), batching rules
-(`jax.custom_batching.custom_vmap`) run the conv and these gradients once per model instead of as
+(`jax.custom_batching.custom_vmap`) run the conv and its gradients once per model instead of as
 grouped convolutions and batched matmuls; see the comment above `_once_per_kernel`.
 
-It reaches the models without changing them: `use_fast_conv_grads()` is a Flax method interceptor
-that, inside its `with` block, makes every `nn.Conv` call this function instead of
-`lax.conv_general_dilated` (flax.linen.Conv's own `conv_general_dilated` hook).
+The rules reach the models without changing them: `use_fast_conv_grads()` is a Flax method
+interceptor that, inside its `with` block, makes every `nn.Conv` call `conv_general_dilated` below
+instead of `lax.conv_general_dilated` (flax.linen.Conv's own `conv_general_dilated` hook). Only
+plain NHWC/HWIO convolutions (no dilation, no feature groups) are routed; anything else is
+`lax.conv_general_dilated` unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -53,6 +75,14 @@ _PATCHES_BELOW_CHANNELS = 16
 _DW_CHUNK_ROWS = 2048
 # Set inside `xla_conv_grads()`: use_fast_conv_grads then leaves every conv to XLA.
 _xla_only = False
+# Set by `use_fast_conv_grads(eigen=...)`: which gradient rules `conv_general_dilated` traces.
+_eigen_rules = False
+# YNNPACK keeps dots and reductions; convolutions go to Eigen (module docstring, point 1). jaxlib
+# 0.10's default list is these two plus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
 
 
 def varying_axes(x) -> frozenset:
@@ -64,6 +94,41 @@ def varying_axes(x) -> frozenset:
 
 def enabled() -> bool:
   return jax.default_backend() == "cpu"
+
+
+@functools.cache
+def _options_accepted() -> bool:
+  """Whether this jaxlib compiles with CPU_COMPILER_OPTIONS (once per process: a tiny program).
+
+  A jaxlib that renamed or dropped the option would fail every compile; mdjax then says so once
+  and compiles with XLA's defaults (slower convolutions, same results)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+        jnp.zeros((), jnp.float32)).compile()
+    return True
+  except Exception as e:  # pylint: disable=broad-except  # jaxlib raises JaxRuntimeError subtypes
+    logging.getLogger(__name__).warning(
+        "This jaxlib (%s) rejects mdjax's CPU compiler options %s (%s); compiling with XLA's "
+        "defaults, whose CPU convolutions are slower.", jax.__version__, CPU_COMPILER_OPTIONS,
+        str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return False
+
+
+def compiler_options(enable: bool | None = None) -> dict | None:
+  """The compiler options of mdjax's CPU programs (module docstring, point 1), or None.
+
+  `enable=None` means "on the CPU backend"; None is also returned where this jaxlib rejects them."""
+  if enable is None:
+    enable = enabled()
+  return dict(CPU_COMPILER_OPTIONS) if enable and _options_accepted() else None
+
+
+def jit(fun: Callable, *, enable: bool | None = None, **kwargs) -> Callable:
+  """`jax.jit(fun, **kwargs)` with `compiler_options(enable)`: for mdjax's top-level programs.
+
+  JAX takes compiler options only on an outermost jit; a function that another jitted function
+  calls is traced into its caller and compiles with the caller's options."""
+  return jax.jit(fun, compiler_options=compiler_options(enable), **kwargs)
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -125,17 +190,20 @@ def _images_per_chunk(batch: int, pixels: int) -> int:
 # slower than K plain ones (benchmarks/RESULTS.md, "vmap with grouped convs"), and the matmuls of
 # the gradients into batched matmuls. The batching rule below instead unrolls the conv and its
 # gradient into K ordinary ones inside the vmapped program; everything else (BatchNorm,
-# activations, optimizer) stays batched. With a kernel shared by the batch, vmap's own rules apply
-# (they fold the batch into the conv's batch dimension).
+# activations, optimizer) stays batched. With a kernel shared by the batch, the forward conv keeps
+# vmap's own rules (they fold the batch into the conv's batch dimension); its gradient does not
+# (`per_model_grads`): the kernel's gradient is then one per model, which XLA's own rule computes
+# as a convolution with batch_group_count = K.
 
 
-def _once_per_kernel(fn: Callable) -> Callable:
-  """`fn(x, w, ...)`, whose vmap over a batched kernel `w` runs `fn` once per kernel."""
+def _once_per_kernel(fn: Callable, per_model_grads: bool = False) -> Callable:
+  """`fn(x, w, ...)`, whose vmap over a batched kernel `w` runs `fn` once per kernel (and, with
+  `per_model_grads`, over any batched argument)."""
   wrapped = jax.custom_batching.custom_vmap(fn)
 
   @wrapped.def_vmap
   def _rule(axis_size, in_batched, *args):
-    if not in_batched[1]:  # a shared kernel: vmap's own rules
+    if not in_batched[1] and not per_model_grads:  # a shared kernel: vmap's own rules
       out = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched))(*args)
     else:
       outs = [wrapped(*(a[i] if b else a for a, b in zip(args, in_batched)))
@@ -151,13 +219,13 @@ def _plain_conv(strides, padding):
                                             padding=padding, dimension_numbers=_NHWC))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, w, strides, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, padding, eigen):
   return _plain_conv(strides, padding)(x, w)
 
 
-def _conv_fwd(x, w, strides, padding):
-  return _conv(x, w, strides, padding), (x, w)
+def _conv_fwd(x, w, strides, padding, eigen):
+  return _conv(x, w, strides, padding, eigen), (x, w)
 
 
 def _input_grad(dy, w, padding, x_shape, strides):
@@ -187,9 +255,9 @@ def _input_grad(dy, w, padding, x_shape, strides):
   return dxp[:, pt:pt + x_shape[1], pl:pl + x_shape[2]].astype(dy.dtype)
 
 
-def _conv_bwd(strides, padding, residuals, dy):
+def _conv_bwd(strides, padding, eigen, residuals, dy):
   x, w = residuals
-  dx, dw = _plain_bwd(strides, padding)(x, w, dy)
+  dx, dw = _plain_bwd(strides, padding, eigen)(x, w, dy)
   # Under shard_map, a replicated kernel applied to per-device data is implicitly made per-device,
   # and that cast's transpose sums over the devices: do what JAX's own rule would.
   extra = tuple(varying_axes(dw) - varying_axes(w))
@@ -197,18 +265,29 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 
 @functools.cache
-def _plain_bwd(strides, padding):
-  return _once_per_kernel(functools.partial(_conv_bwd_one, strides, padding))
+def _plain_bwd(strides, padding, eigen):
+  return _once_per_kernel(functools.partial(_conv_bwd_one, strides, padding, eigen),
+                          per_model_grads=True)
 
 
-def _conv_bwd_one(strides, padding, x, w, dy):
-  if w.shape[0] * w.shape[1] > 1:
+def _conv_bwd_one(strides, padding, eigen, x, w, dy):
+  """(dX, dW): XLA's own, but the rewritten cases of the module docstring (point 2)."""
+  kh, kw = w.shape[:2]
+  taps = kh * kw
+  strided = max(strides) > 1
+  if eigen:  # compiled with CPU_COMPILER_OPTIONS: Eigen's convolutions
+    xla_dx = taps == 1 or not strided
+    xla_dw = (kh, kw) == (3, 3) and not strided and padding == ((1, 1), (1, 1))
+  else:  # XLA's default options: YNNPACK's convolutions
+    xla_dx, xla_dw = taps == 1, False
+  if xla_dx or xla_dw:
+    _, vjp = jax.vjp(lambda x_, w_: lax.conv_general_dilated(x_, w_, strides, padding,
+                                                             dimension_numbers=_NHWC), x, w)
+    dx, dw = vjp(dy)
+  if not xla_dx:
     dx = _input_grad(dy, w, padding, x.shape, strides)
-  else:
-    _, x_vjp = jax.vjp(lambda x_: lax.conv_general_dilated(x_, w, strides, padding,
-                                                             dimension_numbers=_NHWC), x)
-    (dx,) = x_vjp(dy)
-  dw = _weight_grad(x, dy, w.shape[:2], strides, padding, w.dtype)
+  if not xla_dw:
+    dw = _weight_grad(x, dy, (kh, kw), strides, padding, w.dtype)
   return dx, dw
 
 
@@ -228,7 +307,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if all(p >= 0 for pair in pads for p in pair):
-      return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+      return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, _eigen_rules)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count,
@@ -250,17 +329,25 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 @contextlib.contextmanager
-def use_fast_conv_grads(enable: bool | None = None):
+def use_fast_conv_grads(enable: bool | None = None, *, eigen: bool = False):
   """Within the block (while tracing), flax Convs use `conv_general_dilated` above.
 
-  `enable=None` turns it on for the CPU backend only; inside `xla_conv_grads()` it is off."""
+  `enable=None` turns it on for the CPU backend only; inside `xla_conv_grads()` it is off.
+  `eigen`: the program compiles with CPU_COMPILER_OPTIONS (`jit()`), so convolutions run on
+  Eigen and the rules for Eigen apply (module docstring, point 2); otherwise those for XLA's
+  default YNNPACK convolutions (every dW and every kh*kw > 1 dX as matmuls)."""
+  global _eigen_rules  # pylint: disable=global-statement
   if enable is None:
     enable = enabled()
   if not enable or _xla_only:
     yield
     return
-  with nn.intercept_methods(_interceptor):
-    yield
+  previous, _eigen_rules = _eigen_rules, eigen
+  try:
+    with nn.intercept_methods(_interceptor):
+      yield
+  finally:
+    _eigen_rules = previous
 
 
 @contextlib.contextmanager
