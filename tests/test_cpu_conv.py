@@ -186,12 +186,16 @@ def test_compiler_options_fall_back_when_jaxlib_rejects_them(monkeypatch, caplog
     with caplog.at_level("WARNING"):
       assert cpu_conv.compiler_options() is None
       assert float(cpu_conv.jit(lambda x: x * 2)(jnp.float32(3))) == 6.0
+      with cpu_conv.use_fast_conv_grads(True, eigen=True):  # XLA's defaults: their rules
+        assert not cpu_conv._eigen_rules  # pylint: disable=protected-access
     assert "rejects mdjax's CPU compiler options" in caplog.text
   finally:
     cpu_conv._options_accepted.cache_clear()  # pylint: disable=protected-access
   monkeypatch.undo()
   assert cpu_conv.compiler_options() == cpu_conv.CPU_COMPILER_OPTIONS
   assert cpu_conv.compiler_options(enable=False) is None
+  with cpu_conv.use_fast_conv_grads(True, eigen=True):
+    assert cpu_conv._eigen_rules  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("batched", ["per_model", "shared_input", "shared_kernel"])

@@ -280,14 +280,14 @@ def _conv_bwd_one(strides, padding, eigen, x, w, dy):
     xla_dw = (kh, kw) == (3, 3) and not strided and padding == ((1, 1), (1, 1))
   else:  # XLA's default options: YNNPACK's convolutions
     xla_dx, xla_dw = taps == 1, False
-  if xla_dx or xla_dw:
-    _, vjp = jax.vjp(lambda x_, w_: lax.conv_general_dilated(x_, w_, strides, padding,
-                                                             dimension_numbers=_NHWC), x, w)
-    dx, dw = vjp(dy)
-  if not xla_dx:
-    dx = _input_grad(dy, w, padding, x.shape, strides)
-  if not xla_dw:
-    dw = _weight_grad(x, dy, (kh, kw), strides, padding, w.dtype)
+
+  def conv(x_, w_):
+    return lax.conv_general_dilated(x_, w_, strides, padding, dimension_numbers=_NHWC)
+
+  dx = (jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0] if xla_dx
+        else _input_grad(dy, w, padding, x.shape, strides))
+  dw = (jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0] if xla_dw
+        else _weight_grad(x, dy, (kh, kw), strides, padding, w.dtype))
   return dx, dw
 
 
@@ -334,7 +334,8 @@ def use_fast_conv_grads(enable: bool | None = None, *, eigen: bool = False):
 
   `enable=None` turns it on for the CPU backend only; inside `xla_conv_grads()` it is off.
   `eigen`: the program compiles with CPU_COMPILER_OPTIONS (`jit()`), so convolutions run on
-  Eigen and the rules for Eigen apply (module docstring, point 2); otherwise those for XLA's
+  Eigen and the rules for Eigen apply (module docstring, point 2); otherwise, and where this
+  jaxlib rejects those options (then `jit()` compiles with XLA's defaults), the rules for XLA's
   default YNNPACK convolutions (every dW and every kh*kw > 1 dX as matmuls)."""
   global _eigen_rules  # pylint: disable=global-statement
   if enable is None:
@@ -342,7 +343,7 @@ def use_fast_conv_grads(enable: bool | None = None, *, eigen: bool = False):
   if not enable or _xla_only:
     yield
     return
-  previous, _eigen_rules = _eigen_rules, eigen
+  previous, _eigen_rules = _eigen_rules, eigen and _options_accepted()
   try:
     with nn.intercept_methods(_interceptor):
       yield
