@@ -15,8 +15,8 @@ model, accelerator kind and count, versions) and measures the device's float32 m
                        PyTorch's on CPU unless --no-torch; on GPUs also the SAM step's scaling over
                        1, 2, 4, 8 devices (--scaling forces it, e.g. over simulated CPU devices)
   classifier_accuracy  the same recipe trained by mdjax and by PyTorch: test accuracy over seeds
-  gan_ensemble         one program for K class GANs against K separate programs ("vmap" on GPUs,
-                       the CPU's "map" elsewhere)
+  gan_ensemble         one program for K class GANs against K separate programs (gan.ensemble=auto:
+                       "vmap" on GPUs, "per_class" on one CPU device)
   fastgan_256          one FastGAN iteration at 256x256 (tiny sizes with --quick)
   input_pipeline       images/s of the training streams, against the train step's consumption
 

@@ -265,8 +265,9 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.gan.log_every = 5
   if config.gan.judge == "lite0":
     config.gan.judge_resolution = 64
-  # auto: lax.map on CPU, vmap on GPU; both compile the FastGAN step once where unrolling compiles
-  # it once per class (minutes on a CPU), and 20 tiny steps cannot repay that.
+  # auto: per_class on one CPU device (lax.map on several), vmap on GPU; all compile the FastGAN
+  # step once where unrolling compiles it once per class (minutes on a CPU), and 20 tiny steps
+  # cannot repay that.
   config.gan.ensemble = "auto"
   config.distill.rounds = 2
   config.distill.round_gan_steps = 10

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from mdjax import config as config_lib
-from mdjax.core import mesh as mesh_lib
+from mdjax.core import mesh as mesh_lib, process
 from mdjax.errors import NonFiniteLossError, UserError
 from mdjax.gan import chunks, class_data, ensemble, generate, program
 
@@ -134,6 +134,8 @@ def run_ensemble(fns, seed, classes, images, steps, batch_size, strategy, mesh):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("class"))
   data, counts = jax.device_put((data, counts), sharding)
   ens = chunks.init_ensemble(fns, seed, padded, mesh)
+  if strategy == program.PER_CLASS:
+    ens = program.per_class_layout(ens)
   step = program.make_ensemble_step(fns, batch_size=batch_size, strategy=strategy, mesh=mesh)
   metrics = []
   for s in range(steps):
@@ -165,8 +167,9 @@ def test_balanced_chunks_and_strategy():
   assert class_data.balanced_chunks(list(range(10)), 8) == [list(range(5)), list(range(5, 10))]
   assert [len(c) for c in class_data.balanced_chunks(list(range(40)), 8)] == [8] * 5
   assert class_data.balanced_chunks([4, 9], 8) == [[4, 9]]
-  assert program.resolve_strategy("auto", "cpu") == "map"
-  assert program.resolve_strategy("auto", "gpu") == "vmap"
+  assert program.resolve_strategy("auto", "cpu", 1) == "per_class"
+  assert program.resolve_strategy("auto", "cpu", 4) == "map"
+  assert program.resolve_strategy("auto", "gpu", 1) == "vmap"
   assert program.resolve_strategy("vmap", "cpu") == "vmap"
   with pytest.raises(UserError, match="gan.ensemble"):
     program.resolve_strategy("pmap")
@@ -176,7 +179,8 @@ def test_balanced_chunks_and_strategy():
 # One program == separate programs; classes never see each other's images.
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy,devices", [("unroll", 1), ("vmap", 1), ("map", 1),
-                                              ("unroll", 4), ("vmap", 4), ("map", 4)])
+                                              ("per_class", 1), ("unroll", 4), ("vmap", 4),
+                                              ("map", 4)])
 def test_one_program_equals_separate_trainings_standin(strategy, devices):
   # 1 device: all 3 classes unrolled / vmapped / mapped in one program; 4 devices: sharded, padded
   # to 4.
@@ -192,13 +196,14 @@ def test_one_program_equals_separate_trainings_standin(strategy, devices):
   assert not np.allclose(program.unstack_class(ens, 0)["g"]["w"], program.unstack_class(ens, 1)["g"]["w"])
 
 
-@pytest.mark.parametrize("strategy", ["unroll", "vmap", "map"])
+@pytest.mark.parametrize("strategy", ["unroll", "vmap", "map", "per_class"])
 def test_classes_never_see_other_images(strategy):
   fns = tiny()
   classes = [0, 1, 2]
   values = [40, 120, 200]  # constant images; the padding slots are 0 (never a class value)
   images = [class_images(n, v) for n, v in zip((1, 3, 7), values)]
-  mesh = mesh_lib.class_mesh(jax.devices()[:2])  # 2 devices: 2 classes per device, one padded
+  # 2 devices: 2 classes per device, one padded ("per_class" runs on one device).
+  mesh = mesh_lib.class_mesh(jax.devices()[:1 if strategy == "per_class" else 2])
   _, metrics = run_ensemble(fns, 0, classes, images, 5, 4, strategy, mesh)
   for m in metrics:
     for p, v in enumerate(values):
@@ -288,6 +293,61 @@ def test_repeated_nan_stops_with_a_clear_error(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"class\(es\) \[1\].*after 2 restorations"):
       _train(tmp_path, "nan", tiny_gan_fns(poison_step=2, poison_prob=1.0), data,
              cfg={"steps": 8, "log_every": 2, "checkpoint_every": 4}, max_nan_restarts=2)
+
+
+def test_per_class_strategy_full_loop_matches_map(tmp_path):
+  """"per_class" (each class's state in buffers of its own, stacked only into checkpoints) gives
+  the one-program map's results through the whole loop: NaN restoration from a checkpoint, the
+  refolded stream, resuming a checkpoint that the other strategy wrote, generated images."""
+  one = mesh_lib.class_mesh(jax.devices()[:1])
+  data = {0: noisy_images(6, 0), 1: class_images(6, 255), 3: noisy_images(4, 5)}
+  fns = tiny_gan_fns(poison_step=5, poison_prob=0.8)  # class 1 (all white) goes NaN at step 5
+  cfg = {"steps": 8, "log_every": 2, "checkpoint_every": 4}
+  runs = {}
+  for strategy in ("map", "per_class"):
+    with pytest.warns(RuntimeWarning, match=r"class\(es\) \[1\].*restored the checkpoint of step 4"):
+      runs[strategy] = _train(tmp_path, strategy, fns, data, cfg=dict(cfg, ensemble=strategy),
+                              mesh=one, num_samples=3)
+  pc, mp = runs["per_class"], runs["map"]
+  assert pc.strategy == "per_class" and mp.strategy == "map"
+  assert pc.nan_restarts == mp.nan_restarts == {0: 0, 1: 1, 3: 0}
+  for k in data:
+    assert [h["step"] for h in pc.history[k]] == [h["step"] for h in mp.history[k]]
+    np.testing.assert_allclose([h["d_loss"] for h in pc.history[k]],
+                               [h["d_loss"] for h in mp.history[k]], atol=1e-5)
+    assert_trees_close(pc.states[k], mp.states[k], atol=1e-5)
+    # uint8 images of float samples equal to 1e-5: a rounding may differ by one level.
+    assert np.abs(pc.generated[k].astype(int) - mp.generated[k].astype(int)).max() <= 1
+  # A checkpoint the map program wrote, resumed and continued class by class: as if uninterrupted.
+  longer = _train(tmp_path, "map", fns, data, cfg=dict(cfg, steps=10, ensemble="per_class"),
+                  mesh=one)
+  fresh = _train(tmp_path, "fresh", tiny(), data, cfg=dict(cfg, steps=10, ensemble="map"),
+                 mesh=one)
+  assert_trees_close(longer.states[0], fresh.states[0], atol=1e-5)
+  assert_trees_close(longer.states[3], fresh.states[3], atol=1e-5)
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_states_finite_sees_a_nan_in_the_state_alone(devices):
+  # The step flags only its losses; the host's check also reads every class's state, in either
+  # layout (a NaN in a GAN's state persists, so the check point finds it).
+  mesh = mesh_lib.class_mesh(jax.devices()[:devices])
+  ens = chunks.init_ensemble(tiny(), 0, [0, 1, 2, 3], mesh)
+  assert process.fetch_sharded(program.states_finite(ens)).tolist() == [True] * 4
+  ema_b = ens["gan"]["ema"]["b"].at[2, 0].set(jnp.inf)
+  bad = dict(ens, gan=dict(ens["gan"], ema=dict(ens["gan"]["ema"], b=ema_b)))
+  assert process.fetch_sharded(program.states_finite(bad)).tolist() == [True, True, False, True]
+  flagged = dict(ens, ok=ens["ok"].at[0].set(False))
+  assert process.fetch_sharded(program.states_finite(flagged)).tolist() == [False, True, True, True]
+  if devices == 1:
+    assert process.fetch_sharded(program.states_finite(program.per_class_layout(bad))).tolist() == [
+        True, True, False, True]
+
+
+def test_per_class_strategy_wants_one_device():
+  mesh = mesh_lib.class_mesh(jax.devices()[:2])
+  with pytest.raises(UserError, match="per_class runs the classes on one device.*has 2"):
+    program.make_ensemble_step(tiny(), batch_size=4, strategy="per_class", mesh=mesh)
 
 
 # ------------------------------------------------------------------------------------------------

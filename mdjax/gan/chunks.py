@@ -12,8 +12,8 @@ classes and data the checkpoints belong to: a mismatch on resume is a UserError,
 mix. A damaged checkpoint is set aside and the chunk resumes from the newest intact one, or starts
 over (mdjax.core.checkpoint.Checkpoints.restore_latest).
 
-NaN/inf: when the host finds a class's "all finite" flag down (mdjax.gan.program folds it into the
-state every step), the whole chunk is restored from its last checkpoint (always good: the flag is
+NaN/inf: when the host finds a class's "all finite" flag down (mdjax.gan.program folds its losses'
+flag into the state every step; the host adds a check of the state itself), the whole chunk is restored from its last checkpoint (always good: the flag is
 checked before every save), the failing classes' RNG streams are refolded
 (`fold_in(rng_k, restarts_k)`) and training continues with a warning. The healthy classes replay
 the same steps with the same keys, so their results are unchanged. After `max_restarts` failures
@@ -101,13 +101,15 @@ class Chunk:
   Attributes:
     classes: the chunk's classes; `padded` adds copies of the last one up to a multiple of the
       mesh size (their results are dropped).
-    ens: the stacked state {"gan", "rng", "ok", "restarts"}, sharded over "class".
+    ens: the state {"gan", "rng", "ok", "restarts"}, sharded over "class"; with `per_class`
+      (the "per_class" strategy, mdjax.gan.program) `ens["gan"]` is a list of the classes' own
+      states, stacked only into checkpoints, so checkpoints are the same for every strategy.
     step: the GAN steps taken; `fresh`: no checkpoint existed (the chunk starts at step 0).
   """
 
   def __init__(self, chunk_dir: Path, classes: Sequence[int], images: Mapping[int, np.ndarray],
                capacity: int, fns: program.GanFns, gan_config: ml_collections.ConfigDict,
-               seed: int, mesh: jax.sharding.Mesh):
+               seed: int, mesh: jax.sharding.Mesh, per_class: bool = False):
     self.classes = list(classes)
     self.padded = self.classes + [self.classes[-1]] * (-len(self.classes) % mesh.size)
     self.mesh, self._sharding = mesh, mesh_lib.class_sharding(mesh)
@@ -116,9 +118,18 @@ class Chunk:
     data, counts = class_data.stack_class_images([images[k] for k in self.padded], capacity)
     self.data, self.counts = process.put_global((data, counts), self._sharding)
     self.checkpoints = Checkpoints(chunk_dir / "checkpoints")
-    self.ens = init_ensemble(fns, seed, self.padded, mesh)
+    self.per_class = per_class
+    initial = init_ensemble(fns, seed, self.padded, mesh)
+    # What a checkpoint restores into: shapes, dtypes and shardings of the stacked state.
+    self._stored_like = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial)
     # The newest intact checkpoint; damaged ones are set aside with a warning (core.checkpoint).
-    self.step, self.ens, self.fresh = self.checkpoints.resume_or_start(self.ens)
+    self.step, stored, self.fresh = self.checkpoints.resume_or_start(initial)
+    del initial
+    self.ens = self._live(stored)
+
+  def _live(self, stored: dict) -> dict:
+    return program.per_class_layout(stored) if self.per_class else stored
 
   def advance(self, step_fn) -> dict:
     """One step of every class; returns the step's metrics (device arrays, [K] each)."""
@@ -128,14 +139,14 @@ class Chunk:
 
   def all_finite(self) -> np.ndarray:
     """Per padded class: no NaN/inf since the last restore (reads the device: a collective)."""
-    return process.fetch_sharded(self.ens["ok"])
+    return process.fetch_sharded(program.states_finite(self.ens))
 
   def restarts(self) -> dict[int, int]:
     counts = process.fetch_sharded(self.ens["restarts"])
     return {k: int(counts[p]) for p, k in enumerate(self.classes)}
 
   def save(self) -> None:
-    self.checkpoints.save(self.step, self.ens)
+    self.checkpoints.save(self.step, program.stacked_layout(self.ens))
 
   def class_state(self, position: int):
     """The GAN state of the class at `position`, on this process (a collective)."""
@@ -148,7 +159,8 @@ class Chunk:
     # Counted from the live state: the checkpoint's counts predate the failures since it was saved.
     restarts = process.fetch_sharded(self.ens["restarts"]).copy()
     last = self.checkpoints.latest_step()
-    restored, _ = self.checkpoints.restore(last, self.ens)
+    restored, _ = self.checkpoints.restore(last, self._stored_like)
+    restored = self._live(restored)
     for p in bad:
       restarts[p] += 1
     # Padded copies of a class fail with it; count a class once.

@@ -4,7 +4,8 @@ Each selected class gets an independent GAN: its own parameters, optimizer state
 and RNG stream. The pieces:
 
   class_data  each class's images, stacked and padded on device, and the batches drawn from them
-  program     the one jitted step that advances K classes ("vmap", "map" or "unroll" inside it)
+  program     the one jitted step that advances K classes ("vmap", "map" or "unroll" inside it), or
+              the single-class program the host runs per class ("per_class", one CPU device)
   chunks      a chunk of classes on the devices: keys, initial states, checkpoints, NaN recovery
   ensemble    this module: the host loop over chunks and steps, logging, sample grids, generation
 
@@ -56,7 +57,7 @@ class EnsembleResult:
     states: {class index: final GAN state as numpy pytree} (only with `keep_states=True`).
     acceptance: {class index: generate.Accepted} (only with an `accept` filter).
     workdir: where checkpoints, sample grids and TensorBoard logs are.
-    strategy: "vmap", "map" or "unroll", as resolved.
+    strategy: "vmap", "map", "unroll" or "per_class", as resolved.
   """
   class_indices: tuple[int, ...]
   steps: int
@@ -111,7 +112,7 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
     raise DataError("train_class_gans got no classes; select at least one weak class.")
   fns = step_fns or program.default_gan_fns(g)
   mesh = mesh or mesh_lib.class_mesh()
-  strategy = program.resolve_strategy(g.ensemble, mesh.devices.flat[0].platform)
+  strategy = program.resolve_strategy(g.ensemble, mesh.devices.flat[0].platform, mesh.size)
   workdir = Path(workdir)
   classes = sorted(int(k) for k in images_by_class)
   images = {k: class_data.prepare_class_images(images_by_class[k], g.resolution, class_index=k)
@@ -132,7 +133,7 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
       contextlib.ExitStack() as open_chunks:  # every chunk's last save completes, also on errors
     for j, group in enumerate(groups):
       chunk = chunks_lib.Chunk(workdir / f"chunk_{j:03d}", group, images, capacity, fns, g, seed,
-                               mesh)
+                               mesh, per_class=strategy == program.PER_CLASS)
       open_chunks.callback(chunk.close)
       if chunk.fresh:
         report.real_grids({k: images[k] for k in group})

@@ -12,13 +12,20 @@ Three ways to run the K GANs inside that one program (`gan.ensemble`, the STRATE
   separate programs. The CPU path.
 * "unroll": a static Python loop over the K states inside the one jit; compile time grows
   linearly with K.
+* "per_class": no loop inside a program: the single-class step is compiled once (donating the
+  class's state) and the host runs it for each class in turn, every class keeping its state in
+  buffers of its own (`ens["gan"]` is a list of K states; checkpoints stay stacked:
+  `stacked_layout` / `per_class_layout`). One device only. The CPU path: as fast as K separate
+  programs by construction and compiled once, where "map" pays for moving each class's state in
+  and out of the stacked arrays, which at the full width (568 MB a class at ngf = ndf = 64) made
+  it 0.59-0.68x of separate programs (benchmarks/RESULTS.md, "Why one program loses at width 64").
 
-On a CPU, "map" runs as fast as K separate programs and compiles the single-class step once;
-"vmap" (convolutions unrolled per class) steps a little faster but compiles about twice as long,
-and "unroll" compiles K times as long. `python benchmarks/gan_ensemble.py --classes 5 --resolution
+On a CPU at width 16, "map" runs as fast as K separate programs and compiles the single-class
+step once; "vmap" (convolutions unrolled per class) steps a little faster but compiles about twice
+as long, and "unroll" compiles K times as long. At width 64 only "per_class" keeps up. `python benchmarks/gan_ensemble.py --classes 5 --resolution
 32` compares a strategy with K separate programs; its figures are in benchmarks/RESULTS.md.
 
-"auto" picks map on CPU and vmap on GPU/TPU.
+"auto" picks per_class on one CPU device, map on several CPU devices, vmap on GPU/TPU.
 
 Several devices: the class axis is sharded over a 1-D mesh with axis "class"
 (mdjax.core.mesh.class_mesh) and the step is a `jax.shard_map` of the per-device step: each device
@@ -27,8 +34,12 @@ all, since the GANs are independent. K is padded to a multiple of the device cou
 the chunk's last class (same data, same keys); the copies' results are dropped. On one device
 shard_map is the identity.
 
-NaN/inf: the step folds a per-class "all finite" flag (losses and updated parameters) into the
-state, to be read by the host at its next logging / sampling / checkpoint point.
+NaN/inf: the step folds a per-class "all finite" flag of the losses into the state; the host
+reads it at its next logging / sampling / checkpoint point together with a check of every class's
+whole state (`states_finite`). Checking the state there rather than in every step finds the same
+failures, because a NaN/inf in a GAN's state persists (every leaf's update reads its old value),
+and spares the step a read of the whole state: 0.07 s per class at the full width, where a class's
+state is 568 MB.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdjax.core import loop
 from mdjax.core.mesh import CLASS_AXIS
-from mdjax.errors import ConfigError
+from mdjax.errors import ConfigError, UserError
 from mdjax.gan import class_data
 from mdjax.gan import step as step_lib
 
@@ -83,17 +94,23 @@ def _unrolled(one, gan, *per_class):
 # How one program runs its K classes: f(one, stacked gan states, *per-class arrays) applies the
 # single-class step `one` to every class and stacks its outputs (module docstring).
 STRATEGIES: dict[str, Callable] = {"vmap": _vmapped, "unroll": _unrolled, "map": _mapped}
-# What `gan.ensemble` accepts: a strategy, or "auto" (resolved per platform).
-ENSEMBLES = ("auto", *STRATEGIES)
+# The strategy that runs the single-class program once per class from the host (module docstring).
+PER_CLASS = "per_class"
+# What `gan.ensemble` accepts: a strategy, or "auto" (resolved per platform and device count).
+ENSEMBLES = ("auto", *STRATEGIES, PER_CLASS)
 
 
-def resolve_strategy(strategy: str, platform: str | None = None) -> str:
-  """"auto" -> "map" on CPU, "vmap" elsewhere (see the module docstring)."""
+def resolve_strategy(strategy: str, platform: str | None = None, devices: int | None = None) -> str:
+  """"auto" -> "per_class" on one CPU device, "map" on several, "vmap" elsewhere (module docstring).
+
+  `devices` is the size of the class mesh (default: every device of this run)."""
   if strategy not in ENSEMBLES:
     raise ConfigError("gan.ensemble", strategy, "one of " + ", ".join(ENSEMBLES))
   if strategy != "auto":
     return strategy
-  return "map" if (platform or jax.default_backend()) == "cpu" else "vmap"
+  if (platform or jax.default_backend()) != "cpu":
+    return "vmap"
+  return PER_CLASS if (jax.device_count() if devices is None else devices) == 1 else "map"
 
 
 def class_step(fns: GanFns, gan_state, rng: jax.Array, images: jax.Array, count: jax.Array,
@@ -123,6 +140,82 @@ def stack_states(trees: list) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def _checked_class_step(fns: GanFns, gan_state, rng, images, count, step, *, batch_size: int,
+                        triplet=None, teacher=None):
+  """`class_step`, plus the class's "all finite" flag of its losses (module docstring)."""
+  new_state, metrics = class_step(fns, gan_state, rng, images, count, step, batch_size=batch_size,
+                                  triplet=triplet, teacher=teacher)
+  return new_state, metrics, loop.all_finite(metrics)
+
+
+@functools.cache
+def _finite_states(per_class: bool) -> Callable:
+  if per_class:
+    return jax.jit(lambda ok, gan: ok & jnp.stack([loop.all_finite(s) for s in gan]))
+  return jax.jit(lambda ok, gan: ok & jax.vmap(loop.all_finite)(gan))
+
+
+def states_finite(ens: dict) -> jax.Array:
+  """bool [K], laid out like ens["ok"]: no NaN/inf in a class's losses since the flag was last
+  reset, nor in its current state (module docstring). A collective in multi-process runs."""
+  return _finite_states(isinstance(ens["gan"], list))(ens["ok"], ens["gan"])
+
+
+def _position_step(gan_state, rngs, images, counts, step, position, teacher=None, *, fns: GanFns,
+                   batch_size: int, triplet=None):
+  """The "per_class" program: the class at `position` of the stacked per-class inputs (its RNG,
+  images, count, teacher features: small) advanced from its own `gan_state` (module docstring)."""
+  def pick(x):
+    return lax.dynamic_index_in_dim(x, position, keepdims=False)
+  class_teacher = None
+  if triplet is not None:
+    class_teacher = dict({k: pick(teacher[k]) for k in _TEACHER_PER_CLASS},
+                         variables=teacher["variables"])
+  return _checked_class_step(fns, gan_state, pick(rngs), pick(images), pick(counts), step,
+                             batch_size=batch_size, triplet=triplet, teacher=class_teacher)
+
+
+def _per_class_step(fns: GanFns, *, batch_size: int, mesh: jax.sharding.Mesh,
+                    triplet=None) -> Callable:
+  """The "per_class" ensemble step: same signature and results as the one-program steps, with
+  `ens["gan"]` a list of the K classes' states (each donated to its class's call)."""
+  if mesh.size != 1:
+    raise UserError(f"gan.ensemble={PER_CLASS} runs the classes on one device, but the class mesh "
+                    f"has {mesh.size}; use map or vmap (or auto) on several devices.")
+  one = jax.jit(functools.partial(_position_step, fns=fns, batch_size=batch_size,
+                                  triplet=triplet), donate_argnums=0)
+  gather = jax.jit(lambda ok, finite, metrics: (ok & jnp.stack(finite), stack_states(metrics)))
+
+  def step(ens, images, counts, step, teacher=None):
+    outs = [one(state, ens["rng"], images, counts, step, jnp.int32(p), teacher)
+            for p, state in enumerate(ens["gan"])]
+    ok, metrics = gather(ens["ok"], [o[2] for o in outs], [o[1] for o in outs])
+    return dict(ens, gan=[o[0] for o in outs], ok=ok), metrics
+
+  step.class_program = one  # for benchmarks/gan_ensemble.py: lowered and compiled alone
+  return step
+
+
+@functools.cache
+def _unstacker(k: int) -> Callable:
+  return jax.jit(lambda gan: [jax.tree.map(lambda x, i=i: x[i], gan) for i in range(k)])
+
+
+def per_class_layout(ens: dict) -> dict:
+  """A stacked ensemble (leading class axis) -> the "per_class" layout (`ens["gan"]` a list)."""
+  if isinstance(ens["gan"], list):
+    return ens
+  k = ens["ok"].shape[0]
+  return dict(ens, gan=_unstacker(k)(ens["gan"]))
+
+
+def stacked_layout(ens: dict) -> dict:
+  """The inverse of `per_class_layout` (what checkpoints hold); a stacked ensemble is returned as is."""
+  if not isinstance(ens["gan"], list):
+    return ens
+  return dict(ens, gan=jit_once(stack_states)(ens["gan"]))
+
+
 def _local_step(ens, images, counts, step, teacher=None, *, fns: GanFns, batch_size: int,
                 strategy: str, triplet=None):
   """Advances this device's classes by one step; ens["gan"] etc. have a leading class axis.
@@ -138,10 +231,8 @@ def _local_step(ens, images, counts, step, teacher=None, *, fns: GanFns, batch_s
     this_teacher = None
     if triplet is not None:
       this_teacher = dict(zip(_TEACHER_PER_CLASS, class_teacher), variables=teacher["variables"])
-    new_state, metrics = class_step(fns, gan_state, rng, imgs, count, step, batch_size=batch_size,
-                                    triplet=triplet, teacher=this_teacher)
-    finite = loop.all_finite(metrics) & loop.all_finite(new_state)
-    return new_state, metrics, finite
+    return _checked_class_step(fns, gan_state, rng, imgs, count, step, batch_size=batch_size,
+                               triplet=triplet, teacher=this_teacher)
 
   new_gan, metrics, finite = STRATEGIES[strategy](one, ens["gan"], ens["rng"], images, counts,
                                                   *per_class_teacher)
@@ -167,7 +258,9 @@ def make_ensemble_step(fns: GanFns, *, batch_size: int, strategy: str,
   "hard_count", "easy_count": int32 [K]}: inputs of the program, not constants in it, so every
   round of distillation reuses the one compiled program with a new classifier and new features.
   """
-  strategy = resolve_strategy(strategy, mesh.devices.flat[0].platform)
+  strategy = resolve_strategy(strategy, mesh.devices.flat[0].platform, mesh.size)
+  if strategy == PER_CLASS:
+    return _per_class_step(fns, batch_size=batch_size, mesh=mesh, triplet=triplet)
   local = functools.partial(_local_step, fns=fns, batch_size=batch_size, strategy=strategy,
                             triplet=triplet)
   spec = P(CLASS_AXIS)
@@ -190,7 +283,9 @@ def jit_once(fn: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
 
 
 def unstack_class(ens: dict, position: int):
-  """The GAN state of the class at `position` of a stacked ensemble (on its device)."""
+  """The GAN state of the class at `position` of an ensemble (on its device)."""
+  if isinstance(ens["gan"], list):
+    return ens["gan"][position]
   return jax.tree.map(lambda x: x[position], ens["gan"])
 
 
@@ -207,5 +302,7 @@ def local_class_state(ens: dict, position: int, mesh: jax.sharding.Mesh):
   The class's shard may live on another process's device: it is first replicated to every device
   of the mesh (a collective all processes run), then this process's copy is taken.
   """
+  if isinstance(ens["gan"], list):  # "per_class": one device, this process's
+    return ens["gan"][position]
   replicated = _replicate_class(mesh)(ens["gan"], jnp.int32(position))
   return jax.tree.map(lambda x: x.addressable_data(0), replicated)
