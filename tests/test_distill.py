@@ -217,12 +217,14 @@ def standin_gan_fns(nz=4, lr=1e-2):
   return StandIn(init, step, sample, guided_step)
 
 
-def run_program(fns, classes, images, labels, capacity, steps, triplet_=None):
+def run_program(fns, classes, images, labels, capacity, steps, triplet_=None, strategy="map"):
   mesh = mesh_lib.class_mesh(jax.devices()[:1])
   data, counts = class_data.stack_class_images([images[k] for k in classes], capacity)
   data, counts = jax.device_put((data, counts), mesh_lib.class_sharding(mesh))
   ens = chunks.init_ensemble(fns, 0, classes, mesh)
-  step = program.make_ensemble_step(fns, batch_size=B, strategy="map", mesh=mesh,
+  if strategy == program.PER_CLASS:
+    ens = program.per_class_layout(ens)
+  step = program.make_ensemble_step(fns, batch_size=B, strategy=strategy, mesh=mesh,
                                     triplet=triplet_)
   kw = {}
   if triplet_ is not None:
@@ -233,14 +235,15 @@ def run_program(fns, classes, images, labels, capacity, steps, triplet_=None):
   return ens, metrics
 
 
-def test_one_distilling_program_for_two_classes_equals_separate_runs():
+@pytest.mark.parametrize("strategy", ["map", "per_class"])
+def test_one_distilling_program_for_two_classes_equals_separate_runs(strategy):
   fns = standin_gan_fns()
   _, variables = classifier()
   classes, capacity, steps = [0, 2], 6, 2
   images = {0: class_images(0, 6), 2: class_images(1, 4)}  # classes of different sizes
   labels = distill.label_classes(triplet(), variables, images, rule="confidence", threshold=0.4,
                                  min_fraction=0.25)
-  ens, metrics = run_program(fns, classes, images, labels, capacity, steps, triplet())
+  ens, metrics = run_program(fns, classes, images, labels, capacity, steps, triplet(), strategy)
   triplet_losses = np.asarray(metrics["triplet_loss"])
   assert triplet_losses.shape == (2,) and np.all(np.isfinite(triplet_losses))
   assert np.all(triplet_losses > 0)
