@@ -79,14 +79,20 @@ def _collected_unraisable():
   A restore that fails on one array leaves orbax's other read coroutines unawaited; their errors
   (the same damage) reach `sys.unraisablehook` when they are collected and would print a traceback
   each. They are gathered here instead (the failure itself is reported once, by the caller).
+  A coroutine that never started is reported by Python as a "coroutine ... was never awaited"
+  RuntimeWarning instead (when it is freed: here, or in the `gc.collect` below); those are
+  silenced for the same reason.
   """
   previous, caught = sys.unraisablehook, []
   sys.unraisablehook = caught.append
-  try:
-    yield caught
-  finally:
-    gc.collect()
-    sys.unraisablehook = previous
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                            category=RuntimeWarning)
+    try:
+      yield caught
+    finally:
+      gc.collect()
+      sys.unraisablehook = previous
 
 
 class Checkpoints:
