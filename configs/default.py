@@ -10,9 +10,9 @@ WRN-10-2 trunk stands in for the ImageNet Wide-ResNet (no pretrained weights fit
 classifier reads the digits at 16x16 (2x their native size: 4x cheaper than 32x32, and as
 accurate), shifted by up to one native pixel and never mirrored (a mirrored 2 resembles a 5).
 The class GANs work at 32x32, FastGAN's smallest size here, for 300 steps (one compiled program
-over the weak classes, compiled once: run class by class on one CPU device, vmap on GPUs). Their EMA generator averages with decay
-0.95 (a horizon of ~20 steps; the reference's 0.999 is a horizon of 1,000 of its 50,000 steps): at
-0.999, even bias-corrected, the average over 200 steps still leans on the first, unformed
+for the weak classes: run class by class on one CPU device, vmapped over them on GPUs). Their EMA
+generator averages with decay 0.95 (a horizon of ~20 steps; the reference's 0.999 is a horizon of
+1,000 of its 50,000 steps): at 0.999, even bias-corrected, the average over 200 steps still leans on the first, unformed
 generators, and an SVC on real digits recognises only 74-78% of its samples against 97-99.5% at
 0.95. At 200 steps 3 of 15 class-seed sets were still judged 93-95% their class (smudged 2s, 6s
 with an open loop); single-class runs of classes 1, 2, 4, 6 measured 0.955-0.99 at 200 steps and

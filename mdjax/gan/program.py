@@ -22,8 +22,8 @@ Three ways to run the K GANs inside that one program (`gan.ensemble`, the STRATE
 
 On a CPU at width 16, "map" runs as fast as K separate programs and compiles the single-class
 step once; "vmap" (convolutions unrolled per class) steps a little faster but compiles about twice
-as long, and "unroll" compiles K times as long. At width 64 only "per_class" keeps up. `python benchmarks/gan_ensemble.py --classes 5 --resolution
-32` compares a strategy with K separate programs; its figures are in benchmarks/RESULTS.md.
+as long, and "unroll" compiles K times as long. At width 64 only "per_class" keeps up.
+`python benchmarks/gan_ensemble.py --classes 5 --resolution 32` compares a strategy with K separate programs; its figures are in benchmarks/RESULTS.md.
 
 "auto" picks per_class on one CPU device, map on several CPU devices, vmap on GPU/TPU.
 
@@ -210,7 +210,8 @@ def per_class_layout(ens: dict) -> dict:
 
 
 def stacked_layout(ens: dict) -> dict:
-  """The inverse of `per_class_layout` (what checkpoints hold); a stacked ensemble is returned as is."""
+  """The inverse of `per_class_layout` (what checkpoints hold); a stacked ensemble is returned
+  as is."""
   if not isinstance(ens["gan"], list):
     return ens
   return dict(ens, gan=jit_once(stack_states)(ens["gan"]))
