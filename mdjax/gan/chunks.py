@@ -14,10 +14,10 @@ over (mdjax.core.checkpoint.Checkpoints.restore_latest).
 
 NaN/inf: when the host finds a class's "all finite" flag down (mdjax.gan.program folds its losses'
 flag into the state every step; the host adds a check of the state itself), the whole chunk is
-restored from its last checkpoint (always good: the flag is checked before every save), the failing classes' RNG streams are refolded
-(`fold_in(rng_k, restarts_k)`) and training continues with a warning. The healthy classes replay
-the same steps with the same keys, so their results are unchanged. After `max_restarts` failures
-of one class, training stops with NonFiniteLossError.
+restored from its last checkpoint (always good: the flag is checked before every save), the failing
+classes' RNG streams are refolded (`fold_in(rng_k, restarts_k)`) and training continues with a
+warning. The healthy classes replay the same steps with the same keys, so their results are
+unchanged. After `max_restarts` failures of one class, training stops with NonFiniteLossError.
 """
 
 from __future__ import annotations
