@@ -165,6 +165,63 @@ def test_3x3_stride_1_gradients_are_xla_own_eigen_convolutions():
   assert any(c.startswith("ynn") for c in _grad_of_conv(3, 1, 1, jax.jit))
 
 
+def _entry_instructions(hlo: str) -> list[tuple[str, str, list[str]]]:
+  """(name, shape, operand names) of each instruction of the compiled program's ENTRY computation."""
+  entry = hlo[hlo.index("\nENTRY "):]
+  entry = entry[:entry.index("\n}")]
+  out = []
+  for line in entry.splitlines()[1:]:
+    m = re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\S+) [\w\-]+\(([^)]*)\)", line)
+    if m:
+      out.append((m.group(1), m.group(2), re.findall(r"%[\w.\-]+", m.group(3))))
+  return out
+
+
+@pytest.mark.parametrize("fenced", [True, False])
+def test_eigen_weight_gradient_transposes_the_materialized_input(monkeypatch, fenced):
+  """The 3x3 stride-1 dW under Eigen transposes its input as a plain copy of the activation the
+  forward pass computed: no instruction producing the transposed input [C, H, W, B] reads the
+  program's parameters (XLA otherwise fuses the activation's producer into the transpose, a
+  strided loop 2-4x slower than the copy). Without the fence (`fenced=False`) it does, which is
+  what the first case guards against. The gradients equal jax.grad's either way."""
+  if not fenced:
+    monkeypatch.setattr(cpu_conv, "_materialized", lambda x: x)
+  rng = np.random.RandomState(4)
+  x = jnp.asarray(rng.randn(8, 16, 16, 32).astype(np.float32))
+  w = jnp.asarray(rng.randn(3, 3, 32, 32).astype(np.float32) * 0.1)
+  scale = jnp.asarray(rng.rand(32).astype(np.float32) + 0.5)
+  nhwc = ("NHWC", "HWIO", "NHWC")
+
+  def loss(w, x, scale, conv):
+    act = jnp.maximum(x * scale - 0.1, 0.0)  # a BatchNorm-and-ReLU-like producer of the input
+    return jnp.sum(jnp.sin(conv(act, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=nhwc)))
+
+  def fast_loss(w, x, scale):
+    with cpu_conv.use_fast_conv_grads(True, eigen=True):
+      return loss(w, x, scale, cpu_conv.conv_general_dilated)
+
+  fn = cpu_conv.jit(jax.grad(fast_loss, argnums=(0, 1)))
+  ref = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)(w, x, scale,
+                                                                  jax.lax.conv_general_dilated)
+  for a, b in zip(ref, fn(w, x, scale)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+  entry = _entry_instructions(fn.lower(w, x, scale).compile().as_text())
+  params = {name for name, _, ops in entry if not ops}
+  transposed = [ops for _, shape, ops in entry if shape.startswith("f32[32,16,16,8]")]
+  assert transposed, [shape for _, shape, _ in entry]
+  reads_params = any(set(ops) & params for ops in transposed)
+  assert reads_params == (not fenced), (transposed, params)
+
+
+def test_materialized_is_the_identity_for_every_value():
+  """The fence's two branches give `x` bitwise: the usual one, and the one a NaN first element
+  takes (x == x is False for a NaN); -0 stays -0."""
+  for first in (1.5, float("nan"), -0.0):
+    x = jnp.asarray([first, -0.0, 2.0, float("inf"), float("nan")], jnp.float32)
+    out = jax.jit(cpu_conv._materialized)(x)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
+
+
 @pytest.mark.parametrize("kernel, stride, padding", [(2, 1, 1), (3, 2, 1), (4, 2, 1)])
 def test_other_weight_gradients_are_matmuls(kernel, stride, padding):
   """dW of anything but a 3x3 stride-1 same conv is the matmul form: XLA's own became a
