@@ -31,7 +31,9 @@ its own convolution gradients (cuDNN's are fast).
      Eigen runs that well for 3x3 stride-1 same kernels (73 ms against 104 ms as matmuls at
      64->64 32x32), but XLA lowers others badly: FastGAN's 2x2 phase kernels
      (`fastgan.upsample_conv3x3`) became non-canonical convolutions run by a naive loop (30 s of a
-     1.6 s step at 64x64), and strided ones are faster as matmuls (44 against 36 ms).
+     1.6 s step at 64x64), and strided ones are faster as matmuls (44 against 36 ms). The 3x3
+     dW kept is XLA's convolution written out (`_eigen_weight_grad`) so that its input's
+     transpose copies the computed activation instead of recomputing it in a slow strided loop.
    Forward passes and 1x1 input gradients are always XLA's own. Every rewritten gradient is
    checked against `jax.grad` in tests/test_cpu_conv.py.
 
