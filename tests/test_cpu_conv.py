@@ -185,7 +185,7 @@ def test_eigen_weight_gradient_transposes_the_materialized_input(monkeypatch, fe
   strided loop 2-4x slower than the copy). Without the fence (`fenced=False`) it does, which is
   what the first case guards against. The gradients equal jax.grad's either way."""
   if not fenced:
-    monkeypatch.setattr(cpu_conv, "_materialized", lambda x: x)
+    monkeypatch.setattr(cpu_conv, "_materialized", lambda x, witness: x)
   rng = np.random.RandomState(4)
   x = jnp.asarray(rng.randn(8, 16, 16, 32).astype(np.float32))
   w = jnp.asarray(rng.randn(3, 3, 32, 32).astype(np.float32) * 0.1)
@@ -214,11 +214,12 @@ def test_eigen_weight_gradient_transposes_the_materialized_input(monkeypatch, fe
 
 
 def test_materialized_is_the_identity_for_every_value():
-  """The fence's two branches give `x` bitwise: the usual one, and the one a NaN first element
-  takes (x == x is False for a NaN); -0 stays -0."""
+  """The fence's two branches give `x` bitwise: the usual one, and the one a NaN in the witness
+  takes (w == w is False for a NaN); -0, inf and NaN in `x` stay as they are."""
+  x = jnp.asarray([1.5, -0.0, 2.0, float("inf"), float("nan")], jnp.float32)
   for first in (1.5, float("nan"), -0.0):
-    x = jnp.asarray([first, -0.0, 2.0, float("inf"), float("nan")], jnp.float32)
-    out = jax.jit(cpu_conv._materialized)(x)  # pylint: disable=protected-access
+    witness = jnp.asarray([first, 3.0], jnp.float32)
+    out = jax.jit(cpu_conv._materialized)(x, witness)  # pylint: disable=protected-access
     np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
 
 

@@ -288,12 +288,12 @@ def _conv_bwd_one(strides, padding, eigen, x, w, dy):
 
   dx = (jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0] if xla_dx
         else _input_grad(dy, w, padding, x.shape, strides))
-  dw = (_eigen_weight_grad(x, dy, padding) if xla_dw
+  dw = (_eigen_weight_grad(x, dy, w, padding) if xla_dw
         else _weight_grad(x, dy, (kh, kw), strides, padding, w.dtype))
   return dx, dw
 
 
-def _eigen_weight_grad(x, dy, padding):
+def _eigen_weight_grad(x, dy, w, padding):
   """dW of a stride-1 conv as XLA computes it for Eigen, but reading a materialized `x`.
 
   XLA's own dW is this convolution: the input transposed to [C, H, W, B] (as the batch of a
@@ -303,23 +303,24 @@ def _eigen_weight_grad(x, dy, padding):
   where a plain transposing copy of `x` takes about 20 (benchmarks/RESULTS.md). `_materialized`
   keeps that fusion out, so the transpose is a plain copy of the `x` the forward pass computed.
   """
-  xt = _materialized(x).transpose(3, 1, 2, 0)
+  xt = _materialized(x, w).transpose(3, 1, 2, 0)
   dyt = dy.transpose(1, 2, 0, 3)
   out = lax.conv_general_dilated(xt, dyt, (1, 1), padding, dimension_numbers=_NHWC)
   return out.transpose(1, 2, 0, 3).astype(x.dtype)
 
 
-def _materialized(x):
+def _materialized(x, witness):
   """`x`, as an array XLA fuses none of its producers into the consumers of.
 
   XLA has no fusion barrier that survives its CPU pipeline (`lax.optimization_barrier` is
   removed before fusion), but it fuses nothing across a conditional. Both branches give `x`
   (x * 1 == x for every float, NaN and -0 included), so the result is `x` whichever runs; they
   differ in form only because JAX forwards a branch that returns its operand unchanged, which
-  would drop the conditional. The predicate reads `x` so that XLA cannot fold it (x == x is
-  False for a NaN).
+  would drop the conditional. The predicate reads an element of `witness` (the kernel: small
+  and, unlike a batch-sharded `x`, on every device, so reading it needs no collective) so that
+  XLA cannot fold it; it is False for a NaN, and either branch gives `x`.
   """
-  first = x.reshape(-1)[0]
+  first = witness.reshape(-1)[0]
   return lax.cond(first == first, lambda v: v, lambda v: v * 1, x)
 
 
