@@ -306,7 +306,7 @@ def _eigen_weight_grad(x, dy, w, padding):
   xt = _materialized(x, w).transpose(3, 1, 2, 0)
   dyt = dy.transpose(1, 2, 0, 3)
   out = lax.conv_general_dilated(xt, dyt, (1, 1), padding, dimension_numbers=_NHWC)
-  return out.transpose(1, 2, 0, 3).astype(x.dtype)
+  return out.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
 def _materialized(x, witness):
