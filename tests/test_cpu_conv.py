@@ -166,7 +166,7 @@ def test_3x3_stride_1_gradients_are_xla_own_eigen_convolutions():
 
 
 def _entry_instructions(hlo: str) -> list[tuple[str, str, list[str]]]:
-  """(name, shape, operand names) of each instruction of the compiled program's ENTRY computation."""
+  """(name, shape, operand names) of each instruction of a compiled program's ENTRY computation."""
   entry = hlo[hlo.index("\nENTRY "):]
   entry = entry[:entry.index("\n}")]
   out = []

@@ -439,9 +439,9 @@ def fastgan_equivalence():
 @pytest.mark.slow
 def test_one_program_equals_separate_trainings_fastgan(fastgan_equivalence):
   classes, ens, separate = fastgan_equivalence
-  # Bit for bit: "per_class" runs the single-class step separate training runs, with the class's
-  # images picked by position (under "map", XLA's other conv kernels inside the loop body flipped
-  # the sign of near-zero gradients, and Adam moved those parameters by up to 2 * lr).
+  # Bit for bit: "per_class" runs the same single-class step as a separate training, with the
+  # class's images picked by position (under "map", XLA's other conv kernels inside the loop body
+  # flipped the sign of near-zero gradients, and Adam moved those parameters by up to 2 * lr).
   atol = 0.0
   for p, k in enumerate(classes):
     assert_trees_close(program.unstack_class(ens, p).g_params, separate[p].g_params, atol=atol)

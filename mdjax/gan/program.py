@@ -23,7 +23,8 @@ Three ways to run the K GANs inside that one program (`gan.ensemble`, the STRATE
 On a CPU at width 16, "map" runs as fast as K separate programs and compiles the single-class
 step once; "vmap" (convolutions unrolled per class) steps a little faster but compiles about twice
 as long, and "unroll" compiles K times as long. At width 64 only "per_class" keeps up.
-`python benchmarks/gan_ensemble.py --classes 5 --resolution 32` compares a strategy with K separate programs; its figures are in benchmarks/RESULTS.md.
+`python benchmarks/gan_ensemble.py --classes 5 --resolution 32` compares a strategy with K
+separate programs; its figures are in benchmarks/RESULTS.md.
 
 "auto" picks per_class on one CPU device, map on several CPU devices, vmap on GPU/TPU.
 
@@ -185,9 +186,11 @@ def _per_class_step(fns: GanFns, *, batch_size: int, mesh: jax.sharding.Mesh,
   one = jax.jit(functools.partial(_position_step, fns=fns, batch_size=batch_size,
                                   triplet=triplet), donate_argnums=0)
   gather = jax.jit(lambda ok, finite, metrics: (ok & jnp.stack(finite), stack_states(metrics)))
+  positions = []  # each class's position as a device scalar, made once rather than every step
 
   def step(ens, images, counts, step, teacher=None):
-    outs = [one(state, ens["rng"], images, counts, step, jnp.int32(p), teacher)
+    positions.extend(jnp.int32(p) for p in range(len(positions), len(ens["gan"])))
+    outs = [one(state, ens["rng"], images, counts, step, positions[p], teacher)
             for p, state in enumerate(ens["gan"])]
     ok, metrics = gather(ens["ok"], [o[2] for o in outs], [o[1] for o in outs])
     return dict(ens, gan=[o[0] for o in outs], ok=ok), metrics
