@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +127,29 @@ def test_a_subset_of_stages_needs_its_inputs(tmp_path):
   result = run_worker("none", tmp_path / "fresh", "--config.stages=gan")
   assert result.returncode == 2
   assert "needs the outputs of stage 'validate'" in result.stderr
+
+
+_CACHE_PROBE = """
+import os, sys, jax, jax.numpy as jnp
+from mdjax import main
+main.enable_compilation_cache()
+print(jax.config.jax_persistent_cache_min_compile_time_secs)
+jax.jit(lambda x: x * 3 + 1)(jnp.ones(4)).block_until_ready()  # compiles in milliseconds
+print(len(os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"])))
+"""
+
+
+@pytest.mark.parametrize("threshold", [None, "60"])
+def test_the_compilation_cache_keeps_small_programs_unless_told_otherwise(tmp_path, threshold):
+  # A resumed run loads every program from the cache, the ~75 small ones included (main.py).
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"}
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
+  if threshold is not None:
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = threshold
+  out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True,
+                       env=env, check=True).stdout.split()
+  assert float(out[0]) == (0.0 if threshold is None else 60.0)
+  if threshold is None:
+    assert int(out[1]) >= 1, out  # the lambda's program (and jnp.ones'), each a few ms to compile
+  else:
+    assert int(out[1]) == 0, out
