@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from mdjax.core import cpu_conv
 
@@ -298,3 +299,46 @@ def test_fast_conv_under_vmap(batched):
   if batched != "shared_kernel":
     assert grouped_convs(ref_fn)  # what plain vmap does: the check below can see it
   assert not grouped_convs(fast_fn)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 9, 9, 6), 3, 1, "SAME"), ((2, 9, 7, 6), 3, 2, "SAME"), ((3, 8, 8, 5), 5, 2, "SAME"),
+    ((2, 6, 6, 4), 5, 1, ((1, 3), (2, 2))), ((1, 4, 4, 3), 3, 2, "VALID")])
+def test_depthwise_conv_equals_xla_grouped_convolution_and_its_gradients(shape, kernel, stride,
+                                                                          padding):
+  c = shape[-1]
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, c))
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def loss(conv, x, w):
+    y = conv(x, w, (stride, stride), padding, dimension_numbers=dn, feature_group_count=c)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, want), want_grads = jax.value_and_grad(
+      functools.partial(loss, lax.conv_general_dilated), (0, 1), has_aux=True)(x, w)
+  (_, got), got_grads = jax.jit(jax.value_and_grad(
+      functools.partial(loss, cpu_conv.depthwise_conv_general_dilated), (0, 1), has_aux=True))(x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for g, e in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+  # No grouped convolution is left in the program (that is what is slow on XLA's CPU backend).
+  hlo = jax.jit(lambda x, w: loss(cpu_conv.depthwise_conv_general_dilated, x, w)[1]).lower(
+      x, w).as_text()
+  assert "feature_group_count" not in hlo and "convolution" not in hlo
+
+
+def test_efficientnet_depthwise_convs_on_cpu_equal_xla_grouped_ones(monkeypatch):
+  from mdjax.models import efficientnet  # pylint: disable=import-outside-toplevel
+  block = efficientnet.MBConv(5, 2, 6, 8, 16, se_ratio=0.25, drop_connect_rate=0.0, lite=False)
+  x = jax.random.normal(jax.random.key(2), (2, 11, 11, 8))
+  variables = block.init(jax.random.key(3), x, train=False)
+  fast = jax.jit(lambda v, x: block.apply(v, x, train=False))
+  groups = lambda f: {int(g) for g in re.findall(r"feature_group_count = (\d+)",  # noqa: E731
+                                                 f.lower(variables, x).as_text())}
+  assert groups(fast) == {1}  # the 1x1 convs only
+  got = fast(variables, x)
+  monkeypatch.setattr(cpu_conv, "enabled", lambda: False)  # XLA's grouped convolution
+  slow = jax.jit(lambda v, x: block.apply(v, x, train=False))
+  assert groups(slow) == {1, 48}
+  np.testing.assert_allclose(got, slow(variables, x), rtol=1e-5, atol=1e-5)

@@ -34,7 +34,8 @@ its own convolution gradients (cuDNN's are fast).
      1.6 s step at 64x64), and strided ones are faster as matmuls (44 against 36 ms). The 3x3
      dW kept is XLA's convolution written out (`_eigen_weight_grad`) so that its input's
      transpose copies the computed activation instead of recomputing it in a slow strided loop.
-   Forward passes and 1x1 input gradients are always XLA's own. Every rewritten gradient is
+   Forward passes and 1x1 input gradients are always XLA's own, but for depthwise convolutions
+   (`depthwise_conv_general_dilated`, used by EfficientNet on CPU). Every rewritten gradient is
    checked against `jax.grad` in tests/test_cpu_conv.py.
 
 The matmul weight gradient is one matmul per kernel tap,
@@ -346,6 +347,51 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                   feature_group_count=feature_group_count,
                                   batch_group_count=batch_group_count, precision=precision,
                                   preferred_element_type=preferred_element_type)
+
+
+def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                   rhs_dilation=None, dimension_numbers=None,
+                                   feature_group_count=1, batch_group_count=1, precision=None,
+                                   preferred_element_type=None):
+  """A depthwise convolution (one kernel per channel) as kh*kw shifted multiply-adds, for XLA's CPU
+  backend; any other convolution is `lax.conv_general_dilated` unchanged.
+
+  Why: XLA's CPU backend runs a convolution with feature_group_count = channels (EfficientNet's
+  depthwise convs) 20-50x slower than the same multiply-adds written as kh*kw strided slices of
+  the padded input, each times its tap's per-channel weights, summed (one fused elementwise pass;
+  batch 64 of EfficientNet-Lite0's shapes at 64x64, ms: 32x32x96 k3 s2 123 -> 6.2, 16x16x144 k3
+  171 -> 5.0, 8x8x480 k3 142 -> 4.7; benchmarks/RESULTS.md). Its gradients are JAX's own of
+  slices, pads and products: elementwise too. The signature is `lax.conv_general_dilated`'s, so it
+  plugs into `nn.Conv` (its `conv_general_dilated` hook) with the parameter tree unchanged.
+  """
+  c = lhs.shape[-1]
+  depthwise = (_is_nhwc(dimension_numbers) and lhs.ndim == 4 and feature_group_count == c
+               and rhs.shape[2] == 1 and rhs.shape[3] == c and batch_group_count == 1
+               and all(d == 1 for d in (lhs_dilation or (1, 1)))
+               and all(d == 1 for d in (rhs_dilation or (1, 1)))
+               and preferred_element_type is None)
+  if not depthwise:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count,
+                                    batch_group_count=batch_group_count, precision=precision,
+                                    preferred_element_type=preferred_element_type)
+  kh, kw = rhs.shape[:2]
+  sh, sw = window_strides
+  b, h, w, _ = lhs.shape
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads((h, w), (kh, kw), window_strides, padding)
+  (pt, pb), (pl, pr) = padding
+  ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  xp = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                      (1, sh, sw, 1))
+      term = tap * rhs[i, j, 0].astype(lhs.dtype)
+      out = term if out is None else out + term
+  return out
 
 
 def _interceptor(next_fun, args, kwargs, context):
