@@ -328,20 +328,29 @@ def _materialized(x, witness):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                   dimension_numbers, batch_group_count, preferred_element_type):
+  """The explicit (non-negative) pads of a 4-D NHWC/HWIO convolution with no dilation, no batch
+  groups and no preferred element type: the convolutions this module rewrites; else None."""
+  if not (_is_nhwc(dimension_numbers) and lhs.ndim == 4 and batch_group_count == 1
+          and all(d == 1 for d in (lhs_dilation or (1, 1)))
+          and all(d == 1 for d in (rhs_dilation or (1, 1)))
+          and preferred_element_type is None):
+    return None
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return pads if all(p >= 0 for pair in pads for p in pair) else None
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated` with the matmul weight gradient where it applies."""
-  plain = (_is_nhwc(dimension_numbers) and feature_group_count == 1 and batch_group_count == 1
-           and all(d == 1 for d in (lhs_dilation or (1, 1)))
-           and all(d == 1 for d in (rhs_dilation or (1, 1)))
-           and preferred_element_type is None and lhs.ndim == 4)
-  if plain:
-    if isinstance(padding, str):
-      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if all(p >= 0 for pair in pads for p in pair):
-      return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, _eigen_rules)
+  pads = _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                        dimension_numbers, batch_group_count, preferred_element_type)
+  if pads is not None and feature_group_count == 1:
+    return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, _eigen_rules)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count,
@@ -365,12 +374,9 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilati
   plugs into `nn.Conv` (its `conv_general_dilated` hook) with the parameter tree unchanged.
   """
   c = lhs.shape[-1]
-  depthwise = (_is_nhwc(dimension_numbers) and lhs.ndim == 4 and feature_group_count == c
-               and rhs.shape[2] == 1 and rhs.shape[3] == c and batch_group_count == 1
-               and all(d == 1 for d in (lhs_dilation or (1, 1)))
-               and all(d == 1 for d in (rhs_dilation or (1, 1)))
-               and preferred_element_type is None)
-  if not depthwise:
+  pads = _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                        dimension_numbers, batch_group_count, preferred_element_type)
+  if pads is None or not (feature_group_count == c and rhs.shape[2:] == (1, c)):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count,
@@ -379,9 +385,7 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilati
   kh, kw = rhs.shape[:2]
   sh, sw = window_strides
   b, h, w, _ = lhs.shape
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads((h, w), (kh, kw), window_strides, padding)
-  (pt, pb), (pl, pr) = padding
+  (pt, pb), (pl, pr) = pads
   ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
   xp = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
   out = None
