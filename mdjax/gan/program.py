@@ -152,7 +152,16 @@ def _checked_class_step(fns: GanFns, gan_state, rng, images, count, step, *, bat
 @functools.cache
 def _finite_states(per_class: bool) -> Callable:
   if per_class:
-    return jax.jit(lambda ok, gan: ok & jnp.stack([loop.all_finite(s) for s in gan]))
+    # One program for one class's state, run for each class: compiled once whatever K. One
+    # program over the list of K states was fused into one kernel by XLA and compiled in 4.2 s
+    # for K = 2 and 34.6 s for K = 5 (the smoke config's 327-leaf states; this one: 2.4 s).
+    one = jax.jit(loop.all_finite)
+    fold = jax.jit(lambda ok, finite: ok & jnp.stack(finite))
+
+    def check(ok, gan):
+      return fold(ok, [one(s) for s in gan])
+    check.class_program = one  # for tests: the one program that reads a state
+    return check
   return jax.jit(lambda ok, gan: ok & jax.vmap(loop.all_finite)(gan))
 
 
