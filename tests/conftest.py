@@ -1,14 +1,21 @@
 """Test set-up: several CPU devices so data-parallel code is exercised without accelerators."""
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, inherited by the subprocesses that run
-# `mdjax.main`: the same programs compiled again (resumed runs, repeated configs) load in ~1 s.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mdjax-test-xla-cache-"))
+# One persistent compilation cache for the session, inherited by the xdist workers and by the
+# subprocesses that run `mdjax.main`: the same programs compiled again (resumed runs, repeated
+# configs) load in ~1 s. The process that makes the folder removes it when it exits (~90 MB a
+# session, otherwise left in /tmp); the workers inherit the variable and make none of their own.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="mdjax-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
