@@ -7,7 +7,8 @@ finetune, test) on the smoke config shrunk further (40 training images per class
 weak classes, two GAN steps), so each run compiles every program once and runs it a few times.
 Two settings of the test's environment, the same for both runs:
 * XLA's CPU backend optimisation level 0 keeps it short on a 2-core machine (about half the
-  compile time, slower steps, the same mdjax code);
+  compile time, slower steps, the same mdjax code); the whole suite runs at it (conftest.py), and
+  the test pins it too, so the two runs are compared at one setting whatever $XLA_FLAGS says;
 * `NPROC` = 4, the size of XLA's CPU intra-op thread pool. XLA sizes that pool per process as
   max(NPROC, or the cores, when unset; the process's CPU devices), and its multi-threaded kernels
   split their sums by the pool's size: one step of one class's FastGAN, jitted on one device,
