@@ -348,14 +348,17 @@ def test_per_class_state_check_compiles_one_program_for_any_number_of_classes():
   # One program over the list of K states compiled in 4 s for K = 2 and 35 s for K = 5.
   states = program.per_class_layout(chunks.init_ensemble(tiny(), 0, [0, 1], mesh_lib.class_mesh(
       jax.devices()[:1])))["gan"]
-  check = program._finite_states(True)
+  check = program._finite_states(True)  # cached: other tests may have compiled it for other states
+  compiled = None
   for k in (2, 3, 5):
     ok = jnp.ones(k, bool).at[1].set(False)
     gan = [states[i % 2] for i in range(k)]
     gan[-1] = jax.tree.map(lambda x: x, gan[-1])
     gan[-1]["ema"] = dict(gan[-1]["ema"], b=gan[-1]["ema"]["b"].at[0].set(jnp.nan))
     assert check(ok, gan).tolist() == [i not in (1, k - 1) for i in range(k)]
-  assert check.class_program._cache_size() == 1
+    # After K = 2, no other K compiles the program that reads a state again.
+    compiled = compiled or check.class_program._cache_size()
+    assert check.class_program._cache_size() == compiled, k
 
 
 def test_per_class_strategy_wants_one_device():
