@@ -33,6 +33,12 @@ def default_config(arg=None):
   return module.get_config(arg)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_optimized(optimized_xla):
+  """Every test here spends its time running steps, not compiling them (conftest.optimized_xla)."""
+  yield
+
+
 @pytest.fixture(scope="module")
 def splits():
   return registry.load_splits(default_config().data)
