@@ -342,3 +342,30 @@ def test_efficientnet_depthwise_convs_on_cpu_equal_xla_grouped_ones(monkeypatch)
   slow = jax.jit(lambda v, x: block.apply(v, x, train=False))
   assert groups(slow) == {1, 48}
   np.testing.assert_allclose(got, slow(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_efficientnet_block_gradients_as_the_classifier_step_compiles_them(monkeypatch):
+  """The classifier step compiles every backbone, EfficientNet's too, with cpu_conv's CPU options
+  and Eigen rules (mdjax.train.steps): an MBConv block's gradients there (1x1 convs, the depthwise
+  conv as multiply-adds, squeeze-excitation, BatchNorm in training mode) equal XLA's own through its
+  grouped convolution."""
+  from mdjax.models import efficientnet  # pylint: disable=import-outside-toplevel
+  for kernel, stride in ((3, 1), (5, 2)):
+    block = efficientnet.MBConv(kernel, stride, 6, 8, 16, se_ratio=0.25, drop_connect_rate=0.0,
+                                lite=False)
+    x = jax.random.normal(jax.random.key(2), (4, 12, 12, 8))
+    variables = block.init(jax.random.key(3), x, train=False)
+
+    def loss(params, x, eigen):
+      with cpu_conv.use_fast_conv_grads(eigen, eigen=eigen):
+        y, _ = block.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y))
+
+    grad = functools.partial(jax.grad(loss, argnums=(0, 1)), eigen=True)
+    got = cpu_conv.jit(grad, enable=True)(variables["params"], x)
+    monkeypatch.setattr(cpu_conv, "enabled", lambda: False)  # XLA's grouped convolution
+    want = jax.jit(functools.partial(jax.grad(loss, argnums=(0, 1)), eigen=False))(
+        variables["params"], x)
+    monkeypatch.undo()
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)

@@ -11,10 +11,10 @@ its own convolution gradients (cuDNN's are fast).
    and reductions (its reductions are several times faster than XLA's own) and give convolutions
    to Eigen. They go to one program at a time (`jit()`: jax.jit's compiler_options), never into
    the process's XLA_FLAGS, because they are not a win everywhere:
-     - the classifier train step of a dense-conv backbone (WRN, ResNet) uses them
-       (mdjax.train.steps; WRN-16-4 b128 Adam 2.2 -> 1.5 s);
-     - depthwise convolutions run slower on Eigen (EfficientNet-Lite0 features 5.5 -> 9.8 s), so
-       EfficientNet backbones keep XLA's defaults (mdjax.models.backbones.dense_convs);
+     - the classifier train step uses them (mdjax.train.steps; WRN-16-4 b128 Adam 2.2 -> 1.5 s,
+       EfficientNet-B0 224x224 b8 SAM 3.00 -> 2.69 s). Eigen runs depthwise convolutions slowly
+       (EfficientNet-Lite0 features 5.5 -> 9.8 s as grouped convolutions), but on the CPU those
+       are not convolutions (`depthwise_conv_general_dilated` below);
      - the GAN programs keep XLA's defaults: with them and the Eigen rules of point 2, the GAN
        ensemble's `lax.map` loop over classes ran 140 s a step against 9.2 s with XLA's defaults
        (width 64, 32x32, K = 5; 9.0 s with them and the YNNPACK rules), though one FastGAN

@@ -30,17 +30,6 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-# Backbones with depthwise (grouped) convolutions. On the CPU, mdjax's classifier step compiles the
-# others with Eigen's convolutions (mdjax.core.cpu_conv.jit), which run these ones slower than
-# XLA's default YNNPACK (EfficientNet-Lite0 features of 64 images: 9.8 s against 5.5 s).
-DEPTHWISE_BACKBONES = frozenset(efficientnet.VARIANTS)
-
-
-def dense_convs(name: str) -> bool:
-  """Whether backbone `name` has only dense convolutions (no depthwise ones)."""
-  return name not in DEPTHWISE_BACKBONES
-
-
 def build_backbone(name: str, dtype=jnp.float32) -> nn.Module:
   """A backbone module returning pooled features; `.num_features` gives F."""
   if name not in BACKBONES:

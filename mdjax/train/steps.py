@@ -49,7 +49,6 @@ from mdjax.core import cpu_conv, process
 from mdjax.core.collectives import ordered_mean
 from mdjax.core.mesh import DATA_AXIS, auto_mesh, batch_sharding, replicated
 from mdjax.errors import ConfigError
-from mdjax.models import backbones
 from mdjax.train import adversarial, mixing
 
 # Where SAM's perturbation is computed (`config.train.sam_perturbation`, module docstring).
@@ -208,9 +207,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   """
   if fast_conv_grads is None:
     fast_conv_grads = mesh.devices.flat[0].platform == "cpu"
-  # Eigen's convolutions (cpu_conv's compiler options) only for backbones without depthwise ones,
-  # which Eigen runs slower than XLA's default YNNPACK.
-  eigen = fast_conv_grads and backbones.dense_convs(config.model.backbone)
+  # On the CPU every backbone compiles with Eigen's convolutions (cpu_conv's compiler options) and
+  # the gradient rules for them. EfficientNet's depthwise convolutions are not convolutions there
+  # (cpu_conv's depthwise rule), and its dense ones gain as the WRNs' do (B0 224x224 b8: Adam
+  # 1.05-1.10x, SAM 1.12x against XLA's defaults; benchmarks/RESULTS.md).
+  eigen = fast_conv_grads
   t = config.train
   label_smoothing = float(t.get("label_smoothing", 0.0))
   per_device = t.optimizer == "sam" and t.get("sam_perturbation", "global") == "per_device"
