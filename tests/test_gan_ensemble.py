@@ -6,7 +6,9 @@ FastGAN at ngf = ndf = 8, 32x32."""
 from __future__ import annotations
 
 import functools
+import logging
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -360,6 +362,33 @@ def test_per_class_state_check_compiles_one_program_for_any_number_of_classes():
       compiled = check.class_program._cache_size()
     # After K = 2, no other K compiles the program that reads a state again.
     assert check.class_program._cache_size() == compiled, k
+
+
+def test_layout_conversions_are_exact_and_one_small_program_for_any_number_of_classes(caplog):
+  # Programs over all K classes at once grew with K (6.9 s to compile at K = 10, smoke config).
+  one = jax.devices()[:1]
+  pick, put, repeat = program._layout_programs()
+  sizes = {}
+  for k in (2, 5):
+    ens = chunks.init_ensemble(tiny(), 0, list(range(k)), mesh_lib.class_mesh(one))
+    stacked = jax.tree.map(np.asarray, ens["gan"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+      per_class = program.per_class_layout(ens)
+      back = program.stacked_layout(per_class)
+    # Whatever the conversions compiled (nothing, when cached) is one of the per-class programs.
+    compiled = set(re.findall(r"Compiling jit\(([^)]*)\)", caplog.text))
+    assert compiled <= {"pick", "put", "repeat"}, compiled
+    assert len(per_class["gan"]) == k
+    for p in range(k):  # each class's own buffers, bit for bit
+      assert_trees_close(per_class["gan"][p], jax.tree.map(lambda x, p=p: x[p], stacked), atol=0)
+    assert_trees_close(back["gan"], stacked, atol=0)
+    assert program.stacked_layout(back) is back and program.per_class_layout(per_class) is per_class
+    state, position = per_class["gan"][0], jnp.int32(0)
+    sizes[k] = [len(f.lower(*args).as_text().splitlines())
+                for f, args in ((pick, (back["gan"], position)), (put, (back["gan"], state, position)),
+                                (repeat, (state, k)))]
+  assert sizes[5] == sizes[2]  # the same program text for K = 2 and 5, only the shapes differ
 
 
 def test_per_class_strategy_wants_one_device():
