@@ -365,7 +365,7 @@ def test_per_class_state_check_compiles_one_program_for_any_number_of_classes():
 
 
 def test_layout_conversions_are_exact_and_one_small_program_for_any_number_of_classes(caplog):
-  # Programs over all K classes at once grew with K (6.9 s to compile at K = 10, smoke config).
+  # Programs over all K classes at once grew with K (7.7 s to compile at K = 10, smoke config).
   one = jax.devices()[:1]
   pick, put, repeat = program._layout_programs()
   sizes = {}

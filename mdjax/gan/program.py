@@ -210,7 +210,7 @@ def _per_class_step(fns: GanFns, *, batch_size: int, mesh: jax.sharding.Mesh,
 
 # The two layouts' conversions move one class per call, so each is one small program whatever K:
 # programs over all K classes at once (K x 327 leaves at the smoke config) took 1.4 s (unstack) and
-# 1.0 s (stack) to compile at K = 2 and 6.9 s and 2.1 s at K = 10.
+# 1.3 s (stack) to compile at K = 2 and 7.7 s and 2.6 s at K = 10 (benchmarks/RESULTS.md).
 @functools.cache
 def _layout_programs() -> tuple[Callable, Callable, Callable]:
   def pick(gan, position):
