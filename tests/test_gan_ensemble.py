@@ -367,7 +367,7 @@ def test_per_class_state_check_compiles_one_program_for_any_number_of_classes():
 def test_layout_conversions_are_exact_and_one_small_program_for_any_number_of_classes(caplog):
   # Programs over all K classes at once grew with K (7.7 s to compile at K = 10, smoke config).
   one = jax.devices()[:1]
-  pick, put, repeat = program._layout_programs()
+  pick, put, repeat = program._pick_class, program._put_class, program._repeat_class
   sizes = {}
   for k in (2, 5):
     ens = chunks.init_ensemble(tiny(), 0, list(range(k)), mesh_lib.class_mesh(one))
@@ -378,7 +378,7 @@ def test_layout_conversions_are_exact_and_one_small_program_for_any_number_of_cl
       back = program.stacked_layout(per_class)
     # Whatever the conversions compiled (nothing, when cached) is one of the per-class programs.
     compiled = set(re.findall(r"Compiling jit\(([^)]*)\)", caplog.text))
-    assert compiled <= {"pick", "put", "repeat"}, compiled
+    assert compiled <= {"_pick_class", "_put_class", "_repeat_class"}, compiled
     assert len(per_class["gan"]) == k
     for p in range(k):  # each class's own buffers, bit for bit
       assert_trees_close(per_class["gan"][p], jax.tree.map(lambda x, p=p: x[p], stacked), atol=0)

@@ -211,26 +211,26 @@ def _per_class_step(fns: GanFns, *, batch_size: int, mesh: jax.sharding.Mesh,
 # The two layouts' conversions move one class per call, so each is one small program whatever K:
 # programs over all K classes at once (K x 327 leaves at the smoke config) took 1.4 s (unstack) and
 # 1.3 s (stack) to compile at K = 2 and 7.7 s and 2.6 s at K = 10 (benchmarks/RESULTS.md).
-@functools.cache
-def _layout_programs() -> tuple[Callable, Callable, Callable]:
-  def pick(gan, position):
-    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, position, keepdims=False), gan)
+@jax.jit
+def _pick_class(gan, position):
+  return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, position, keepdims=False), gan)
 
-  def put(gan, state, position):
-    return jax.tree.map(lambda x, s: lax.dynamic_update_index_in_dim(x, s, position, 0), gan, state)
 
-  def repeat(state, k):
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), state)
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_class(gan, state, position):
+  return jax.tree.map(lambda x, s: lax.dynamic_update_index_in_dim(x, s, position, 0), gan, state)
 
-  return (jax.jit(pick), jax.jit(put, donate_argnums=0), jax.jit(repeat, static_argnums=1))
+
+@functools.partial(jax.jit, static_argnums=1)
+def _repeat_class(state, k: int):
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), state)
 
 
 def per_class_layout(ens: dict) -> dict:
   """A stacked ensemble (leading class axis) -> the "per_class" layout (`ens["gan"]` a list)."""
   if isinstance(ens["gan"], list):
     return ens
-  pick, _, _ = _layout_programs()
-  return dict(ens, gan=[pick(ens["gan"], jnp.int32(p)) for p in range(ens["ok"].shape[0])])
+  return dict(ens, gan=[_pick_class(ens["gan"], jnp.int32(p)) for p in range(ens["ok"].shape[0])])
 
 
 def stacked_layout(ens: dict) -> dict:
@@ -238,11 +238,10 @@ def stacked_layout(ens: dict) -> dict:
   as is."""
   if not isinstance(ens["gan"], list):
     return ens
-  _, put, repeat = _layout_programs()
   states = ens["gan"]
-  stacked = repeat(states[0], len(states))  # class 0 in every row; the others written over it
+  stacked = _repeat_class(states[0], len(states))  # class 0 in every row; the others over it
   for p, state in enumerate(states[1:], start=1):
-    stacked = put(stacked, state, jnp.int32(p))
+    stacked = _put_class(stacked, state, jnp.int32(p))
   return dict(ens, gan=stacked)
 
 

@@ -211,7 +211,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   # the gradient rules for them. EfficientNet's depthwise convolutions are not convolutions there
   # (cpu_conv's depthwise rule), and its dense ones gain as the WRNs' do (B0 224x224 b8: Adam
   # 1.05-1.10x, SAM 1.12x against XLA's defaults; benchmarks/RESULTS.md).
-  eigen = fast_conv_grads
   t = config.train
   label_smoothing = float(t.get("label_smoothing", 0.0))
   per_device = t.optimizer == "sam" and t.get("sam_perturbation", "global") == "per_device"
@@ -227,7 +226,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
-    with cpu_conv.use_fast_conv_grads(fast_conv_grads, eigen=eigen):
+    with cpu_conv.use_fast_conv_grads(fast_conv_grads, eigen=fast_conv_grads):
       logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
                                     mutable=["batch_stats"])
     loss = cross_entropy(logits, labels, label_smoothing)
@@ -296,7 +295,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
       images, targets = mixing.hardmix(mix_key, images, targets, hard, mix_alpha)
     if pgd_eps:
       def attack_loss(x):
-        with cpu_conv.use_fast_conv_grads(fast_conv_grads, eigen=eigen):
+        with cpu_conv.use_fast_conv_grads(fast_conv_grads, eigen=fast_conv_grads):
           logits = model.apply(state.variables, x, train=False)
         return cross_entropy(logits, targets, label_smoothing)
       images = adversarial.pgd_attack(attack_loss, pgd_key, images, pgd_eps, pgd_steps,
@@ -318,7 +317,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
 
   rep, data = replicated(mesh), batch_sharding(mesh)
   return _with_unpartitioned_threefry(
-      cpu_conv.jit(step_fn, enable=eigen, in_shardings=(rep, data),
+      cpu_conv.jit(step_fn, enable=fast_conv_grads, in_shardings=(rep, data),
                    out_shardings=(rep, rep), donate_argnums=(0,)))
 
 
