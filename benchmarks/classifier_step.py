@@ -10,8 +10,12 @@ already on device; on CPU compiled with mdjax.core.cpu_conv's compiler options a
 rules, which --profile compares with XLA's defaults). PyTorch's side is a plain torch.nn re-implementation of the same networks
 (ImageNet normalisation, pre-activation WRN / torchvision-layout ResNet-50, BN momentum 0.1,
 dropout head) with torch.optim.Adam and the usual two-pass SAM (perturb, second backward, restore,
-step), on `torch.set_num_threads(2)`. Compile / warm-up steps are excluded; every figure is the
-median of `--steps` timed steps. The machine is shared, so compare ratios within one run:
+step), on `torch.set_num_threads(2)`. Compile / warm-up steps are excluded. With both sides
+(the default) the two take turns in one process, `--steps` rounds of 2 steps each, the order
+reversed every round (`interleaved`): a shared VM drifts by 10-20% over minutes, so the ratio is
+taken round by round and reported as its median, range and the number of rounds mdjax won;
+`--sequential` times all of mdjax's steps first (each figure the median of `--steps` steps, and
+`--profile`'s PyTorch forward/backward split is printed only then). Ratios:
   SAM/Adam   = SAM step time / Adam step time (the floor is 2.0: two gradients per step)
   torch/mdjax = PyTorch step time / mdjax step time (> 1: mdjax is faster)
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -58,10 +63,11 @@ def _config(backbone: str, optimizer: str, perturbation: str = "global"):
   return c
 
 
-def mdjax_step(backbone: str, size: int, batch: int, optimizer: str, steps: int,
-               fast_conv_grads: bool | None = None, devices: int = 1,
-               perturbation: str = "global") -> dict:
-  """Times mdjax's train step on the first `devices` devices (global batch `batch`).
+def mdjax_runner(backbone: str, size: int, batch: int, optimizer: str,
+                 fast_conv_grads: bool | None = None, devices: int = 1,
+                 perturbation: str = "global") -> tuple:
+  """(run, figures): mdjax's train step on the first `devices` devices (global batch `batch`),
+  compiled, and a `run()` that takes one step and waits for it.
 
   The step is compiled explicitly (`lower().compile()`, timed as compile_s) and that executable
   is what runs, so its cost analysis is the program timed.
@@ -91,10 +97,24 @@ def mdjax_step(backbone: str, size: int, batch: int, optimizer: str, steps: int,
     holder[0], metrics = compiled(holder[0], batch_arrays)
     jax.block_until_ready(metrics["loss"])
 
+  return run, {"backbone": backbone, "size": size, "batch": batch, "optimizer": optimizer,
+               "devices": devices, "flops_per_step": flops, "compile_s": compile_s}
+
+
+def _with_time(figures: dict, seconds: float) -> dict:
+  return {**figures, "s_per_step": seconds, "images_per_s": figures["batch"] / seconds,
+          "flops_per_s": figures["flops_per_step"] / seconds}
+
+
+def mdjax_step(backbone: str, size: int, batch: int, optimizer: str, steps: int,
+               fast_conv_grads: bool | None = None, devices: int = 1,
+               perturbation: str = "global") -> dict:
+  """Times mdjax's train step on the first `devices` devices (global batch `batch`): the median
+  of `steps` steps after warm-up."""
+  run, figures = mdjax_runner(backbone, size, batch, optimizer, fast_conv_grads, devices,
+                              perturbation)
   _, median = median_time(run, steps)
-  return {"backbone": backbone, "size": size, "batch": batch, "optimizer": optimizer,
-          "devices": devices, "s_per_step": median, "images_per_s": batch / median,
-          "flops_per_step": flops, "flops_per_s": flops / median, "compile_s": compile_s}
+  return _with_time(figures, median)
 
 
 def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
@@ -158,8 +178,9 @@ def mdjax_profile(backbone: str, size: int, batch: int, steps: int) -> dict:
 # PyTorch (imported here only: mdjax itself never imports torch)
 
 
-def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
-                    rho: float = 0.05, profile: bool = False):
+def torch_runner(backbone: str, size: int, batch: int, optimizer: str, rho: float = 0.05):
+  """(step, model, x, y, loss_fn): PyTorch's train step of the same recipe, as a function that
+  takes one step, on `torch.set_num_threads(2)`."""
   import torch
   import torch_reference as ref
   torch.set_num_threads(2)
@@ -183,7 +204,14 @@ def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
   def sam_step():
     return ref.sam_step(model, loss_fn, x, y, opt, rho=rho).item()
 
-  result = median_time(adam_step if optimizer == "adam" else sam_step, steps)
+  return (adam_step if optimizer == "adam" else sam_step), model, x, y, loss_fn
+
+
+def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
+                    rho: float = 0.05, profile: bool = False):
+  import torch
+  step, model, x, y, loss_fn = torch_runner(backbone, size, batch, optimizer, rho)
+  result = median_time(step, steps)
   if not profile:
     return result
 
@@ -200,6 +228,49 @@ def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps:
 
 
 # ------------------------------------------------------------------------------------------------
+# Side by side
+
+
+def interleaved(runs: dict, rounds: int, steps_per_round: int = 2, warmup: int = 2,
+                pause_s: float = 0.25) -> dict:
+  """{name: [[seconds of each step] per round]}: the `runs` (name -> a function taking one step)
+  take turns, `steps_per_round` steps each per round, after `warmup` untimed steps each.
+
+  Why not one side after the other: a shared VM's speed drifts by 10-20% over minutes, which moved
+  sequential ratios between 0.93x and 1.15x for the same two programs (benchmarks/RESULTS.md). Taking
+  turns puts both sides in the same minutes, and the ratio is taken per round. The order turns
+  around every round (A B, B A, ...), so neither side always follows the other, and each turn
+  starts after a pause in which the other side's worker threads stop spinning (XLA's Eigen pool
+  and PyTorch's OpenMP threads spin-wait for work for a while after a step; a thread still
+  spinning takes a core from the side that runs next).
+  """
+  names = list(runs)
+  for name in names:
+    for _ in range(warmup):
+      runs[name]()
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      time.sleep(pause_s)
+      round_times = []
+      for _ in range(steps_per_round):
+        t0 = time.perf_counter()
+        runs[name]()
+        round_times.append(time.perf_counter() - t0)
+      times[name].append(round_times)
+  return times
+
+
+def paired_ratio(times: dict, numerator: str, denominator: str) -> dict:
+  """The ratio of two sides' step times, round by round (median step of each side in the
+  round), from `interleaved`'s output: its median, min and max over the rounds."""
+  ratios = [statistics.median(a) / statistics.median(b)
+            for a, b in zip(times[numerator], times[denominator])]
+  return {"rounds": len(ratios), "per_round": ratios, "median": statistics.median(ratios),
+          "min": min(ratios), "max": max(ratios)}
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def _cases(spec: str):
@@ -212,12 +283,16 @@ def _cases(spec: str):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
+  parser.add_argument("--steps", type=int, default=5,
+                      help="timed steps per measurement (median); with both sides, the rounds of "
+                           "2 steps each side takes in turn")
   parser.add_argument("--quick", action="store_true", help="WRN-16-4 only, 3 steps")
   parser.add_argument("--profile", action="store_true", help="also time forward vs forward+backward")
   parser.add_argument("--models", default="", help="comma-separated subset of wrn16_4,resnet50")
   parser.add_argument("--cases", default="", help="backbone:size:batch,... instead of the defaults")
   parser.add_argument("--sides", default="mdjax,torch", help="mdjax,torch or one of them")
+  parser.add_argument("--sequential", action="store_true",
+                      help="time mdjax's steps, then PyTorch's, instead of taking turns")
   parser.add_argument("--scaling", default="", help="device counts, e.g. 1,2,4,8 (SAM step)")
   parser.add_argument("--scaling-case", default="",
                       help="backbone:size:per-device batch of the scaling (default: the first case)")
@@ -233,28 +308,55 @@ def main():
   sides = args.sides.split(",")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
         f"median of {steps} steps after warm-up (compile excluded)")
-  report = {"steps": steps, "cases": [], "torch": [], "scaling": []}
+  side_by_side = "mdjax" in sides and "torch" in sides and not args.sequential
+  report = {"steps": steps, "cases": [], "torch": [], "scaling": [],
+            "timing": "interleaved" if side_by_side else "sequential"}
+  if side_by_side:
+    print(f"mdjax and PyTorch take turns: {steps} rounds of 2 steps each per side, the order "
+          f"reversed every round; ratios are per round (torch/mdjax > 1: mdjax is faster)")
   for backbone, size, batch in cases:
     print(f"\n== {backbone} {size}x{size}, batch {batch}, float32 ==")
     t = {}
-    for opt in ("adam", "sam") if "mdjax" in sides else ():
-      r = mdjax_step(backbone, size, batch, opt, steps)
-      report["cases"].append(r)
-      t[("mdjax", opt)] = r["s_per_step"]
-      print(f"mdjax {opt:4s}: {r['s_per_step']:.3f} s/step = {r['images_per_s']:7.1f} images/s, "
-            f"{r['flops_per_step'] / 1e9:.2f} GFLOP/step = {r['flops_per_s'] / 1e9:.1f} GFLOP/s"
-            f"   (compile {r['compile_s']:.1f} s)", flush=True)
-    for opt in ("adam", "sam") if "torch" in sides else ():
-      res = torch_step_time(backbone, size, batch, opt, steps, profile=args.profile and opt == "adam")
-      prof = None
-      if isinstance(res[0], tuple):
-        res, prof = res
-      t[("torch", opt)] = res[1]
-      report["torch"].append({"backbone": backbone, "size": size, "batch": batch, "optimizer": opt,
-                              "s_per_step": res[1], "images_per_s": batch / res[1]})
-      print(f"torch {opt:4s}: {res[1]:.3f} s/step = {batch / res[1]:7.1f} images/s", flush=True)
-      if prof:
-        print("  torch " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
+    for opt in ("adam", "sam"):
+      mdjax_figures = torch_figures = None
+      if side_by_side:
+        run, mdjax_figures = mdjax_runner(backbone, size, batch, opt)
+        torch_run = torch_runner(backbone, size, batch, opt)[0]
+        times = interleaved({"mdjax": run, "torch": torch_run}, rounds=steps)
+        flat = {side: [x for r in rounds for x in r] for side, rounds in times.items()}
+        mdjax_figures = _with_time(mdjax_figures, statistics.median(flat["mdjax"]))
+        ratio = paired_ratio(times, "torch", "mdjax")
+        torch_figures = {"s_per_step": statistics.median(flat["torch"]), "torch_over_mdjax": ratio}
+      else:
+        if "mdjax" in sides:
+          mdjax_figures = mdjax_step(backbone, size, batch, opt, steps)
+        if "torch" in sides:
+          res = torch_step_time(backbone, size, batch, opt, steps,
+                                profile=args.profile and opt == "adam")
+          prof = None
+          if isinstance(res[0], tuple):
+            res, prof = res
+          torch_figures = {"s_per_step": res[1]}
+          if prof:
+            print("  torch " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
+      if mdjax_figures:
+        r = mdjax_figures
+        report["cases"].append(r)
+        t[("mdjax", opt)] = r["s_per_step"]
+        print(f"mdjax {opt:4s}: {r['s_per_step']:.3f} s/step = {r['images_per_s']:7.1f} images/s, "
+              f"{r['flops_per_step'] / 1e9:.2f} GFLOP/step = {r['flops_per_s'] / 1e9:.1f} GFLOP/s"
+              f"   (compile {r['compile_s']:.1f} s)", flush=True)
+      if torch_figures:
+        sec = torch_figures["s_per_step"]
+        t[("torch", opt)] = sec
+        report["torch"].append({"backbone": backbone, "size": size, "batch": batch,
+                                "optimizer": opt, "images_per_s": batch / sec, **torch_figures})
+        line = f"torch {opt:4s}: {sec:.3f} s/step = {batch / sec:7.1f} images/s"
+        if "torch_over_mdjax" in torch_figures:
+          q = torch_figures["torch_over_mdjax"]
+          line += (f"   torch/mdjax {q['median']:.2f} (rounds: {q['min']:.2f}-{q['max']:.2f}, "
+                   f"{sum(x > 1 for x in q['per_round'])} of {q['rounds']} with mdjax ahead)")
+        print(line, flush=True)
     if args.profile and "mdjax" in sides:
       if cpu_conv.enabled():
         xla = mdjax_step_time(backbone, size, batch, "adam", steps, fast_conv_grads=False)[1]

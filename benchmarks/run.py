@@ -186,8 +186,13 @@ def derive(results: dict, peak: float, consumers: dict) -> list[dict]:
         f"{c['s_per_step']:.3f} s/step, {c['images_per_s']:.1f} img/s", c["flops_per_s"],
         c["peak_fraction"])
   for c in step.get("torch", []):
+    result = f"{c['s_per_step']:.3f} s/step, {c['images_per_s']:.1f} img/s"
+    if "torch_over_mdjax" in c:  # the two sides took turns: the per-round ratio
+      q = c["torch_over_mdjax"]
+      result += (f" (mdjax at {q['median']:.2f}x, rounds {q['min']:.2f}-{q['max']:.2f}, "
+                 f"ahead in {sum(x > 1 for x in q['per_round'])} of {q['rounds']})")
     row("classifier_step", f"torch {c['backbone']} {c['size']}px b{c['batch']} {c['optimizer']}",
-        f"{c['s_per_step']:.3f} s/step, {c['images_per_s']:.1f} img/s")
+        result)
   for c in step.get("scaling", []):
     c["peak_fraction"] = _fraction(c.get("flops_per_s"), peak * c["devices"])
     row("classifier_step", f"scaling {c['backbone']} {c['size']}px x{c['devices']} devices",

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,3 +194,64 @@ def test_flops_are_counted_on_the_loop_free_twin(monkeypatch):
       params, x))
   assert "while" in jax.jit(grad).lower(params, x).as_text()  # the loop is there
   assert machine.loop_free_flops(grad, params, x) == xla_own > looped
+
+
+def _classifier_step_module(monkeypatch):
+  # A script of benchmarks/, which imports its neighbour `machine` from its own folder.
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+  spec = importlib.util.spec_from_file_location(
+      "bench_classifier_step", os.path.join(REPO, "benchmarks", "classifier_step.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_two_sides_take_turns_and_are_compared_round_by_round(monkeypatch):
+  """classifier_step.interleaved: warm-up steps untimed, the order reversed every round, a pause
+  before each turn; paired_ratio compares the sides within each round, so a machine that slows
+  down for a round moves both sides' times, not their ratio. A fake clock stands in for the
+  machine: the 'torch' side's step takes 2.2 s in even rounds and 1.8 s in odd ones, mdjax's 2 s."""
+  cs = _classifier_step_module(monkeypatch)
+
+  class Clock:
+    now = 0.0
+
+    def perf_counter(self):
+      return self.now
+
+    def sleep(self, seconds):
+      self.now += seconds
+
+  clock, calls, turn = Clock(), [], {"round": -1}
+  monkeypatch.setattr(cs, "time", clock)
+
+  def side(name):
+    def step():
+      calls.append(name)
+      warm = len(calls) <= 4  # two warm-up steps each, before any round
+      slow = name == "torch" and not warm and (len(calls) - 5) // 4 % 2 == 0
+      clock.now += 2.0 if name == "mdjax" else (2.2 if slow else 1.8)
+    return step
+
+  times = cs.interleaved({"mdjax": side("mdjax"), "torch": side("torch")}, rounds=4,
+                         steps_per_round=2, warmup=2, pause_s=0.25)
+  m, t = "mdjax", "torch"
+  assert calls == [m, m, t, t] + [m, m, t, t] + [t, t, m, m] + [m, m, t, t] + [t, t, m, m]
+  np.testing.assert_allclose(times["mdjax"], [[2.0, 2.0]] * 4)  # the pauses are not counted
+  np.testing.assert_allclose(times["torch"], [[2.2, 2.2], [1.8, 1.8], [2.2, 2.2], [1.8, 1.8]])
+  ratio = cs.paired_ratio(times, "torch", "mdjax")
+  assert ratio["per_round"] == pytest.approx([1.1, 0.9, 1.1, 0.9])
+  assert (ratio["median"], ratio["min"], ratio["max"], ratio["rounds"]) == pytest.approx(
+      (1.0, 0.9, 1.1, 4))
+  # Warm-up (2 x 2.0 + 2 x 1.8), the rounds (4 x 2 x 2.0 and 2 x 2 x (2.2 + 1.8)), 8 pauses.
+  assert clock.now == pytest.approx(7.6 + 16.0 + 16.0 + 8 * 0.25)
+
+  # The suite's table states the paired ratio and how many rounds mdjax won.
+  run = _run_module()
+  step = {"cases": [], "torch": [{"backbone": "wrn16_4", "size": 32, "batch": 128,
+                                  "optimizer": "adam", "s_per_step": 2.0, "images_per_s": 64.0,
+                                  "torch_over_mdjax": ratio}]}
+  rows = run.derive({"classifier_step": step}, 100e9, {})
+  assert rows[0]["result"] == ("2.000 s/step, 64.0 img/s (mdjax at 1.00x, rounds 0.90-1.10, "
+                               "ahead in 2 of 4)")
