@@ -9,7 +9,8 @@ Three ways to run the K GANs inside that one program (`gan.ensemble`, the STRATE
   ones, while every other op (BatchNorm, GLU, losses, Adam, EMA) runs batched over the classes.
 * "map": `jax.lax.map` over the stacked states, a loop over the classes inside the one program:
   the single-class step is compiled once (compile time independent of K) and runs as fast as K
-  separate programs. The CPU path.
+  separate programs. The CPU path on several devices; a device with one class runs its step
+  with no loop around it.
 * "unroll": a static Python loop over the K states inside the one jit; compile time grows
   linearly with K.
 * "per_class": no loop inside a program: the single-class step is compiled once (donating the
@@ -83,6 +84,11 @@ def _vmapped(one, gan, *per_class):
 
 
 def _mapped(one, gan, *per_class):
+  if per_class[0].shape[0] == 1:
+    # One class on this device (K no larger than the device count): the class's step as it is,
+    # with no loop around it. XLA compiled the smoke FastGAN step 29.9 s at backend level 0
+    # inside a one-trip `lax.map` loop and 21.8 s without it (4 CPU devices, one class each).
+    return _unrolled(one, gan, *per_class)
   return lax.map(lambda args: one(*args), (gan, *per_class))
 
 
