@@ -10,12 +10,15 @@ already on device; on CPU compiled with mdjax.core.cpu_conv's compiler options a
 rules, which --profile compares with XLA's defaults). PyTorch's side is a plain torch.nn re-implementation of the same networks
 (ImageNet normalisation, pre-activation WRN / torchvision-layout ResNet-50, BN momentum 0.1,
 dropout head) with torch.optim.Adam and the usual two-pass SAM (perturb, second backward, restore,
-step), on `torch.set_num_threads(2)`. Compile / warm-up steps are excluded. With both sides
-(the default) the two take turns in one process, `--steps` rounds of 2 steps each, the order
-reversed every round (`interleaved`): a shared VM drifts by 10-20% over minutes, so the ratio is
-taken round by round and reported as its median, range and the number of rounds mdjax won;
-`--sequential` times all of mdjax's steps first (each figure the median of `--steps` steps, and
-`--profile`'s PyTorch forward/backward split is printed only then). Ratios:
+step), on `torch.set_num_threads(2)`, twice: in PyTorch's default NCHW memory format (side
+`torch`) and in channels_last (`torch_cl`, NHWC like mdjax: what PyTorch recommends for CPU
+convolutions, and the faster of the two here). Compile / warm-up steps are excluded. With mdjax
+and PyTorch both timed (the default) the sides take turns in one process, `--steps` rounds of 2
+steps each, the order reversed every round (`interleaved`): a shared VM drifts by 10-20% over
+minutes, so the ratio is taken round by round and reported as its median, its range and the
+number of rounds mdjax won. `--sequential` times all of mdjax's steps first (each figure the
+median of `--steps` steps; `--profile`'s PyTorch forward/backward split is printed only then).
+Ratios:
   SAM/Adam   = SAM step time / Adam step time (the floor is 2.0: two gradients per step)
   torch/mdjax = PyTorch step time / mdjax step time (> 1: mdjax is faster)
 
@@ -178,9 +181,16 @@ def mdjax_profile(backbone: str, size: int, batch: int, steps: int) -> dict:
 # PyTorch (imported here only: mdjax itself never imports torch)
 
 
-def torch_runner(backbone: str, size: int, batch: int, optimizer: str, rho: float = 0.05):
+# PyTorch's sides: the memory format of its activations and weights. NCHW is its default;
+# channels_last (NHWC, mdjax's layout) is what PyTorch recommends for convolutions on CPUs (oneDNN),
+# and ran its WRN-16-4 step 1.45x faster on a 2-core Intel Xeon VM (benchmarks/RESULTS.md).
+TORCH_SIDES = {"torch": "nchw", "torch_cl": "channels_last"}
+
+
+def torch_runner(backbone: str, size: int, batch: int, optimizer: str, rho: float = 0.05,
+                 memory_format: str = "nchw"):
   """(step, model, x, y, loss_fn): PyTorch's train step of the same recipe, as a function that
-  takes one step, on `torch.set_num_threads(2)`."""
+  takes one step, on `torch.set_num_threads(2)`, its tensors in `memory_format` (TORCH_SIDES)."""
   import torch
   import torch_reference as ref
   torch.set_num_threads(2)
@@ -188,10 +198,16 @@ def torch_runner(backbone: str, size: int, batch: int, optimizer: str, rho: floa
   # Every backbone torch_reference has (each CIFAR WRN, ResNet-50): the suite's cases include the
   # digits recipe's wrn10_2, which a fixed two-entry table here once failed on.
   model = ref.build_classifier(backbone, "linear", NUM_CLASSES).train()
-  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   rs = np.random.RandomState(0)
   x = torch.from_numpy(rs.rand(batch, 3, size, size).astype(np.float32))  # NCHW: torch's native
   y = torch.from_numpy(rs.randint(0, NUM_CLASSES, batch).astype(np.int64))
+  if memory_format == "channels_last":
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  elif memory_format != "nchw":
+    raise ValueError(f"memory_format {memory_format!r}: expected one of "
+                     f"{sorted(set(TORCH_SIDES.values()))}")
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # after .to(): the parameters it steps
   loss_fn = torch.nn.CrossEntropyLoss()
 
   def adam_step():
@@ -208,9 +224,9 @@ def torch_runner(backbone: str, size: int, batch: int, optimizer: str, rho: floa
 
 
 def torch_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
-                    rho: float = 0.05, profile: bool = False):
+                    rho: float = 0.05, profile: bool = False, memory_format: str = "nchw"):
   import torch
-  step, model, x, y, loss_fn = torch_runner(backbone, size, batch, optimizer, rho)
+  step, model, x, y, loss_fn = torch_runner(backbone, size, batch, optimizer, rho, memory_format)
   result = median_time(step, steps)
   if not profile:
     return result
@@ -237,8 +253,8 @@ def interleaved(runs: dict, rounds: int, steps_per_round: int = 2, warmup: int =
   take turns, `steps_per_round` steps each per round, after `warmup` untimed steps each.
 
   Why not one side after the other: a shared VM's speed drifts by 10-20% over minutes, which moved
-  sequential ratios between 0.93x and 1.15x for the same two programs (benchmarks/RESULTS.md). Taking
-  turns puts both sides in the same minutes, and the ratio is taken per round. The order turns
+  sequential ratios between 0.93x and 1.15x for the same two programs (benchmarks/RESULTS.md).
+  Taking turns puts both sides in the same minutes, and the ratio is taken per round. The order turns
   around every round (A B, B A, ...), so neither side always follows the other, and each turn
   starts after a pause in which the other side's worker threads stop spinning (XLA's Eigen pool
   and PyTorch's OpenMP threads spin-wait for work for a while after a step; a thread still
@@ -290,7 +306,9 @@ def main():
   parser.add_argument("--profile", action="store_true", help="also time forward vs forward+backward")
   parser.add_argument("--models", default="", help="comma-separated subset of wrn16_4,resnet50")
   parser.add_argument("--cases", default="", help="backbone:size:batch,... instead of the defaults")
-  parser.add_argument("--sides", default="mdjax,torch", help="mdjax,torch or one of them")
+  parser.add_argument("--sides", default="mdjax,torch,torch_cl",
+                      help="some of mdjax, torch (PyTorch, NCHW), torch_cl (PyTorch, "
+                           "channels_last)")
   parser.add_argument("--sequential", action="store_true",
                       help="time mdjax's steps, then PyTorch's, instead of taking turns")
   parser.add_argument("--scaling", default="", help="device counts, e.g. 1,2,4,8 (SAM step)")
@@ -308,53 +326,66 @@ def main():
   sides = args.sides.split(",")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
         f"median of {steps} steps after warm-up (compile excluded)")
-  side_by_side = "mdjax" in sides and "torch" in sides and not args.sequential
+  unknown = set(sides) - {"mdjax", *TORCH_SIDES}
+  if unknown:
+    parser.error(f"--sides: unknown {sorted(unknown)}; expected some of "
+                 f"mdjax,{','.join(TORCH_SIDES)}")
+  torch_sides = [side for side in sides if side in TORCH_SIDES]
+  side_by_side = "mdjax" in sides and torch_sides and not args.sequential
   report = {"steps": steps, "cases": [], "torch": [], "scaling": [],
             "timing": "interleaved" if side_by_side else "sequential"}
   if side_by_side:
-    print(f"mdjax and PyTorch take turns: {steps} rounds of 2 steps each per side, the order "
+    print(f"{', '.join(sides)} take turns: {steps} rounds of 2 steps each per side, the order "
           f"reversed every round; ratios are per round (torch/mdjax > 1: mdjax is faster)")
   for backbone, size, batch in cases:
     print(f"\n== {backbone} {size}x{size}, batch {batch}, float32 ==")
     t = {}
     for opt in ("adam", "sam"):
-      mdjax_figures = torch_figures = None
+      mdjax_figures, torch_figures = None, {}
       if side_by_side:
-        run, mdjax_figures = mdjax_runner(backbone, size, batch, opt)
-        torch_run = torch_runner(backbone, size, batch, opt)[0]
-        times = interleaved({"mdjax": run, "torch": torch_run}, rounds=steps)
-        flat = {side: [x for r in rounds for x in r] for side, rounds in times.items()}
-        mdjax_figures = _with_time(mdjax_figures, statistics.median(flat["mdjax"]))
-        ratio = paired_ratio(times, "torch", "mdjax")
-        torch_figures = {"s_per_step": statistics.median(flat["torch"]), "torch_over_mdjax": ratio}
+        runs = {}
+        runs["mdjax"], mdjax_figures = mdjax_runner(backbone, size, batch, opt)
+        for side in torch_sides:
+          runs[side] = torch_runner(backbone, size, batch, opt, memory_format=TORCH_SIDES[side])[0]
+        times = interleaved(runs, rounds=steps)
+        del runs
+        median = {side: statistics.median(x for r in rounds for x in r)
+                  for side, rounds in times.items()}
+        mdjax_figures = _with_time(mdjax_figures, median["mdjax"])
+        for side in torch_sides:
+          torch_figures[side] = {"s_per_step": median[side],
+                                 "torch_over_mdjax": paired_ratio(times, side, "mdjax")}
       else:
         if "mdjax" in sides:
           mdjax_figures = mdjax_step(backbone, size, batch, opt, steps)
-        if "torch" in sides:
+        for side in torch_sides:
           res = torch_step_time(backbone, size, batch, opt, steps,
-                                profile=args.profile and opt == "adam")
+                                profile=args.profile and opt == "adam",
+                                memory_format=TORCH_SIDES[side])
           prof = None
           if isinstance(res[0], tuple):
             res, prof = res
-          torch_figures = {"s_per_step": res[1]}
+          torch_figures[side] = {"s_per_step": res[1]}
           if prof:
-            print("  torch " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
+            print(f"  {side} " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
       if mdjax_figures:
         r = mdjax_figures
         report["cases"].append(r)
         t[("mdjax", opt)] = r["s_per_step"]
-        print(f"mdjax {opt:4s}: {r['s_per_step']:.3f} s/step = {r['images_per_s']:7.1f} images/s, "
+        print(f"mdjax    {opt:4s}: {r['s_per_step']:.3f} s/step = "
+              f"{r['images_per_s']:7.1f} images/s, "
               f"{r['flops_per_step'] / 1e9:.2f} GFLOP/step = {r['flops_per_s'] / 1e9:.1f} GFLOP/s"
               f"   (compile {r['compile_s']:.1f} s)", flush=True)
-      if torch_figures:
-        sec = torch_figures["s_per_step"]
-        t[("torch", opt)] = sec
+      for side, figures in torch_figures.items():
+        sec = figures["s_per_step"]
+        t[(side, opt)] = sec
         report["torch"].append({"backbone": backbone, "size": size, "batch": batch,
-                                "optimizer": opt, "images_per_s": batch / sec, **torch_figures})
-        line = f"torch {opt:4s}: {sec:.3f} s/step = {batch / sec:7.1f} images/s"
-        if "torch_over_mdjax" in torch_figures:
-          q = torch_figures["torch_over_mdjax"]
-          line += (f"   torch/mdjax {q['median']:.2f} (rounds: {q['min']:.2f}-{q['max']:.2f}, "
+                                "optimizer": opt, "memory_format": TORCH_SIDES[side],
+                                "images_per_s": batch / sec, **figures})
+        line = f"{side:8s} {opt:4s}: {sec:.3f} s/step = {batch / sec:7.1f} images/s"
+        if "torch_over_mdjax" in figures:
+          q = figures["torch_over_mdjax"]
+          line += (f"   {side}/mdjax {q['median']:.2f} (rounds: {q['min']:.2f}-{q['max']:.2f}, "
                    f"{sum(x > 1 for x in q['per_round'])} of {q['rounds']} with mdjax ahead)")
         print(line, flush=True)
     if args.profile and "mdjax" in sides:
@@ -368,9 +399,10 @@ def main():
     for side in sides:
       if (side, "adam") in t:
         print(f"SAM/Adam time ratio {side}: {t[(side, 'sam')] / t[(side, 'adam')]:.2f}")
-    if ("mdjax", "adam") in t and ("torch", "adam") in t:
-      print(f"torch/mdjax time ratio: Adam {t[('torch', 'adam')] / t[('mdjax', 'adam')]:.2f}, "
-            f"SAM {t[('torch', 'sam')] / t[('mdjax', 'sam')]:.2f}")
+    for side in torch_sides:
+      if ("mdjax", "adam") in t:
+        print(f"{side}/mdjax time ratio: Adam {t[(side, 'adam')] / t[('mdjax', 'adam')]:.2f}, "
+              f"SAM {t[(side, 'sam')] / t[('mdjax', 'sam')]:.2f}")
   if args.scaling:
     backbone, size, batch = _cases(args.scaling_case)[0] if args.scaling_case else cases[0]
     counts = [int(n) for n in args.scaling.split(",")]

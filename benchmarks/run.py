@@ -191,8 +191,8 @@ def derive(results: dict, peak: float, consumers: dict) -> list[dict]:
       q = c["torch_over_mdjax"]
       result += (f" (mdjax at {q['median']:.2f}x, rounds {q['min']:.2f}-{q['max']:.2f}, "
                  f"ahead in {sum(x > 1 for x in q['per_round'])} of {q['rounds']})")
-    row("classifier_step", f"torch {c['backbone']} {c['size']}px b{c['batch']} {c['optimizer']}",
-        result)
+    row("classifier_step", f"torch {c.get('memory_format', 'nchw')} {c['backbone']} {c['size']}px "
+        f"b{c['batch']} {c['optimizer']}", result)
   for c in step.get("scaling", []):
     c["peak_fraction"] = _fraction(c.get("flops_per_s"), peak * c["devices"])
     row("classifier_step", f"scaling {c['backbone']} {c['size']}px x{c['devices']} devices",

@@ -255,3 +255,22 @@ def test_the_two_sides_take_turns_and_are_compared_round_by_round(monkeypatch):
   rows = run.derive({"classifier_step": step}, 100e9, {})
   assert rows[0]["result"] == ("2.000 s/step, 64.0 img/s (mdjax at 1.00x, rounds 0.90-1.10, "
                                "ahead in 2 of 4)")
+
+
+def test_pytorch_sides_differ_only_in_memory_format(monkeypatch):
+  """classifier_step's two PyTorch sides run the same network on the same batch: NCHW and
+  channels_last give the same first loss; the channels_last side's tensors are really in that
+  format (its convolutions would otherwise run NCHW kernels); an unknown format is refused."""
+  torch = pytest.importorskip("torch")
+  cs = _classifier_step_module(monkeypatch)
+  losses = {}
+  for fmt in ("nchw", "channels_last"):
+    step, model, x, _, _ = cs.torch_runner("wrn10_1", 8, 4, "adam", memory_format=fmt)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    in_cl = (fmt == "channels_last")
+    assert x.is_contiguous(memory_format=torch.channels_last) == in_cl
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == in_cl
+    losses[fmt] = step()
+  assert losses["channels_last"] == pytest.approx(losses["nchw"], rel=1e-5)
+  with pytest.raises(ValueError, match="memory_format 'nhwc'"):
+    cs.torch_runner("wrn10_1", 8, 4, "adam", memory_format="nhwc")
