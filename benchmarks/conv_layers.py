@@ -13,8 +13,9 @@ convolutions; `--xla-defaults`: XLA's, YNNPACK's), compile excluded, float32, on
   dW xla       jax.vjp with respect to the kernel (XLA's own weight gradient)
   dW mdjax     cpu_conv's matmul weight gradient (per tap, or im2col for C < 16; mdjax uses it but
                for 3x3 stride-1 convs)
-and PyTorch's conv2d on `torch.set_num_threads(2)` (NCHW, its native layout): the forward pass
-under no_grad, and forward + the gradient of one operand, from which its dX and dW are the
+and PyTorch's conv2d on `torch.set_num_threads(2)`, in its default NCHW layout ("torch") and in
+channels_last ("torch_cl", NHWC: PyTorch's faster CPU path, benchmarks/classifier_step.py): the
+forward pass under no_grad, and forward + the gradient of one operand, from which its dX and dW are the
 differences (a conv's backward does not run without its forward in eager PyTorch).
 
 A single conv timed alone is not the same as a step: inside a whole train step XLA fuses and
@@ -79,13 +80,18 @@ def jax_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int,
   return out
 
 
-def torch_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int) -> dict:
+def torch_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int,
+                channels_last: bool = False) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(2)
   rs = np.random.RandomState(0)
-  x = torch.from_numpy(rs.randn(batch, c, h, h).astype(np.float32)).requires_grad_(True)
-  w = torch.from_numpy(rs.randn(o, c, 3, 3).astype(np.float32) * 0.1).requires_grad_(True)
+  fmt = torch.channels_last if channels_last else torch.contiguous_format
+  x = torch.from_numpy(rs.randn(batch, c, h, h).astype(np.float32))
+  w = torch.from_numpy(rs.randn(o, c, 3, 3).astype(np.float32) * 0.1)
   dy = torch.from_numpy(rs.randn(batch, o, h // stride, h // stride).astype(np.float32))
+  x, w, dy = (t.contiguous(memory_format=fmt) for t in (x, w, dy))
+  x.requires_grad_(True)
+  w.requires_grad_(True)
 
   def conv():
     return torch.nn.functional.conv2d(x, w, stride=stride, padding=1)
@@ -120,10 +126,12 @@ def main():
            "mdjax": jax_layer(args.batch, c, o, h, stride, args.steps, args.xla_defaults)}
     if not args.no_torch:
       row["torch"] = torch_layer(args.batch, c, o, h, stride, args.steps)
+      row["torch_cl"] = torch_layer(args.batch, c, o, h, stride, args.steps, channels_last=True)
     rows.append(row)
     line = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in row["mdjax"].items())
-    if "torch" in row:
-      line += " | torch " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in row["torch"].items())
+    for side in ("torch", "torch_cl"):
+      if side in row:
+        line += f" | {side} " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in row[side].items())
     print(f"{c}->{o} at {h}x{h} stride {stride} ({gflop:.2f} GFLOP a pass): {line}", flush=True)
   print(json.dumps({"benchmark": "conv_layers", "batch": args.batch,
                     "xla_defaults": args.xla_defaults, "rows": rows}))
