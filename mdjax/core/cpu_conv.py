@@ -26,14 +26,15 @@ its own convolution gradients (cuDNN's are fast).
      kh*kw > 1 conv as one matmul plus col2im (`_input_grad`); YNNPACK's own dW ran 3-4x slower.
    - with Eigen (`eigen=True`, under CPU_COMPILER_OPTIONS): XLA's own gradients, except dX of a
      strided kh*kw > 1 conv (XLA's is an lhs-dilated convolution: 64->128 3x3 stride 2 at 32x32,
-     batch 128, 69 ms against 42 ms as a matmul) and dW of any conv but a 3x3 stride-1 padding-1
-     one. XLA's dW is itself a convolution, of the input with the output gradient as its kernel;
-     Eigen runs that well for 3x3 stride-1 same kernels (73 ms against 104 ms as matmuls at
-     64->64 32x32), but XLA lowers others badly: FastGAN's 2x2 phase kernels
+     batch 128, 69 ms against 42 ms as a matmul) and dW of any conv but a 3x3 one (stride-1
+     padding-1, or strided). XLA's dW is itself a convolution, of the input with the output
+     gradient as its kernel; Eigen runs that well for 3x3 kernels (73 ms against 104 ms as
+     matmuls at 64->64 32x32; at stride 2, 128->256 16x16, 31 against 63 ms, and whole WRN-16-4
+     steps 2-3% faster), but XLA lowers others badly: FastGAN's 2x2 phase kernels
      (`fastgan.upsample_conv3x3`) became non-canonical convolutions run by a naive loop (30 s of a
-     1.6 s step at 64x64), and strided ones are faster as matmuls (44 against 36 ms). The 3x3
-     dW kept is XLA's convolution written out (`_eigen_weight_grad`) so that its input's
-     transpose copies the computed activation instead of recomputing it in a slow strided loop.
+     1.6 s step at 64x64). The 3x3 dW kept is XLA's, with its input fenced (`_eigen_weight_grad`)
+     so that the input's transpose copies the computed activation instead of recomputing it in
+     a slow strided loop.
    Forward passes and 1x1 input gradients are always XLA's own, but for depthwise convolutions
    (`depthwise_conv_general_dilated`, used by EfficientNet on CPU). Every rewritten gradient is
    checked against `jax.grad` in tests/test_cpu_conv.py.
@@ -280,7 +281,7 @@ def _conv_bwd_one(strides, padding, eigen, x, w, dy):
   strided = max(strides) > 1
   if eigen:  # compiled with CPU_COMPILER_OPTIONS: Eigen's convolutions
     xla_dx = taps == 1 or not strided
-    xla_dw = (kh, kw) == (3, 3) and not strided and padding == ((1, 1), (1, 1))
+    xla_dw = (kh, kw) == (3, 3) and (strided or padding == ((1, 1), (1, 1)))
   else:  # XLA's default options: YNNPACK's convolutions
     xla_dx, xla_dw = taps == 1, False
 
@@ -289,21 +290,28 @@ def _conv_bwd_one(strides, padding, eigen, x, w, dy):
 
   dx = (jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0] if xla_dx
         else _input_grad(dy, w, padding, x.shape, strides))
-  dw = (_eigen_weight_grad(x, dy, w, padding) if xla_dw
+  dw = (_eigen_weight_grad(x, dy, w, strides, padding) if xla_dw
         else _weight_grad(x, dy, (kh, kw), strides, padding, w.dtype))
   return dx, dw
 
 
-def _eigen_weight_grad(x, dy, w, padding):
-  """dW of a stride-1 conv as XLA computes it for Eigen, but reading a materialized `x`.
+def _eigen_weight_grad(x, dy, w, strides, padding):
+  """dW of a 3x3 conv as XLA computes it for Eigen, but reading a materialized `x`.
 
   XLA's own dW is this convolution: the input transposed to [C, H, W, B] (as the batch of a
-  convolution whose features are the images), the output gradient to [H, W, B, O] (as its kernel),
-  giving [C, kh, kw, O]. Left to itself XLA fuses the BatchNorm and ReLU that produce `x` into
-  the transpose: a loop with strided reads from several arrays, 55-110 ms at [128, 32, 32, 64]
-  where a plain transposing copy of `x` takes about 20 (benchmarks/RESULTS.md). `_materialized`
-  keeps that fusion out, so the transpose is a plain copy of the `x` the forward pass computed.
+  convolution whose features are the images), the output gradient to [H, W, B, O] (as its kernel,
+  dilated by the stride), giving [C, kh, kw, O]. Left to itself XLA fuses the BatchNorm and ReLU
+  that produce `x` into the transpose: a loop with strided reads from several arrays, 55-110 ms
+  at [128, 32, 32, 64] where a plain transposing copy of `x` takes about 20
+  (benchmarks/RESULTS.md). `_materialized` keeps that fusion out, so the transpose is a plain
+  copy of the `x` the forward pass computed. Stride 1 is written out as XLA emits it; a strided
+  conv's is XLA's own transpose rule applied to the materialized `x`.
   """
+  if max(strides) > 1:
+    xm = _materialized(x, w)
+    conv = functools.partial(lax.conv_general_dilated, xm, window_strides=strides,
+                             padding=padding, dimension_numbers=_NHWC)
+    return jax.vjp(conv, w)[1](dy)[0].astype(w.dtype)
   xt = _materialized(x, w).transpose(3, 1, 2, 0)
   dyt = dy.transpose(1, 2, 0, 3)
   out = lax.conv_general_dilated(xt, dyt, (1, 1), padding, dimension_numbers=_NHWC)
