@@ -100,7 +100,7 @@ def test_weight_gradient_in_chunks_under_shard_map(monkeypatch):
   w = jnp.asarray(rng.randn(3, 3, 16, 5).astype(np.float32))
   nhwc = ("NHWC", "HWIO", "NHWC")
 
-  def grad(conv, w, x):  # stride 2: a matmul weight gradient under either rule set
+  def grad(conv, w, x):  # stride 2: a matmul weight gradient under the default (YNNPACK) rules
     return jax.grad(lambda w_: (conv(x, w_, (2, 2), ((1, 1), (1, 1)),
                                      dimension_numbers=nhwc) ** 2).sum())(w)
 
