@@ -87,13 +87,19 @@ def test_input_pipeline_against_the_train_step(quick):
   assert "classifier_step" in table and "input_pipeline" in table and "of peak" in table
 
 
-def _run_module():
-  # benchmarks/ is a folder of scripts, not an installed package: load run.py from its file.
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "benchmarks", "run.py"))
+def _benchmark_script(name: str):
+  """benchmarks/<name>.py as a module: benchmarks/ is a folder of scripts, not an installed
+  package, so each is loaded from its file."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                os.path.join(REPO, "benchmarks", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _run_module():
+  return _benchmark_script("run")
 
 
 def test_a_stuck_benchmark_is_killed_with_its_children(tmp_path, monkeypatch):
@@ -167,18 +173,13 @@ def test_flops_are_counted_on_the_loop_free_twin(monkeypatch):
   """XLA's cost analysis counts a loop's body once, so a step whose conv weight gradients loop over
   chunks of the batch (mdjax.core.cpu_conv) reads too few FLOPs; machine.loop_free_flops counts
   the same step with XLA's own gradients, which do the same multiply-adds with no loop."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from mdjax.core import cpu_conv  # pylint: disable=import-outside-toplevel
 
-  spec = importlib.util.spec_from_file_location("bench_machine",
-                                                os.path.join(REPO, "benchmarks", "machine.py"))
-  machine = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(machine)
+  machine = _benchmark_script("machine")
   monkeypatch.setattr(cpu_conv, "_DW_CHUNK_ROWS", 16)  # 8 images of 4x4 outputs: 8 chunks
   # Stride 2 and 16 input channels: the per-tap matmul weight gradient, which chunks.
   conv = nn.Conv(8, (3, 3), strides=2, padding=1, use_bias=False)
@@ -197,14 +198,9 @@ def test_flops_are_counted_on_the_loop_free_twin(monkeypatch):
 
 
 def _classifier_step_module(monkeypatch):
-  # A script of benchmarks/, which imports its neighbour `machine` from its own folder.
-  import importlib.util  # pylint: disable=import-outside-toplevel
+  # It imports its neighbour `machine` from its own folder.
   monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
-  spec = importlib.util.spec_from_file_location(
-      "bench_classifier_step", os.path.join(REPO, "benchmarks", "classifier_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return _benchmark_script("classifier_step")
 
 
 def test_the_two_sides_take_turns_and_are_compared_round_by_round(monkeypatch):
@@ -223,7 +219,7 @@ def test_the_two_sides_take_turns_and_are_compared_round_by_round(monkeypatch):
     def sleep(self, seconds):
       self.now += seconds
 
-  clock, calls, turn = Clock(), [], {"round": -1}
+  clock, calls = Clock(), []
   monkeypatch.setattr(cs, "time", clock)
 
   def side(name):
