@@ -17,7 +17,6 @@ import pytest
 from mdjax import config as config_lib
 from mdjax.errors import ConfigError, UserError
 from mdjax.gan import conditional, fastgan, losses
-from mdjax.gan import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

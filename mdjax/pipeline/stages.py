@@ -208,7 +208,7 @@ class Run:
     test = self.evaluate(variables, self.splits.test)
     cwa = np.nan_to_num(val["class_wise_accuracy"], nan=1.0)  # a class absent from val is not weak
     weak = worst_classes(cwa, self.nwpc)
-    say(f"worst classes on validation: " + ", ".join(
+    say("worst classes on validation: " + ", ".join(
         f"{self.splits.class_names[k]} ({cwa[k]:.3f})" for k in weak) if weak else
         "mistake-driven training is off (nWPC = 0): no GAN stages")
     return {"val_accuracy": val["accuracy"],
