@@ -36,10 +36,10 @@ class _ConvNet(nn.Module):
     return x.sum((1, 2))
 
 
-@pytest.mark.parametrize("eigen", [False, True])
-def test_fast_conv_weight_gradients_match_jax_grad(eigen):
-  """Both rule sets (for XLA's default YNNPACK convolutions, and for Eigen's under
-  cpu_conv.jit's options) give jax.grad's gradients."""
+@pytest.mark.parametrize("eigen, onednn_convs", [(False, False), (True, False), (True, True)])
+def test_fast_conv_weight_gradients_match_jax_grad(eigen, onednn_convs):
+  """Every rule set (for XLA's default YNNPACK convolutions, for Eigen's under cpu_conv.jit's
+  options, and oneDNN's custom calls) gives jax.grad's gradients."""
   model = _ConvNet()
   x = jnp.asarray(np.random.RandomState(0).rand(2, 15, 15, 3).astype(np.float32))
   with jax.threefry_partitionable(False):
@@ -49,7 +49,7 @@ def test_fast_conv_weight_gradients_match_jax_grad(eigen):
     return jnp.sum(jnp.sin(model.apply({"params": p}, x)))
 
   def fast_loss(p, x):
-    with cpu_conv.use_fast_conv_grads(True, eigen=eigen):
+    with cpu_conv.use_fast_conv_grads(True, eigen=eigen, onednn_convs=onednn_convs):
       return loss(p, x)
 
   ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
@@ -57,7 +57,9 @@ def test_fast_conv_weight_gradients_match_jax_grad(eigen):
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
     np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)
   # The interceptor really replaced the convolution (a custom_vjp shows up in the jaxpr).
-  assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(fast_loss))(params, x))
+  jaxpr = str(jax.make_jaxpr(jax.grad(fast_loss))(params, x))
+  assert "custom_vjp" in jaxpr
+  assert ("target_name=mdjax_onednn_conv_dw" in jaxpr) == onednn_convs
 
 
 # (rows per chunk, stride) -> images per chunk: 6 images of 9x9 -> 81 output pixels at stride 1,

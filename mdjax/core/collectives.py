@@ -91,3 +91,10 @@ def ordered_mean(tree: Any, axis_name: str) -> Any:
       out[i] = mean[offset:offset + size].reshape(shape)
       offset += size
   return jax.tree.unflatten(treedef, out)
+
+
+def varying_axes(x) -> frozenset:
+  """The shard_map axes over which `x` differs between devices (empty outside shard_map)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older releases call it .vma
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))

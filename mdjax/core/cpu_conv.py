@@ -35,9 +35,19 @@ its own convolution gradients (cuDNN's are fast).
      1.6 s step at 64x64). The 3x3 dW kept is XLA's, with its input fenced (`_eigen_weight_grad`)
      so that the input's transpose copies the computed activation instead of recomputing it in
      a slow strided loop.
-   Forward passes and 1x1 input gradients are always XLA's own, but for depthwise convolutions
-   (`depthwise_conv_general_dilated`, used by EfficientNet on CPU). Every rewritten gradient is
-   checked against `jax.grad` in tests/test_cpu_conv.py.
+   Forward passes and 1x1 input gradients are XLA's own (but under point 3), and so are depthwise
+   convolutions but on the CPU (`depthwise_conv_general_dilated`, used by EfficientNet). Every
+   rewritten gradient is checked against `jax.grad` in tests/test_cpu_conv.py.
+
+3. oneDNN (`use_fast_conv_grads(onednn_convs=True)`, the classifier step on one device or inside
+   its per-device shard_map): every routed float32 convolution, forward, dX and dW, is a custom
+   call into oneDNN (mdjax.core.onednn), the library behind PyTorch's CPU convolutions. Its NHWC
+   kernels beat Eigen's on every WRN-16-4 layer (per gradient 1.72 s of 3x3 convs on Eigen against
+   1.22 s on oneDNN; benchmarks/conv_layers.py), which took the WRN-16-4 b128 step from behind
+   PyTorch's channels_last to ahead of it (benchmarks/RESULTS.md). Where oneDNN cannot be built
+   (`onednn.available()`), points 1-2 apply. Not under GSPMD partitioning (XLA would gather a
+   custom call's operands onto every device) nor in the GAN programs, whose convolutions are
+   vmapped over classes (a custom call runs once per class there).
 
 The matmul weight gradient is one matmul per kernel tap,
   dW[i, j] = X_shifted(i, j)^T @ dY   ([C, B*Ho*Wo] @ [B*Ho*Wo, O]),
@@ -71,6 +81,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mdjax.core import onednn
+from mdjax.core.collectives import varying_axes
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels one im2col matmul beats kh*kw thin per-tap matmuls.
 _PATCHES_BELOW_CHANNELS = 16
@@ -79,21 +92,15 @@ _PATCHES_BELOW_CHANNELS = 16
 _DW_CHUNK_ROWS = 2048
 # Set inside `xla_conv_grads()`: use_fast_conv_grads then leaves every conv to XLA.
 _xla_only = False
-# Set by `use_fast_conv_grads(eigen=...)`: which gradient rules `conv_general_dilated` traces.
+# Set by `use_fast_conv_grads(eigen=..., onednn=...)`: which rules `conv_general_dilated` traces.
 _eigen_rules = False
+_onednn_rules = False
 # YNNPACK keeps dots and reductions; convolutions go to Eigen (module docstring, point 1). jaxlib
 # 0.10's default list is these two plus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
-
-
-def varying_axes(x) -> frozenset:
-  """The shard_map axes over which `x` differs between devices (empty outside shard_map)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; older releases call it .vma
-  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def enabled() -> bool:
@@ -336,6 +343,27 @@ def _materialized(x, witness):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x, w, strides, padding):
+  """A float32 convolution and both its gradients as oneDNN's (module docstring, point 3)."""
+  return onednn.conv(x, w, strides, padding)
+
+
+def _onednn_conv_fwd(x, w, strides, padding):
+  return _onednn_conv(x, w, strides, padding), (x, w)
+
+
+def _onednn_conv_bwd(strides, padding, residuals, dy):
+  x, w = residuals
+  dx = onednn.conv_input_grad(dy, w, x.shape, strides, padding)
+  dw = onednn.conv_weight_grad(x, dy, w.shape, strides, padding)
+  extra = tuple(varying_axes(dw) - varying_axes(w))  # as in _conv_bwd
+  return dx, jax.lax.psum(dw, extra) if extra else dw
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
 def _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                    dimension_numbers, batch_group_count, preferred_element_type):
   """The explicit (non-negative) pads of a 4-D NHWC/HWIO convolution with no dilation, no batch
@@ -358,6 +386,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   pads = _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                         dimension_numbers, batch_group_count, preferred_element_type)
   if pads is not None and feature_group_count == 1:
+    if _onednn_rules and lhs.dtype == rhs.dtype == jnp.float32:
+      return _onednn_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
     return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, _eigen_rules)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -420,26 +450,32 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 @contextlib.contextmanager
-def use_fast_conv_grads(enable: bool | None = None, *, eigen: bool = False):
+def use_fast_conv_grads(enable: bool | None = None, *, eigen: bool = False,
+                        onednn_convs: bool = False):
   """Within the block (while tracing), flax Convs use `conv_general_dilated` above.
 
   `enable=None` turns it on for the CPU backend only; inside `xla_conv_grads()` it is off.
   `eigen`: the program compiles with CPU_COMPILER_OPTIONS (`jit()`), so convolutions run on
   Eigen and the rules for Eigen apply (module docstring, point 2); otherwise, and where this
   jaxlib rejects those options (then `jit()` compiles with XLA's defaults), the rules for XLA's
-  default YNNPACK convolutions (every dW and every kh*kw > 1 dX as matmuls)."""
-  global _eigen_rules  # pylint: disable=global-statement
+  default YNNPACK convolutions (every dW and every kh*kw > 1 dX as matmuls).
+  `onednn_convs`: float32 convolutions and their gradients run on oneDNN (point 3) where
+  `onednn.available()`; the caller vouches that no GSPMD partitioning applies (one device, or
+  inside a shard_map over every mesh axis), since XLA would replicate a custom call's operands."""
+  global _eigen_rules, _onednn_rules  # pylint: disable=global-statement
   if enable is None:
     enable = enabled()
   if not enable or _xla_only:
     yield
     return
-  previous, _eigen_rules = _eigen_rules, eigen and _options_accepted()
+  previous = _eigen_rules, _onednn_rules
+  _eigen_rules = eigen and _options_accepted()
+  _onednn_rules = onednn_convs and onednn.available()
   try:
     with nn.intercept_methods(_interceptor):
       yield
   finally:
-    _eigen_rules = previous
+    _eigen_rules, _onednn_rules = previous
 
 
 @contextlib.contextmanager
