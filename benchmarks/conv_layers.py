@@ -12,7 +12,9 @@ convolutions; `--xla-defaults`: XLA's, YNNPACK's), compile excluded, float32, on
   dX mdjax     cpu_conv's matmul input gradient (one matmul, then col2im; mdjax uses it at stride 2)
   dW xla       jax.vjp with respect to the kernel (XLA's own weight gradient)
   dW mdjax     cpu_conv's matmul weight gradient (per tap, or im2col for C < 16; mdjax uses it but
-               for 3x3 stride-1 convs)
+               for 3x3 convs under Eigen)
+  * onednn     the three passes as oneDNN custom calls (mdjax.core.onednn): what the classifier
+               step runs on one CPU device; absent where oneDNN is unavailable
 and PyTorch's conv2d on `torch.set_num_threads(2)`, in its default NCHW layout ("torch") and in
 channels_last ("torch_cl", NHWC: PyTorch's faster CPU path, benchmarks/classifier_step.py): the
 forward pass under no_grad, and forward + the gradient of one operand, from which its dX and dW are the
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mdjax.core import cpu_conv
+from mdjax.core import cpu_conv, onednn
 
 from machine import median_time  # benchmarks/ is on sys.path when a script in it runs
 
@@ -67,16 +69,27 @@ def jax_layer(batch: int, c: int, o: int, h: int, stride: int, steps: int,
       "dW mdjax": jit(lambda x, w, dy: cpu_conv._weight_grad(  # pylint: disable=protected-access
           x, dy, (3, 3), strides, pad, w.dtype)),
   }
+  if onednn.available():  # what the classifier step runs on one CPU device (cpu_conv point 3)
+    fns.update({
+        "fwd onednn": jax.jit(lambda x, w: onednn.conv(x, w, strides, pad)),
+        "dX onednn": jax.jit(lambda x, w, dy: onednn.conv_input_grad(dy, w, x.shape, strides, pad)),
+        "dW onednn": jax.jit(lambda x, w, dy: onednn.conv_weight_grad(x, dy, w.shape, strides,
+                                                                      pad)),
+    })
   out = {}
   for name, fn in fns.items():
-    args = (x, w) if name == "fwd" else (x, w, dy)
+    args = (x, w) if name.startswith("fwd") else (x, w, dy)
     out[name] = median_time(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), steps)[1]
   # The rewrites must compute what XLA's own gradients compute, or their times mean nothing.
-  for kind in ("dX", "dW"):
-    ref, got = fns[f"{kind} xla"](x, w, dy), fns[f"{kind} mdjax"](x, w, dy)
+  checks = [("dX mdjax", "dX xla"), ("dW mdjax", "dW xla")]
+  if "fwd onednn" in fns:
+    checks += [("fwd onednn", "fwd"), ("dX onednn", "dX xla"), ("dW onednn", "dW xla")]
+  for name, reference in checks:
+    args = (x, w) if name.startswith("fwd") else (x, w, dy)
+    ref, got = fns[reference](*args), fns[name](*args)
     err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
     if err > 1e-4:
-      raise AssertionError(f"{kind} mdjax differs from XLA's by {err:.2e} (relative)")
+      raise AssertionError(f"{name} differs from XLA's {reference} by {err:.2e} (relative)")
   return out
 
 
