@@ -21,6 +21,12 @@ from mdjax.train import steps
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.fixture(autouse=True)
+def _every_conv_to_onednn(monkeypatch):
+  """These tests' convolutions are tiny; cpu_conv routes only large ones to oneDNN."""
+  monkeypatch.setattr(cpu_conv, "_ONEDNN_MIN_FLOPS", 0)
+
+
 def _xla(x, w, strides, padding):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
@@ -75,6 +81,19 @@ def test_cpu_conv_routes_float32_convolutions_to_onednn():
   got = jax.jit(grad, static_argnums=2)(x, w, True)
   for a, b in zip(got, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_only_convolutions_above_the_size_threshold_go_to_onednn(monkeypatch):
+  monkeypatch.setattr(cpu_conv, "_ONEDNN_MIN_FLOPS", 3e8)
+
+  def targets(batch):  # 2 * batch * 16*16 * 9 * 64*64 FLOPs: 0.15 GFLOP at 8, 0.6 at 32
+    x = jax.ShapeDtypeStruct((batch, 16, 16, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    fn = functools.partial(_loss, onednn_convs=True, strides=(1, 1), padding=((1, 1), (1, 1)))
+    return str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, w)).count("target_name=mdjax_onednn")
+
+  assert targets(8) == 0
+  assert targets(32) == 3
 
 
 def test_under_shard_map_and_vmap():

@@ -40,8 +40,8 @@ its own convolution gradients (cuDNN's are fast).
    rewritten gradient is checked against `jax.grad` in tests/test_cpu_conv.py.
 
 3. oneDNN (`use_fast_conv_grads(onednn_convs=True)`, the classifier step on one device or inside
-   its per-device shard_map): every routed float32 convolution, forward, dX and dW, is a custom
-   call into oneDNN (mdjax.core.onednn), the library behind PyTorch's CPU convolutions. Its NHWC
+   its per-device shard_map): every routed float32 convolution of at least _ONEDNN_MIN_FLOPS,
+   forward, dX and dW, is a custom call into oneDNN (mdjax.core.onednn), the library behind PyTorch's CPU convolutions. Its NHWC
    kernels beat Eigen's on every WRN-16-4 layer (per gradient 1.72 s of 3x3 convs on Eigen against
    1.22 s on oneDNN; benchmarks/conv_layers.py), which took the WRN-16-4 b128 step from behind
    PyTorch's channels_last to ahead of it (benchmarks/RESULTS.md). Where oneDNN cannot be built
@@ -95,6 +95,11 @@ _xla_only = False
 # Set by `use_fast_conv_grads(eigen=..., onednn=...)`: which rules `conv_general_dilated` traces.
 _eigen_rules = False
 _onednn_rules = False
+# The oneDNN rules take a convolution with at least this many FLOPs a pass (2 * B*Ho*Wo * kh*kw*C*O).
+# Below it Eigen's is faster in a step: the digits recipe's convs (WRN-10-2 at 16x16, batch 32,
+# at most 0.15 GFLOP) ran 1.3x slower on oneDNN, while the smallest of WRN-16-4 b128 (a 1x1
+# shortcut, 0.54 GFLOP) and of ResNet-50 224 b8 (0.82 GFLOP) gain (benchmarks/RESULTS.md).
+_ONEDNN_MIN_FLOPS = 3e8
 # YNNPACK keeps dots and reductions; convolutions go to Eigen (module docstring, point 1). jaxlib
 # 0.10's default list is these two plus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
 CPU_COMPILER_OPTIONS = {
@@ -379,6 +384,12 @@ def _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation
   return pads if all(p >= 0 for pair in pads for p in pair) else None
 
 
+def _flops(x_shape, w_shape, strides, pads) -> int:
+  _, ho, wo, _ = onednn.output_shape(x_shape, w_shape, strides, pads)
+  kh, kw, c, o = w_shape
+  return 2 * x_shape[0] * ho * wo * kh * kw * c * o
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
@@ -386,7 +397,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   pads = _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                         dimension_numbers, batch_group_count, preferred_element_type)
   if pads is not None and feature_group_count == 1:
-    if _onednn_rules and lhs.dtype == rhs.dtype == jnp.float32:
+    if (_onednn_rules and lhs.dtype == rhs.dtype == jnp.float32
+        and _flops(lhs.shape, rhs.shape, window_strides, pads) >= _ONEDNN_MIN_FLOPS):
       return _onednn_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
     return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, _eigen_rules)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
