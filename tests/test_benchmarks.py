@@ -153,8 +153,9 @@ def test_derive_rows_for_every_benchmark():
 
 
 def test_conv_layers_times_each_gradient_and_checks_it():
-  """benchmarks/conv_layers.py on two tiny layers (one strided): every figure is there, and its
-  own check (mdjax's dX and dW equal XLA's) passed, or the script would have failed."""
+  """benchmarks/conv_layers.py on two tiny layers (one strided): every figure is there, oneDNN's
+  three passes included, and its own check (mdjax's and oneDNN's passes equal XLA's) passed, or
+  the script would have failed."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("JAX_NUM_CPU_DEVICES", None)
   proc = subprocess.run(
@@ -165,7 +166,8 @@ def test_conv_layers_times_each_gradient_and_checks_it():
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert [(r["c"], r["o"], r["stride"]) for r in report["rows"]] == [(4, 8, 1), (8, 4, 2)]
   for row in report["rows"]:
-    assert set(row["mdjax"]) == {"fwd", "dX xla", "dX mdjax", "dW xla", "dW mdjax"}
+    assert set(row["mdjax"]) == {"fwd", "dX xla", "dX mdjax", "dW xla", "dW mdjax",
+                                 "fwd onednn", "dX onednn", "dW onednn"}
     assert all(v > 0 for v in row["mdjax"].values())
 
 
