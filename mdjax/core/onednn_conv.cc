@@ -241,28 +241,18 @@ ffi::Error WeightGrad(F32 x, F32 dy, F32Out dw, ffi::Span<const int64_t> strides
   return Run(Pass::kWeightGrad, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
 }
 
+// Every handler: two float32 4-D operands, one float32 4-D result, and the two attributes.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<F32>()
+      .Arg<F32>()
+      .Ret<F32>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MdjaxOnednnConv, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MdjaxOnednnConvDx, InputGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MdjaxOnednnConvDw, WeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MdjaxOnednnConv, Forward, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MdjaxOnednnConvDx, InputGrad, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MdjaxOnednnConvDw, WeightGrad, Binding());
