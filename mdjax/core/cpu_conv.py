@@ -41,9 +41,9 @@ its own convolution gradients (cuDNN's are fast).
 
 3. oneDNN (`use_fast_conv_grads(onednn_convs=True)`, the classifier step on one device or inside
    its per-device shard_map): every routed float32 convolution of at least _ONEDNN_MIN_FLOPS,
-   forward, dX and dW, is a custom call into oneDNN (mdjax.core.onednn), the library behind PyTorch's CPU convolutions. Its NHWC
-   kernels beat Eigen's on every WRN-16-4 layer (per gradient 1.72 s of 3x3 convs on Eigen against
-   1.22 s on oneDNN; benchmarks/conv_layers.py), which took the WRN-16-4 b128 step from behind
+   forward, dX and dW, is a custom call into oneDNN (mdjax.core.onednn), the library behind
+   PyTorch's CPU convolutions. Its NHWC kernels run WRN-16-4's 3x3 convs in 1.27 s per gradient
+   against Eigen's 1.71 s (benchmarks/conv_layers.py), which took the WRN-16-4 b128 step from behind
    PyTorch's channels_last to ahead of it (benchmarks/RESULTS.md). Where oneDNN cannot be built
    (`onednn.available()`), points 1-2 apply. Not under GSPMD partitioning (XLA would gather a
    custom call's operands onto every device) nor in the GAN programs, whose convolutions are
@@ -92,10 +92,11 @@ _PATCHES_BELOW_CHANNELS = 16
 _DW_CHUNK_ROWS = 2048
 # Set inside `xla_conv_grads()`: use_fast_conv_grads then leaves every conv to XLA.
 _xla_only = False
-# Set by `use_fast_conv_grads(eigen=..., onednn=...)`: which rules `conv_general_dilated` traces.
+# Set by `use_fast_conv_grads(eigen=..., onednn_convs=...)`: the rules `conv_general_dilated`
+# traces.
 _eigen_rules = False
 _onednn_rules = False
-# The oneDNN rules take a convolution with at least this many FLOPs a pass (2 * B*Ho*Wo * kh*kw*C*O).
+# The oneDNN rules take a convolution of at least this many FLOPs a pass (2*B*Ho*Wo*kh*kw*C*O).
 # Below it Eigen's is faster in a step: the digits recipe's convs (WRN-10-2 at 16x16, batch 32,
 # at most 0.15 GFLOP) ran 1.3x slower on oneDNN, while the smallest of WRN-16-4 b128 (a 1x1
 # shortcut, 0.54 GFLOP) and of ResNet-50 224 b8 (0.82 GFLOP) gain (benchmarks/RESULTS.md).
@@ -397,10 +398,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   pads = _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                         dimension_numbers, batch_group_count, preferred_element_type)
   if pads is not None and feature_group_count == 1:
+    strides = tuple(int(s) for s in window_strides)
     if (_onednn_rules and lhs.dtype == rhs.dtype == jnp.float32
-        and _flops(lhs.shape, rhs.shape, window_strides, pads) >= _ONEDNN_MIN_FLOPS):
-      return _onednn_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
-    return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, _eigen_rules)
+        and _flops(lhs.shape, rhs.shape, strides, pads) >= _ONEDNN_MIN_FLOPS):
+      return _onednn_conv(lhs, rhs, strides, pads)
+    return _conv(lhs, rhs, strides, pads, _eigen_rules)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count,

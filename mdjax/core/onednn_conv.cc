@@ -8,9 +8,9 @@
 // Attributes: `strides` [sh, sw] and `padding` [top, bottom, left, right].
 //
 // Why written here: XLA's CPU backend runs convolutions on Eigen or YNNPACK, and oneDNN's NHWC
-// kernels (PyTorch's channels_last CPU path) run the WRN-16-4 convolutions 1.2-1.6x faster
-// (benchmarks/RESULTS.md). No package exposes oneDNN to XLA, so these handlers do, through XLA's
-// stable FFI.
+// kernels (PyTorch's channels_last CPU path) run WRN-16-4's 3x3 convolutions in 1.27 s per
+// gradient against Eigen's 1.71 s (benchmarks/RESULTS.md). No package exposes oneDNN to XLA, so
+// these handlers do, through XLA's stable FFI.
 //
 // Activations stay NHWC, as PyTorch's channels_last does; the kernel is reordered between HWIO and
 // the blocked layout oneDNN's primitive asks for (`format_tag::any`): a few MB at most, once per
@@ -19,12 +19,10 @@
 // once with a user-provided scratchpad, which each thread keeps for itself (`Scratch`).
 
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -73,26 +71,29 @@ struct Plan {
   dnnl::primitive primitive;
   memory::desc weights;  // the primitive's kernel layout
   bool reorder = false;  // whether that differs from HWIO
-  dnnl::reorder to_primitive, to_user;
+  // HWIO -> `weights` for the forward pass and dX, `weights` -> HWIO for dW.
+  dnnl::reorder weights_reorder;
   memory::desc scratchpad;
 };
 
-memory::desc Md(const Dims& dims, Tag tag) { return memory::desc(dims, memory::data_type::f32, tag); }
+memory::desc Md(const Dims& dims, Tag tag) {
+  return memory::desc(dims, memory::data_type::f32, tag);
+}
 
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      Md(g.Src(), Tag::nhwc), Md(g.Weights(), Tag::any), Md(g.Dst(), Tag::nhwc), g.Strides(),
-      g.PadLo(), g.PadHi(), attr);
+  return attr;
 }
 
 std::shared_ptr<Plan> Build(const Geometry& g, Pass pass) {
   auto plan = std::make_shared<Plan>();
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  auto fwd = ForwardDesc(g);
+  dnnl::primitive_attr attr = UserScratchpad();
+  // The backward passes are described with the forward one as their hint (oneDNN requires it).
+  dnnl::convolution_forward::primitive_desc fwd(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      Md(g.Src(), Tag::nhwc), Md(g.Weights(), Tag::any), Md(g.Dst(), Tag::nhwc), g.Strides(),
+      g.PadLo(), g.PadHi(), attr);
   if (pass == Pass::kForward) {
     plan->primitive = dnnl::convolution_forward(fwd);
     plan->weights = fwd.weights_desc();
@@ -117,10 +118,9 @@ std::shared_ptr<Plan> Build(const Geometry& g, Pass pass) {
   memory::desc user = Md(g.Weights(), Tag::hwio);
   plan->reorder = plan->weights != user;
   if (plan->reorder) {
-    plan->to_primitive = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(),
-                                                                     plan->weights));
-    plan->to_user = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), plan->weights, Engine(),
-                                                                user));
+    bool to_user = pass == Pass::kWeightGrad;
+    plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        Engine(), to_user ? plan->weights : user, Engine(), to_user ? user : plan->weights));
   }
   return plan;
 }
@@ -140,9 +140,9 @@ std::shared_ptr<Plan> Cached(const Geometry& g, Pass pass) {
 }
 
 // 64-byte aligned bytes for a call's scratchpad or reordered kernel, kept per thread and grown as
-// needed: a fresh allocation of several MB per call costs its page faults every time (measured
-// ~80 ms of a 1.9 s WRN-16-4 step). A thread runs one custom call at a time, so reusing its
-// buffers across calls is safe.
+// needed: a fresh allocation of several MB per call pays its page faults every time (the calls of
+// a WRN-16-4 step took ~80 ms more than their kernels when each allocated its own). A thread runs
+// one custom call at a time, so reusing its buffers across calls is safe.
 class Scratch {
  public:
   char* Get(size_t bytes) {
@@ -185,19 +185,20 @@ Geometry Describe(Dimensions x, Dimensions w, Dimensions y,
                   strides[0], strides[1], padding[0], padding[1], padding[2], padding[3]};
 }
 
-// Runs `pass`: `activation` is x (forward, weight gradient) or dy (input gradient), `kernel` is
-// w (in) or dw (out), `result` is y, dx, or unused (weight gradient).
+// Runs `pass` on the NHWC input-side array `x` (x, or dx for the input gradient), the HWIO kernel
+// `w` (w, or dw for the weight gradient) and the NHWC output-side array `y` (y, or dy).
 ffi::Error Run(Pass pass, const Geometry& g, void* x, void* w, void* y) {
   if (ffi::Error error = Check(g); error.failure()) return error;
   try {
     std::shared_ptr<Plan> plan = Cached(g, pass);
     dnnl::stream stream(Engine());
     memory user_w(Md(g.Weights(), Tag::hwio), Engine(), w);
-    memory prim_w =
-        plan->reorder ? memory(plan->weights, Engine(), weights_buffer.Get(plan->weights.get_size()))
-                      : user_w;
+    memory prim_w = user_w;
+    if (plan->reorder) {
+      prim_w = memory(plan->weights, Engine(), weights_buffer.Get(plan->weights.get_size()));
+    }
     if (plan->reorder && pass != Pass::kWeightGrad) {
-      plan->to_primitive.execute(stream, user_w, prim_w);
+      plan->weights_reorder.execute(stream, user_w, prim_w);
     }
     memory pad(plan->scratchpad, Engine(), scratchpad_buffer.Get(plan->scratchpad.get_size()));
     memory src(Md(g.Src(), Tag::nhwc), Engine(), x);
@@ -211,7 +212,7 @@ ffi::Error Run(Pass pass, const Geometry& g, void* x, void* w, void* y) {
     } else {
       plan->primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, prim_w},
                                        {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, pad}});
-      if (plan->reorder) plan->to_user.execute(stream, prim_w, user_w);
+      if (plan->reorder) plan->weights_reorder.execute(stream, prim_w, user_w);
     }
     stream.wait();
   } catch (const dnnl::error& e) {
