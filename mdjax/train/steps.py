@@ -203,8 +203,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
 
   `fast_conv_grads` (default: when the mesh's devices are CPUs) compiles the step with
   mdjax.core.cpu_conv's CPU compiler options and gradient rules, and (on one device, or inside
-  the per-device SAM body) oneDNN's convolutions (mdjax.core.onednn): the same gradients, a WRN
-  step about 2x as fast as XLA's CPU defaults; other backends keep XLA's own convolutions.
+  the per-device SAM body) oneDNN's convolutions (mdjax.core.onednn): the same gradients, faster
+  steps on XLA's CPU backend (figures in benchmarks/RESULTS.md); other backends keep XLA's own
+  convolutions.
   """
   if fast_conv_grads is None:
     fast_conv_grads = mesh.devices.flat[0].platform == "cpu"
