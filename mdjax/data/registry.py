@@ -8,6 +8,7 @@ mdjax looked and how to obtain and place the data.
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 from collections.abc import Callable
 
@@ -43,6 +44,10 @@ def load_splits(data_config: ml_collections.ConfigDict) -> Splits:
   if data_config.name not in DATASETS:
     raise DataError(f"unknown dataset {data_config.name!r}; registered: {', '.join(names())}")
   splits = DATASETS[data_config.name](data_config)
+  if splits.num_classes < 2:
+    raise DataError(f"dataset {data_config.name!r} has {splits.num_classes} class "
+                    f"({', '.join(splits.class_names) or 'none'}); a classifier needs at least two, "
+                    "and mistake-driven training compares them. Add the other classes' folders.")
   if data_config.max_train_per_class:
     splits.train = limit_per_class(splits.train, int(data_config.max_train_per_class),
                                    int(data_config.split_seed))
@@ -52,6 +57,31 @@ def load_splits(data_config: ml_collections.ConfigDict) -> Splits:
                       f"(data.val_fraction={data_config.val_fraction}, "
                       f"data.test_fraction={data_config.test_fraction}); add data or change the fractions.")
   return splits
+
+
+# The case this method is for, said once at the start of a run: a class with fewer training images
+# than FEW_IMAGES (a GAN cannot learn it; FastGAN's authors report distorted results below ~20),
+# or a largest class more than IMBALANCE times the smallest.
+FEW_IMAGES, IMBALANCE = 10, 20
+
+
+def imbalance(splits: Splits) -> str | None:
+  """One line about a training split with very few images in a class or classes of very different
+  sizes, or None."""
+  counts = splits.train.class_counts(splits.num_classes)
+  small = int(np.argmin(counts))
+  notes = []
+  if counts[small] < FEW_IMAGES:
+    few = [splits.class_names[k] for k in np.flatnonzero(counts < FEW_IMAGES)]
+    notes.append(f"{len(few)} class(es) have fewer than {FEW_IMAGES} training images "
+                 f"({', '.join(few[:5])}{', ...' if len(few) > 5 else ''}): a class GAN cannot "
+                 "learn from so few, and its accuracy figures move by whole images")
+  if counts.max() > IMBALANCE * max(counts[small], 1):
+    big = int(np.argmax(counts))
+    notes.append(f"the largest class ({splits.class_names[big]}, {counts[big]} images) has more "
+                 f"than {IMBALANCE}x the smallest ({splits.class_names[small]}, {counts[small]}): "
+                 "fine-tuning shifts the classifier towards the classes that get generated images")
+  return "; ".join(notes) if notes else None
 
 
 def limit_per_class(source: Source, max_per_class: int, seed: int) -> Source:
@@ -96,6 +126,86 @@ def load_digits(data_config) -> Splits:
   src = ArraySource(np.repeat(grey[..., None], 3, axis=-1), digits.target)
   train, val, test = carve(src, None, data_config)
   return Splits(train, val, test, [str(i) for i in range(10)], origin="scikit-learn load_digits")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST: the four original idx files (real 28x28 grey photos of clothes, 10 classes).
+# ----------------------------------------------------------------------------------------------
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# Where Debian's `dataset-fashion-mnist` package puts the files.
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """An idx file (LeCun's MNIST format, optionally gzipped) as a numpy array.
+
+  The format: two zero bytes, a type byte (0x08 = uint8, the only one these datasets use), the
+  number of dimensions, then each dimension as a big-endian uint32, then the data. Read with numpy
+  because the format is four header fields; no extra dependency is worth that.
+  """
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as fh:
+      raw = fh.read()
+  except (OSError, EOFError) as e:
+    raise DataError(f"cannot read {path} ({e}); replace the file with an intact copy.") from None
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    raise DataError(f"{path} is not an idx file of uint8 data (its header bytes are "
+                    f"{raw[:4].hex()}); expected the original Fashion-MNIST/MNIST files.")
+  ndim = raw[3]
+  header = 4 + 4 * ndim
+  shape = tuple(int(d) for d in np.frombuffer(raw[4:header], ">u4"))
+  data = np.frombuffer(raw, _IDX_DTYPES[raw[2]], offset=header)
+  if data.size != int(np.prod(shape)):
+    raise DataError(f"{path} is truncated: its header promises shape {shape} "
+                    f"({int(np.prod(shape))} values) but it holds {data.size}; replace the file.")
+  return data.reshape(shape)
+
+
+def _idx_file(folder: str, stem: str) -> str | None:
+  for name in (stem + ".gz", stem):
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  return None
+
+
+@register("fashion_mnist")
+def load_fashion_mnist(data_config) -> Splits:
+  """Fashion-MNIST (Xiao et al. 2017) from its four idx files: 60,000 training and 10,000 test
+  images, 28x28 grey, kept at their native size (as RGB with equal channels).
+
+  Looked for in `data.root`, else ~/mdjax_data/fashion_mnist ($MDJAX_DATA_DIR), then Debian's
+  /usr/share/datasets/fashion-mnist. Validation is carved from the training images.
+  """
+  looked = ([_root(data_config, "fashion_mnist")] if data_config.root else
+            [_root(data_config, "fashion_mnist"), FASHION_MNIST_SYSTEM_DIR])
+  for folder in looked:
+    found = {split: [_idx_file(folder, stem) for stem in stems]
+             for split, stems in FASHION_MNIST_FILES.items()}
+    if all(all(paths) for paths in found.values()):
+      break
+  else:
+    raise _missing(
+        "Fashion-MNIST", looked,
+        "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four "
+        "files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
+        "and t10k-labels-idx1-ubyte.gz from github.com/zalandoresearch/fashion-mnist in one folder.")
+  sources = {}
+  for split, (images_path, labels_path) in found.items():
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+      raise DataError(f"{images_path} and {labels_path} do not pair up: images {images.shape}, "
+                      f"labels {labels.shape}; expected [N, H, W] images and [N] labels.")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+      raise DataError(f"{labels_path} has label {labels.max()}; Fashion-MNIST labels are 0-9.")
+    sources[split] = ArraySource(np.repeat(images[..., None], 3, axis=-1), labels)
+  train, val, test = carve(sources["train"], sources["test"], data_config)
+  return Splits(train, val, test, list(FASHION_MNIST_CLASSES), origin=os.path.dirname(images_path))
 
 
 # ----------------------------------------------------------------------------------------------
