@@ -71,12 +71,12 @@ def test_checkpoints_round_trip_with_record_and_refuse_another_shape(tmp_path):
 def test_resume_or_start_saves_the_start_then_resumes_the_newest(tmp_path):
   start = {"w": jnp.zeros(4), "step": jnp.int32(0)}
   with Checkpoints(tmp_path / "ck") as ck:
-    step, state, fresh = ck.resume_or_start(start)
+    step, state, _, fresh = ck.resume_or_start(start)
     assert (step, fresh) == (0, True) and state is start
     ck.save(5, {"w": jnp.full(4, 5.0), "step": jnp.int32(5)})
   with Checkpoints(tmp_path / "ck") as ck:
     assert ck.latest_step() == 5
-    step, state, fresh = ck.resume_or_start(start)
+    step, state, _, fresh = ck.resume_or_start(start)
   assert (step, fresh) == (5, False)
   np.testing.assert_array_equal(state["w"], np.full(4, 5.0))
   with Checkpoints(tmp_path / "ck") as ck:  # checkpoint 0 was written by the fresh start

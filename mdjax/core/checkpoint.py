@@ -301,16 +301,17 @@ class Checkpoints:
       return step, state, record
     return None
 
-  def resume_or_start(self, initial: Any) -> tuple[int, Any, bool]:
-    """(step, state, fresh): the newest intact checkpoint (`restore_latest`, `initial` giving the
-    shapes and shardings), else `initial` at step 0, saved as checkpoint 0 so that a resume and a
-    NaN recovery always have a good state to go back to. For states without a record."""
+  def resume_or_start(self, initial: Any, record: Any = None) -> tuple[int, Any, Any, bool]:
+    """(step, state, record, fresh): the newest intact checkpoint (`restore_latest`, `initial`
+    giving the shapes and shardings), else `initial` at step 0 with `record` (for a manager that
+    keeps one), saved as checkpoint 0 so that a resume and a NaN recovery always have a good state
+    to go back to."""
     restored = self.restore_latest(initial)
     if restored is None:
-      self.save(0, initial)
-      return 0, initial, True
-    step, state, _ = restored
-    return step, state, False
+      self.save(0, initial, record)
+      return 0, initial, record, True
+    step, state, stored_record = restored
+    return step, state, stored_record, False
 
   def close(self) -> None:
     """Waits for the pending save, then releases the manager; raises StorageError if it failed."""

@@ -37,10 +37,11 @@ from mdjax.errors import NonFiniteLossError, RecoveryWarning, UserError
 from mdjax.gan import class_data, program
 
 # fold_in constants separating a class's key streams (training uses the class key itself).
-GRID_STREAM, GENERATE_STREAM = 1_000_001, 1_000_002
+GRID_STREAM, GENERATE_STREAM, CHECK_STREAM = 1_000_001, 1_000_002, 1_000_003
 # The config keys a chunk's checkpoints depend on (with its classes, their data and the seed).
 META_KEYS = ("resolution", "batch_size", "ngf", "ndf", "nz", "learning_rate", "beta1", "beta2",
-              "ema_decay", "recon_loss", "diffaug")
+              "ema_decay", "recon_loss", "diffaug", "colour", "stop_judge", "stop_diversity",
+              "stop_fd_gain", "sample_every")
 
 
 def class_keys(seed: int, class_index: int) -> tuple[jax.Array, jax.Array]:
@@ -69,16 +70,24 @@ def init_ensemble(fns: program.GanFns, seed: int, class_indices: Sequence[int],
     rngs.append(stream)
   ens = {"gan": program.stack_states(states), "rng": jnp.stack(rngs),
          "ok": jnp.ones((len(class_indices),), bool),
-         "restarts": jnp.zeros((len(class_indices),), jnp.int32)}
+         "restarts": jnp.zeros((len(class_indices),), jnp.int32),
+         "active": jnp.ones((len(class_indices),), bool)}
   return process.put_global(ens, mesh_lib.class_sharding(mesh))
 
 
 def checkpoint_meta(classes, images, gan_config, seed) -> dict:
   # "ema": checkpoints from before the bias-corrected EMA (mdjax.gan.step.ema_update) hold a
   # different average under the same config; they must not be resumed as if they were the same.
-  return {"ema": "bias_corrected", "classes": [int(k) for k in classes],
+  # "layout": checkpoints from before the stopping rule hold no "active" flags and no record.
+  return {"ema": "bias_corrected", "layout": "active+quality", "classes": [int(k) for k in classes],
           "counts": [len(x) for x in images], "data": [class_data.fingerprint(x) for x in images],
           "seed": int(seed), "gan": {k: gan_config.get(k) for k in META_KEYS}}
+
+
+def _quality_record(curves: Mapping[int, list], stopped: Mapping[int, int]) -> dict:
+  """The JSON record saved with a chunk's checkpoints: the stopping rule's checks and stops."""
+  return {"curves": {str(k): v for k, v in curves.items()},
+          "stopped": {str(k): int(v) for k, v in stopped.items()}}
 
 
 def check_meta(chunk_dir: Path, meta: dict) -> None:
@@ -101,10 +110,13 @@ class Chunk:
   Attributes:
     classes: the chunk's classes; `padded` adds copies of the last one up to a multiple of the
       mesh size (their results are dropped).
-    ens: the state {"gan", "rng", "ok", "restarts"}, sharded over "class"; with `per_class`
-      (the "per_class" strategy, mdjax.gan.program) `ens["gan"]` is a list of the classes' own
-      states, stacked only into checkpoints, so checkpoints are the same for every strategy.
+    ens: the state {"gan", "rng", "ok", "restarts", "active"}, sharded over "class"; with
+      `per_class` (the "per_class" strategy, mdjax.gan.program) `ens["gan"]` is a list of the
+      classes' own states, stacked only into checkpoints, so checkpoints are the same for every
+      strategy.
     step: the GAN steps taken; `fresh`: no checkpoint existed (the chunk starts at step 0).
+    curves: {class: its quality checks so far} (mdjax.gan.monitor), saved with each checkpoint.
+    stopped: {class: the step it stopped at} for the classes the stopping rule stopped.
   """
 
   def __init__(self, chunk_dir: Path, classes: Sequence[int], images: Mapping[int, np.ndarray],
@@ -117,16 +129,42 @@ class Chunk:
                                           gan_config, seed))
     data, counts = class_data.stack_class_images([images[k] for k in self.padded], capacity)
     self.data, self.counts = process.put_global((data, counts), self._sharding)
-    self.checkpoints = Checkpoints(chunk_dir / "checkpoints")
+    self.checkpoints = Checkpoints(chunk_dir / "checkpoints", record="quality")
     self.per_class = per_class
     initial = init_ensemble(fns, seed, self.padded, mesh)
     # What a checkpoint restores into: shapes, dtypes and shardings of the stacked state.
     self._stored_like = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial)
     # The newest intact checkpoint; damaged ones are set aside with a warning (core.checkpoint).
-    self.step, stored, self.fresh = self.checkpoints.resume_or_start(initial)
+    self.step, stored, record, self.fresh = self.checkpoints.resume_or_start(
+        initial, _quality_record({}, {}))
     del initial
     self.ens = self._live(stored)
+    self._restore_quality(record)
+
+  def _restore_quality(self, record: dict) -> None:
+    self.curves = {int(k): list(v) for k, v in record["curves"].items()}
+    self.stopped = {int(k): int(v) for k, v in record["stopped"].items()}
+    self.active = process.fetch_sharded(self.ens["active"]).copy()
+
+  @property
+  def any_active(self) -> bool:
+    return bool(self.active.any())
+
+  def is_active(self, k: int) -> bool:
+    return bool(self.active[self.padded.index(k)])
+
+  def stop(self, k: int) -> None:
+    """Freezes class k's GAN (and its padded copies) from the next step on."""
+    for p, c in enumerate(self.padded):
+      if c == k:
+        self.active[p] = False
+    self.stopped[k] = self.step
+    self.ens = dict(self.ens, active=process.put_global(self.active.copy(), self._sharding))
+
+  def class_steps(self, k: int) -> int:
+    """The steps class k's GAN trained: the step it stopped at, else the chunk's."""
+    return self.stopped.get(k, self.step)
 
   def _live(self, stored: dict) -> dict:
     return program.per_class_layout(stored) if self.per_class else stored
@@ -146,7 +184,8 @@ class Chunk:
     return {k: int(counts[p]) for p, k in enumerate(self.classes)}
 
   def save(self) -> None:
-    self.checkpoints.save(self.step, program.stacked_layout(self.ens))
+    self.checkpoints.save(self.step, program.stacked_layout(self.ens),
+                          _quality_record(self.curves, self.stopped))
 
   def class_state(self, position: int):
     """The GAN state of the class at `position`, on this process (a collective)."""
@@ -159,7 +198,7 @@ class Chunk:
     # Counted from the live state: the checkpoint's counts predate the failures since it was saved.
     restarts = process.fetch_sharded(self.ens["restarts"]).copy()
     last = self.checkpoints.latest_step()
-    restored, _ = self.checkpoints.restore(last, self._stored_like)
+    restored, record = self.checkpoints.restore(last, self._stored_like)
     restored = self._live(restored)
     for p in bad:
       restarts[p] += 1
@@ -182,6 +221,7 @@ class Chunk:
     restored["restarts"] = process.put_global(restarts, self._sharding)
     restored["ok"] = process.put_global(np.ones_like(ok), self._sharding)
     self.ens, self.step = restored, last
+    self._restore_quality(record)
 
   def close(self) -> None:
     """Waits for the pending checkpoint."""

@@ -72,7 +72,7 @@ class ConditionalResult:
     generated: {class index: uint8 [n, R, R, 3]} (when `num_samples` given).
     history: [{"step": s, "d_loss": ..., "g_loss": ..., ...}] at logging points of this call.
     nan_restarts: times the GAN was restored after a NaN/inf.
-    acceptance: {class index: generate.Accepted} (only with an `accept` filter).
+    acceptance: {class index: generate.Accepted} (only with a `score` filter).
     state: the final GAN state as numpy (only with `keep_state=True`).
     workdir: the GAN directory.
   """
@@ -165,7 +165,7 @@ class _Run:
             "restarts": jnp.zeros((), jnp.int32)}
     self.cgan = process.put_global(cgan, self._sharding)
     self.checkpoints = Checkpoints(workdir / "checkpoints")
-    self.step, self.cgan, self.fresh = self.checkpoints.resume_or_start(self.cgan)
+    self.step, self.cgan, _, self.fresh = self.checkpoints.resume_or_start(self.cgan)
 
   def advance(self, step_fn) -> dict:
     self.cgan, metrics = step_fn(self.cgan, self.data, self.counts, jnp.int32(self.step))
@@ -213,7 +213,8 @@ def conditional_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def train_conditional_gan(images_by_class: Mapping[int, np.ndarray],
                           gan_config: ml_collections.ConfigDict, workdir: str, seed: int, *,
                           num_samples: int | Mapping[int, int] | None = None,
-                          accept: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                          score: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                          threshold: float = 0.0, select: str = "first",
                           max_draws: int = 10, max_nan_restarts: int = 3,
                           keep_state: bool = False, progress: bool = True) -> ConditionalResult:
   """Trains one class-conditional FastGAN on all classes of `images_by_class`; resumable.
@@ -221,8 +222,8 @@ def train_conditional_gan(images_by_class: Mapping[int, np.ndarray],
   The arguments mean what they mean for mdjax.gan.ensemble.train_class_gans: `images_by_class`
   {class index: uint8 [N, H, W, 3]} (resized to `gan_config.resolution`), `workdir` (rerunning
   with it resumes, and returns at once when training finished), `num_samples` per class (int or
-  {class: n}) drawn from the EMA generator with the class's GENERATE_STREAM key, `accept` /
-  `max_draws` the optional filter. `keep_state` also returns the final state (numpy).
+  {class: n}) drawn from the EMA generator with the class's GENERATE_STREAM key, `score`,
+  `threshold`, `select` and `max_draws` the optional filter (as train_class_gans'). `keep_state` also returns the final state (numpy).
   """
   g = gan_config
   if not images_by_class:
@@ -277,14 +278,11 @@ def train_conditional_gan(images_by_class: Mapping[int, np.ndarray],
       key = chunks.stream_key(seed, k, chunks.GENERATE_STREAM)
       with_label = (state, jnp.int32(p))
       batch_size = 4 * int(g.batch_size)
-      if accept is None:
-        result.generated[k] = generate.generate_images(sampler, with_label, n, key,
-                                                       batch_size=batch_size)
-      else:
-        out = generate.generate_accepted(sampler, with_label, n, key,
-                                         functools.partial(accept, k), max_draws=max_draws * n,
-                                         batch_size=batch_size)
-        result.generated[k], result.acceptance[k] = out.images, out
+      result.generated[k], counts = generate.draw_class(
+          sampler, with_label, n, key, score=score and functools.partial(score, k),
+          threshold=threshold, select=select, max_draws=max_draws, batch_size=batch_size)
+      if counts is not None:
+        result.acceptance[k] = counts
     if keep_state:
       result.state = jax.device_get(state)
   finally:

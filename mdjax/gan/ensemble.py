@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mdjax.core import loop, mesh as mesh_lib, process
-from mdjax.errors import DataError, UserError
+from mdjax.errors import DataError, QualityWarning, UserError
 from mdjax.gan import chunks as chunks_lib
 from mdjax.gan import class_data, distill, generate, program
+from mdjax.gan import monitor as monitor_lib
 
 GRID_SIZE = 16
 _LOSSES = (("d_loss", "D"), ("g_loss", "G"), ("triplet_loss", "T"))
@@ -58,6 +60,8 @@ class EnsembleResult:
     acceptance: {class index: generate.Accepted} (only with an `accept` filter).
     workdir: where checkpoints, sample grids and TensorBoard logs are.
     strategy: "vmap", "map", "unroll" or "per_class", as resolved.
+    stopping: with a `monitor`: {class index as str: {"steps": trained, "stopped": "passed" or
+      "budget", "curve": its checks}} (mdjax.gan.monitor.stop_record); else None.
   """
   class_indices: tuple[int, ...]
   steps: int
@@ -68,16 +72,19 @@ class EnsembleResult:
   workdir: Path
   strategy: str
   acceptance: dict[int, Any] = dataclasses.field(default_factory=dict)
+  stopping: dict | None = None
 
 
 def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_collections.ConfigDict,
                      workdir: str, seed: int, *, step_fns: program.GanFns | None = None,
                      num_samples: int | Mapping[int, int] | None = None,
-                     accept: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                     score: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                     threshold: float = 0.0, select: str = "first",
                      max_draws: int = 10, mesh: jax.sharding.Mesh | None = None,
                      max_nan_restarts: int = 3, keep_states: bool = False,
                      progress: bool = True, steps: int | None = None,
-                     teacher: distill.Teacher | None = None) -> EnsembleResult:
+                     teacher: distill.Teacher | None = None,
+                     monitor: monitor_lib.Monitor | None = None) -> EnsembleResult:
   """Trains one GAN per class in `images_by_class`, K classes per compiled program; resumable.
 
   Args:
@@ -91,10 +98,13 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
     step_fns: the single-class GAN; default: FastGAN from mdjax.gan.step.
     num_samples: images to generate per class from the final EMA generator (int for all, or per
       class); None generates nothing (use `generate.generate_images` later from saved states).
-    accept: filters the generated images: `accept(class index, uint8 [B, R, R, 3]) -> bool [B]`;
-      each class draws until `num_samples` images pass or `max_draws` x `num_samples` were drawn
-      (`generate.generate_accepted`); `result.acceptance` holds the counts.
-    max_draws: the draw cap with `accept`, as a multiple of the class's `num_samples`.
+    score: filters the generated images: `score(class index, uint8 [B, R, R, 3]) -> float [B]`,
+      the classifier's probability of the class; an image passes above `threshold`. With
+      `select="first"` each class draws until `num_samples` images pass or `max_draws` x
+      `num_samples` were drawn (`generate.generate_accepted`); with "hardest" it draws all of
+      those and keeps the passing ones of lowest score (`generate.generate_hardest`).
+      `result.acceptance` holds the counts.
+    max_draws: the draw cap with `score`, as a multiple of the class's `num_samples`.
     mesh: 1-D mesh with axis "class" (default: all devices).
     max_nan_restarts: restorations after NaN/inf allowed per class before giving up.
     keep_states: also return every class's final state (numpy; large for full-width FastGANs).
@@ -105,18 +115,21 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
     teacher: GAN distillation (mdjax.gan.distill): the triplet term, classifier and hard / easy
       features of every class; the step is then the distilling program (a `guided_step` is
       needed: mdjax.gan.step's FastGAN has one).
+    monitor: judges each class's images at every sample point, and stops a class once they pass
+      (mdjax.gan.monitor); `steps` is then each class's budget. None: every class trains `steps`.
   """
   g = gan_config
   steps = int(g.steps if steps is None else steps)
   if not images_by_class:
     raise DataError("train_class_gans got no classes; select at least one weak class.")
-  fns = step_fns or program.default_gan_fns(g)
   mesh = mesh or mesh_lib.class_mesh()
   strategy = program.resolve_strategy(g.ensemble, mesh.devices.flat[0].platform, mesh.size)
   workdir = Path(workdir)
   classes = sorted(int(k) for k in images_by_class)
   images = {k: class_data.prepare_class_images(images_by_class[k], g.resolution, class_index=k)
             for k in classes}
+  fns = step_fns or program.default_gan_fns(
+      g, grey_data=all(class_data.is_grey(x) for x in images.values()))
   capacity = max(len(x) for x in images.values())
   groups = class_data.balanced_chunks(classes, g.chunk_size)
   if isinstance(num_samples, int):
@@ -126,8 +139,11 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
   if teacher is not None and not hasattr(fns, "guided_step"):
     raise UserError("GAN distillation needs a GAN step with an extra generator loss term "
                     "(`guided_step`, as mdjax.gan.step's FastGAN has); the given step_fns lack it.")
+  stopping = monitor is not None and monitor.rule.enabled
   step_fn = program.make_ensemble_step(fns, batch_size=g.batch_size, strategy=strategy, mesh=mesh,
-                                       triplet=None if teacher is None else teacher.triplet)
+                                       triplet=None if teacher is None else teacher.triplet,
+                                       masked=stopping)
+  class_steps, curves, reasons = {}, {}, {}
 
   with _Progress(workdir, fns, seed, steps, len(groups), progress) as report, \
       contextlib.ExitStack() as open_chunks:  # every chunk's last save completes, also on errors
@@ -143,12 +159,13 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
       if teacher is not None:  # this chunk's hard / easy features, inputs of the one program
         advance = functools.partial(step_fn, teacher=teacher.stacked(chunk.padded, capacity, mesh))
 
-      while chunk.step < steps:
+      while chunk.step < steps and chunk.any_active:
+        active = [k for k in group if chunk.is_active(k)]
         metrics = chunk.advance(advance)
         report.bar.update(1)
         step = chunk.step
-        save_now = loop.itstime(step, g.checkpoint_every, steps)
         sample_now = loop.itstime(step, g.sample_every, steps)
+        save_now = loop.itstime(step, g.checkpoint_every, steps)
         if not (save_now or sample_now or loop.itstime(step, g.log_every)):
           continue
         ok = chunk.all_finite()
@@ -162,23 +179,63 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
         host = {name: np.asarray(v, np.float64)[:len(group)]
                 for name, v in process.fetch_sharded(metrics).items()}
         for p, k in enumerate(group):
-          result.history[k].append({"step": step, **{n: float(v[p]) for n, v in host.items()}})
+          if k in active:
+            result.history[k].append({"step": step, **{n: float(v[p]) for n, v in host.items()}})
         report.log(group, step, host)
-        if save_now:
-          chunk.save()
         if sample_now:
-          report.sample_grids(chunk, step, host)
+          report.sample_grids(chunk, step, host, active)
+          if monitor is not None:
+            _check_classes(chunk, monitor, fns, seed, active, step, steps, report)
+        if save_now or (sample_now and stopping):  # a decision is saved with the state it froze
+          chunk.save()
+      report.finish_chunk(j)
 
+      for k in group:
+        class_steps[k] = chunk.class_steps(k)
+        curves[k] = chunk.curves.get(k, [])
+        reasons[k] = "passed" if k in chunk.stopped else "budget"
       _final_outputs(result, chunk, fns, seed, num_samples or {}, keep_states, 4 * g.batch_size,
-                     accept, max_draws)
+                     score, threshold, select, max_draws)
       report.writer.flush()
+  if monitor is not None:
+    result.stopping = monitor_lib.stop_record(curves, class_steps, reasons)
   return result
+
+
+def _check_classes(chunk: chunks_lib.Chunk, monitor: monitor_lib.Monitor, fns: program.GanFns,
+                   seed: int, active: Sequence[int], step: int, steps: int,
+                   report: _Progress) -> None:
+  """Judges the still-training classes' images at `step` and stops those that pass
+  (mdjax.gan.monitor); each class's check is added to its curve and, when it ends, one line says
+  how it did. Every process runs this (class_state is a collective) and decides the same."""
+  for k in active:
+    state = chunk.class_state(chunk.classes.index(k))
+    key = jax.random.fold_in(chunks_lib.stream_key(seed, k, chunks_lib.CHECK_STREAM), step)
+    images = generate.generate_images(fns.sample, state, monitor_lib.CHECK_SAMPLES, key,
+                                      batch_size=monitor_lib.CHECK_SAMPLES)
+    curve = chunk.curves.setdefault(k, [])
+    curve.append(monitor.check(k, step, images))
+    report.writer.add_scalar(f"class_{k:04d}/judge_fraction", curve[-1]["judge_fraction"], step)
+    if curve[-1]["frechet_distance"] is not None:
+      report.writer.add_scalar(f"class_{k:04d}/frechet_distance", curve[-1]["frechet_distance"],
+                               step)
+    if monitor.rule.should_stop(curve):
+      chunk.stop(k)
+      report.say(monitor.describe(k, curve, "passed"))
+    elif step >= steps:
+      report.say(monitor.describe(k, curve, "budget"))
+      if monitor.rule.enabled and not curve[-1]["passed"]:
+        warnings.warn(
+            f"the GAN of {monitor.name(k)} trained its whole budget (gan.steps={steps}) and its "
+            f"images still do not pass ({', '.join(monitor.rule.shortfalls(curve[-1]))}): raise "
+            "gan.steps, or look at its sample grids.", QualityWarning, stacklevel=2)
 
 
 def _final_outputs(result: EnsembleResult, chunk: chunks_lib.Chunk, fns: program.GanFns,
                    seed: int, num_samples: Mapping[int, int], keep_states: bool,
-                   batch_size: int, accept=None, max_draws: int = 10) -> None:
-  """Generated images (filtered by `accept` if given) and (with `keep_states`) final states of a
+                   batch_size: int, score=None, threshold: float = 0.0, select: str = "first",
+                   max_draws: int = 10) -> None:
+  """Generated images (filtered by `score` if given) and (with `keep_states`) final states of a
   trained chunk's classes."""
   for p, k in enumerate(chunk.classes):
     n = num_samples.get(k, 0)
@@ -187,13 +244,11 @@ def _final_outputs(result: EnsembleResult, chunk: chunks_lib.Chunk, fns: program
     state = chunk.class_state(p)
     if n > 0:
       key = chunks_lib.stream_key(seed, k, chunks_lib.GENERATE_STREAM)
-      if accept is None:
-        result.generated[k] = generate.generate_images(fns.sample, state, n, key,
-                                                       batch_size=batch_size)
-      else:
-        out = generate.generate_accepted(fns.sample, state, n, key, functools.partial(accept, k),
-                                         max_draws=max_draws * n, batch_size=batch_size)
-        result.generated[k], result.acceptance[k] = out.images, out
+      result.generated[k], counts = generate.draw_class(
+          fns.sample, state, n, key, score=score and functools.partial(score, k),
+          threshold=threshold, select=select, max_draws=max_draws, batch_size=batch_size)
+      if counts is not None:
+        result.acceptance[k] = counts
     if keep_states:
       result.states[k] = jax.device_get(state)
 
@@ -217,6 +272,15 @@ class _Progress:
     self.bar.close()
     self.writer.close()
 
+  def say(self, line: str) -> None:
+    """One line of its own under the bar (process 0)."""
+    if process.is_writer():
+      tqdm.write(f"mdjax: {line}")
+
+  def finish_chunk(self, j: int) -> None:
+    """Classes that stopped early end their chunk before the budget: the bar moves on."""
+    self.seek(j + 1, 0)
+
   def start_chunk(self, j: int, classes: Sequence[int], step: int) -> None:
     self.bar.set_description(
         f"class GANs (chunk {j + 1}/{self.num_chunks}: {len(classes)} classes)")
@@ -233,15 +297,23 @@ class _Progress:
   def log(self, classes: Sequence[int], step: int, host: dict[str, np.ndarray]) -> None:
     for p, k in enumerate(classes):
       for n, v in host.items():
-        self.writer.add_scalar(f"class_{k:04d}/{n}", float(v[p]), step)
-    # The bar shows the mean and worst (largest) D and G loss over the chunk's classes.
-    self.bar.set_postfix({short: f"{host[name].mean():.3f}/{host[name].max():.3f}"
-                          for name, short in _LOSSES if name in host}, refresh=False)
+        if np.isfinite(v[p]):  # NaN: a stopped class
+          self.writer.add_scalar(f"class_{k:04d}/{n}", float(v[p]), step)
+    # The bar shows the mean and worst (largest) D and G loss over the chunk's training classes
+    # (a stopped class's losses are NaN).
+    self.bar.set_postfix({short: f"{np.nanmean(host[name]):.3f}/{np.nanmax(host[name]):.3f}"
+                          for name, short in _LOSSES if name in host and
+                          np.isfinite(host[name]).any()}, refresh=False)
 
-  def sample_grids(self, chunk: chunks_lib.Chunk, step: int, host: dict[str, np.ndarray]) -> None:
+  def sample_grids(self, chunk: chunks_lib.Chunk, step: int, host: dict[str, np.ndarray],
+                   active: Sequence[int]) -> None:
+    """A grid of each training class's EMA generator at `step` (a stopped class's last grid
+    stays the one of its last step)."""
     if self.show:  # the bar shows mean/worst; this line every class's own losses
-      self.bar.write(f"GAN step {step}/{self.steps}: {_class_losses(host, chunk.classes)}")
+      self.bar.write(f"GAN step {step}/{self.steps}: {_class_losses(host, chunk.classes, active)}")
     for p, k in enumerate(chunk.classes):
+      if k not in active:
+        continue
       state = chunk.class_state(p)  # a collective: every process runs it
       if not process.is_writer():
         continue
@@ -255,9 +327,10 @@ class _Progress:
     return self.workdir / "samples" / f"class_{k:04d}"
 
 
-def _class_losses(host: dict[str, np.ndarray], classes: Sequence[int]) -> str:
-  """Every class's D and G loss on one line: "class 2 D 1.408 G 0.431 | class 3 ..."."""
+def _class_losses(host: dict[str, np.ndarray], classes: Sequence[int],
+                  active: Sequence[int]) -> str:
+  """Every training class's D and G loss on one line: "class 2 D 1.408 G 0.431 | class 3 ..."."""
   return " | ".join(
       " ".join([f"class {k}"] + [f"{short} {host[name][p]:.3f}" for name, short in _LOSSES
                                  if name in host])
-      for p, k in enumerate(classes))
+      for p, k in enumerate(classes) if k in active)

@@ -122,6 +122,47 @@ def generate_accepted(sample_fn: Callable[[Any, jax.Array, int], jax.Array], sta
   return Accepted(images, drawn, passed)
 
 
+def generate_hardest(sample_fn: Callable[[Any, jax.Array, int], jax.Array], state, n: int,
+                     rng: jax.Array, score: Callable[[np.ndarray], np.ndarray], threshold: float,
+                     *, max_draws: int, batch_size: int = 64) -> Accepted:
+  """The `n` images the classifier finds hardest but still plausible, from `max_draws` draws.
+
+  Classifier-feedback selection (feedback-guided synthesis): `score(uint8 [B, R, R, 3])` gives
+  each image the classifier's probability of its class; images scoring above `threshold` are
+  plausible, and of those the `n` with the lowest scores are kept (the ones nearest the class's
+  boundary, where the classifier errs), in draw order. The same stream as `generate_images`.
+  """
+  if n <= 0:
+    return Accepted(np.zeros((0,), np.uint8), 0, 0)
+  images = generate_images(sample_fn, state, max_draws, rng, batch_size=batch_size)
+  scores = np.asarray(score(images), np.float64)
+  plausible = np.flatnonzero(scores > threshold)
+  hardest = np.sort(plausible[np.argsort(scores[plausible], kind="stable")[:n]])
+  return Accepted(images[hardest], len(images), len(plausible))
+
+
+# How `draw_class` keeps images when scored: the first that pass, or the hardest that pass.
+SELECTIONS = ("first", "hardest")
+
+
+def draw_class(sample_fn: Callable[[Any, jax.Array, int], jax.Array], state, n: int,
+               rng: jax.Array, *, score: Callable[[np.ndarray], np.ndarray] | None = None,
+               threshold: float = 0.0, select: str = "first", max_draws: int = 10,
+               batch_size: int = 64) -> tuple[np.ndarray, Accepted | None]:
+  """`n` images of one class: all drawn (no `score`), or filtered by the classifier's probability
+  `score` above `threshold`, keeping the first that pass (`generate_accepted`) or the hardest
+  (`generate_hardest`), from at most `max_draws` x `n` draws. Returns (images, counts or None)."""
+  if score is None:
+    return generate_images(sample_fn, state, n, rng, batch_size=batch_size), None
+  if select == "hardest":
+    out = generate_hardest(sample_fn, state, n, rng, score, threshold, max_draws=max_draws * n,
+                           batch_size=batch_size)
+  else:
+    out = generate_accepted(sample_fn, state, n, rng, lambda images: score(images) > threshold,
+                            max_draws=max_draws * n, batch_size=batch_size)
+  return out.images, out
+
+
 # ------------------------------------------------------------------------------------------------
 # Files.
 # ------------------------------------------------------------------------------------------------

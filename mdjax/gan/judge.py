@@ -18,6 +18,14 @@ class's generated ones.
 
 Real and generated images go through the same path: the whole image as a square at the GAN's
 resolution (what the GAN learns from and produces), then resized to the judge's input size.
+
+`measure` gives every number the pipeline reports per weak class from one pass of the judge's
+features: the judge's fraction, the diversity ratio, a Frechet distance and the memorisation share
+(mdjax.gan.quality). The Frechet distance is taken in the judge's feature space projected on its
+first `EMBEDDING_DIMS` principal components (fit on the real training images): the raw spaces
+have 1,280 (Lite0) to thousands (pixels) of dimensions, where a class's covariance from a hundred
+images is singular and its matrix square root costs seconds; in 32 dimensions it is well estimated
+from 100 images and costs milliseconds, so the GANs' stopping rule can compute it at every check.
 """
 
 from __future__ import annotations
@@ -33,6 +41,10 @@ from PIL import Image
 from mdjax import models
 from mdjax.errors import DataError
 from mdjax.gan import quality
+
+# Principal components of the judge's features in which Frechet distances are taken (module
+# docstring).
+EMBEDDING_DIMS = 32
 
 JUDGES = {
     "lite0": ("multinomial logistic regression on frozen ImageNet EfficientNet-Lite0 features of the "
@@ -76,6 +88,8 @@ class Judge:
   resolution: int
   heldout_accuracy: float
   heldout_class_accuracy: list[float]
+  # PCA of the real training images' features, for Frechet distances (module docstring).
+  embedding: object = None
 
   def features(self, images: np.ndarray) -> np.ndarray:
     """The judge's features [N, F] of images uint8 or float [0, 1], NHWC (what it classifies)."""
@@ -102,19 +116,43 @@ class Judge:
   def assess(self, real_by_class: Mapping[int, np.ndarray],
              generated_by_class: Mapping[int, np.ndarray]) -> tuple[dict[int, float],
                                                                     dict[int, float]]:
-    """(`fractions(generated_by_class)`, `diversity(real_by_class, generated_by_class)`), with
-    the judge's features of each class's generated images computed once for both (for the Lite0
-    judge that is one EfficientNet pass per image, not two)."""
-    fractions, spread = {}, {}
+    """(`fractions(generated_by_class)`, `diversity(real_by_class, generated_by_class)`) from one
+    `measure` (the judge's features of each image set computed once)."""
+    measured = self.measure(real_by_class, generated_by_class)
+    return ({k: m["judge_fraction"] for k, m in measured.items()},
+            {k: m["diversity_ratio"] for k, m in measured.items()
+             if m["diversity_ratio"] is not None})
+
+  def measure(self, real_by_class: Mapping[int, np.ndarray],
+              generated_by_class: Mapping[int, np.ndarray]) -> dict[int, dict[str, float]]:
+    """Per class k of `generated_by_class`: {"judge_fraction", "diversity_ratio",
+    "frechet_distance", "memorisation"} of its generated images against `real_by_class[k]` (the
+    class's real training images), the judge's features computed once per image. The last three
+    are None where either set has fewer than 2 images."""
+    out = {}
     for k, images in generated_by_class.items():
       if len(images) == 0:
         raise DataError(f"class {k} has no images to judge.")
       generated = self.features(images)
-      fractions[int(k)] = float(np.mean(self.classifier.predict(generated) == int(k)))
+      row = {"judge_fraction": float(np.mean(self.classifier.predict(generated) == int(k))),
+             "diversity_ratio": None, "frechet_distance": None, "memorisation": None}
       real = real_by_class.get(k)
       if real is not None and len(real) >= 2 and len(images) >= 2:
-        spread[int(k)] = quality.diversity_ratio(self.features(real), generated)
-    return fractions, spread
+        real = self.features(real)
+        row["diversity_ratio"] = quality.diversity_ratio(real, generated)
+        row["frechet_distance"] = quality.frechet_distance(self.embed(real), self.embed(generated))
+        row["memorisation"] = quality.memorisation(real, generated)
+      out[int(k)] = row
+    return out
+
+  def embed(self, features: np.ndarray) -> np.ndarray:
+    """Judge features [N, F] -> their principal components [N, <= EMBEDDING_DIMS]."""
+    return self.embedding.transform(features) if self.embedding is not None else features
+
+  def weak_classes(self, minimum: float = 0.5) -> list[int]:
+    """Classes whose real held-out images the judge recognises less than `minimum` of the time:
+    its verdicts on their generated images say little."""
+    return [k for k, a in enumerate(self.heldout_class_accuracy) if np.isfinite(a) and a < minimum]
 
   def record(self) -> dict:
     return {"kind": self.kind, "model": JUDGES[self.kind], "resolution": self.resolution,
@@ -144,6 +182,8 @@ def fit_judge(train_images: np.ndarray, train_labels: np.ndarray, heldout_images
   from sklearn.svm import SVC
   # pylint: enable=import-outside-toplevel
 
+  from sklearn.decomposition import PCA  # pylint: disable=import-outside-toplevel
+
   if kind not in JUDGES:
     raise ValueError(f"unknown judge {kind!r}: expected one of {sorted(JUDGES)}")
   x_train = _features(kind, train_images, resolution)
@@ -157,7 +197,9 @@ def fit_judge(train_images: np.ndarray, train_labels: np.ndarray, heldout_images
   held = np.asarray(heldout_labels)
   per_class = [float(np.mean(pred[held == k] == k)) if np.any(held == k) else float("nan")
                for k in range(num_classes)]
-  return Judge(clf, kind, resolution, float(np.mean(pred == held)), per_class)
+  dims = min(EMBEDDING_DIMS, x_train.shape[1], len(x_train) - 1)
+  embedding = PCA(dims, svd_solver="covariance_eigh").fit(x_train) if dims >= 1 else None
+  return Judge(clf, kind, resolution, float(np.mean(pred == held)), per_class, embedding)
 
 
 def _features(kind: str, images: np.ndarray, resolution: int) -> np.ndarray:

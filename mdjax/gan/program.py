@@ -36,6 +36,13 @@ all, since the GANs are independent. K is padded to a multiple of the device cou
 the chunk's last class (same data, same keys); the copies' results are dropped. On one device
 shard_map is the identity.
 
+Stopped classes: `ens["active"]` (bool [K]) says which classes still train (mdjax.gan.monitor stops
+a class once its images pass the judge). A program built with `masked=True` keeps a stopped class's
+state as it is: under vmap, map and unroll the class's step is computed with the others and its
+result discarded (one select per leaf: the classes run in lockstep inside one program), under
+per_class the host does not call its step at all. Without `masked` (every class trains the same
+steps) the program has no select.
+
 NaN/inf: the step folds a per-class "all finite" flag of the losses into the state; the host
 reads it at its next logging / sampling / checkpoint point together with a check of every class's
 whole state (`states_finite`). Checking the state there rather than in every step finds the same
@@ -53,6 +60,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -70,13 +78,14 @@ class GanFns(NamedTuple):
   sample: Callable[[Any, jax.Array, int], jax.Array]                # state, rng, n -> [-1, 1]
 
 
-def default_gan_fns(gan_config: ml_collections.ConfigDict) -> GanFns:
-  """The FastGAN of mdjax.gan.step with `gan_config` bound.
+def default_gan_fns(gan_config: ml_collections.ConfigDict, grey_data: bool = False) -> GanFns:
+  """The FastGAN of mdjax.gan.step with `gan_config` bound (`grey_data`: the classes' images are
+  all grey, for `gan.colour = "auto"`).
 
   Any object with `init`, `step` and `sample` attributes of the GanFns signatures works as
   `step_fns` (mdjax.gan.step.make_gan_fns returns one).
   """
-  return step_lib.make_gan_fns(gan_config)
+  return step_lib.make_gan_fns(gan_config, grey_data)
 
 
 def _vmapped(one, gan, *per_class):
@@ -192,9 +201,10 @@ def _position_step(gan_state, rngs, images, counts, step, position, teacher=None
 
 
 def _per_class_step(fns: GanFns, *, batch_size: int, mesh: jax.sharding.Mesh,
-                    triplet=None) -> Callable:
+                    triplet=None, masked: bool = False) -> Callable:
   """The "per_class" ensemble step: same signature and results as the one-program steps, with
-  `ens["gan"]` a list of the K classes' states (each donated to its class's call)."""
+  `ens["gan"]` a list of the K classes' states (each donated to its class's call). With `masked`
+  a stopped class (`ens["active"]` false) is not stepped; its metrics are NaN."""
   if mesh.size != 1:
     raise UserError(f"gan.ensemble={PER_CLASS} runs the classes on one device, but the class mesh "
                     f"has {mesh.size}; use map or vmap (or auto) on several devices.")
@@ -205,10 +215,17 @@ def _per_class_step(fns: GanFns, *, batch_size: int, mesh: jax.sharding.Mesh,
 
   def step(ens, images, counts, step, teacher=None):
     positions.extend(jnp.int32(p) for p in range(len(positions), len(ens["gan"])))
-    outs = [one(state, ens["rng"], images, counts, step, positions[p], teacher)
-            for p, state in enumerate(ens["gan"])]
-    ok, metrics = gather(ens["ok"], [o[2] for o in outs], [o[1] for o in outs])
-    return dict(ens, gan=[o[0] for o in outs], ok=ok), metrics
+    active = np.asarray(ens["active"]) if masked else np.ones(len(ens["gan"]), bool)
+    outs = {p: one(state, ens["rng"], images, counts, step, positions[p], teacher)
+            for p, state in enumerate(ens["gan"]) if active[p]}
+    like = next(iter(outs.values()))[1]
+    skipped = jax.tree.map(lambda m: jnp.full_like(m, jnp.nan), like) if len(outs) < len(active) \
+        else None
+    finite = [outs[p][2] if p in outs else jnp.bool_(True) for p in range(len(active))]
+    metrics = [outs[p][1] if p in outs else skipped for p in range(len(active))]
+    ok, metrics = gather(ens["ok"], finite, metrics)
+    gan = [outs[p][0] if p in outs else state for p, state in enumerate(ens["gan"])]
+    return dict(ens, gan=gan, ok=ok), metrics
 
   step.class_program = one  # for benchmarks/gan_ensemble.py: lowered and compiled alone
   return step
@@ -252,7 +269,7 @@ def stacked_layout(ens: dict) -> dict:
 
 
 def _local_step(ens, images, counts, step, teacher=None, *, fns: GanFns, batch_size: int,
-                strategy: str, triplet=None):
+                strategy: str, triplet=None, masked: bool = False):
   """Advances this device's classes by one step; ens["gan"] etc. have a leading class axis.
 
   With a `triplet`, `teacher` holds the classifier's variables (shared by every class, closed over
@@ -271,6 +288,13 @@ def _local_step(ens, images, counts, step, teacher=None, *, fns: GanFns, batch_s
 
   new_gan, metrics, finite = STRATEGIES[strategy](one, ens["gan"], ens["rng"], images, counts,
                                                   *per_class_teacher)
+  if masked:  # a stopped class keeps its state; its discarded step cannot flag it
+    active = ens["active"]
+    new_gan = jax.tree.map(
+        lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+        new_gan, ens["gan"])
+    finite = finite | ~active
+    metrics = jax.tree.map(lambda m: jnp.where(active, m, jnp.nan), metrics)
   new = dict(ens, gan=new_gan, ok=ens["ok"] & finite)
   return new, metrics
 
@@ -281,12 +305,14 @@ _TEACHER_PER_CLASS = ("hard", "hard_count", "easy", "easy_count")
 
 @functools.lru_cache(maxsize=16)
 def make_ensemble_step(fns: GanFns, *, batch_size: int, strategy: str,
-                       mesh: jax.sharding.Mesh, triplet=None) -> Callable:
+                       mesh: jax.sharding.Mesh, triplet=None, masked: bool = False) -> Callable:
   """`step(ens, images, counts, step) -> (ens, metrics [K])`: ONE jitted program for K classes.
 
-  `ens` = {"gan": stacked states, "rng": uint32 [K, 2], "ok": bool [K], "restarts": int32 [K]},
-  sharded over the mesh's "class" axis with K a multiple of the device count; it is donated.
-  Cached, so chunks of one size, resumed runs and tests share one compiled program.
+  `ens` = {"gan": stacked states, "rng": uint32 [K, 2], "ok": bool [K], "restarts": int32 [K],
+  "active": bool [K]}, sharded over the mesh's "class" axis with K a multiple of the device count;
+  it is donated. With `masked`, classes whose "active" flag is down keep their state (module
+  docstring) and report NaN metrics. Cached, so chunks of one size, resumed runs and tests share
+  one compiled program.
 
   With a `triplet` (GAN distillation, mdjax.gan.distill) the step takes a fifth argument,
   `teacher` = {"variables": the classifier's (replicated), "hard", "easy": float32 [K, capacity, F],
@@ -295,9 +321,9 @@ def make_ensemble_step(fns: GanFns, *, batch_size: int, strategy: str,
   """
   strategy = resolve_strategy(strategy, mesh.devices.flat[0].platform, mesh.size)
   if strategy == PER_CLASS:
-    return _per_class_step(fns, batch_size=batch_size, mesh=mesh, triplet=triplet)
+    return _per_class_step(fns, batch_size=batch_size, mesh=mesh, triplet=triplet, masked=masked)
   local = functools.partial(_local_step, fns=fns, batch_size=batch_size, strategy=strategy,
-                            triplet=triplet)
+                            triplet=triplet, masked=masked)
   spec = P(CLASS_AXIS)
   if triplet is None:
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()),

@@ -30,43 +30,14 @@ estimate is biased upwards (the well-known FID sample-size bias): compare classe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import scipy.linalg
 import scipy.spatial
 
+from mdjax.data.pipeline import ImageFn, apply_in_batches
 from mdjax.errors import DataError
-
-ImageFn = Callable[[np.ndarray], np.ndarray]
-
-
-def _as_unit_float(images: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] or float [0, 1] NHWC -> float32 [0, 1] (the classifier contract)."""
-  images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise DataError(f"expected images of shape [N, H, W, 3], got {images.shape}.")
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 255.0
-  return images.astype(np.float32)
-
-
-def apply_in_batches(fn: ImageFn, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-  """Applies `fn` (images [B,H,W,3] in [0,1] -> array [B, ...]) over all images.
-
-  Every batch is padded to `batch_size` by repeating its final image so a jitted `fn` compiles
-  once for all classes; the padded rows are dropped.
-  """
-  images = _as_unit_float(images)
-  n = len(images)
-  outputs = []
-  for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
-    real = len(batch)
-    if real < batch_size:
-      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
-    outputs.append(np.asarray(fn(batch))[:real])
-  return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
 
 def target_class_fraction(classify_fn: ImageFn, images_by_class: Mapping[int, np.ndarray], *,
@@ -159,3 +130,32 @@ def diversity_ratio(real_features: np.ndarray, generated_features: np.ndarray, *
   real = mean_pairwise_distance(real_features, max_samples=max_samples)
   generated = mean_pairwise_distance(generated_features, max_samples=max_samples)
   return generated / real if real > 0 else float("nan")
+
+
+def nearest_distances(queries: np.ndarray, references: np.ndarray, *,
+                      exclude_self: bool = False) -> np.ndarray:
+  """Euclidean distance from each row of `queries` [Q, F] to its nearest row of `references`
+  [R, F]; with `exclude_self` (queries == references) a row's distance to itself is skipped."""
+  q = np.asarray(queries, np.float64).reshape(len(queries), -1)
+  r = np.asarray(references, np.float64).reshape(len(references), -1)
+  d = scipy.spatial.distance.cdist(q, r)
+  if exclude_self:
+    np.fill_diagonal(d, np.inf)
+  return d.min(axis=1)
+
+
+def memorisation(real_features: np.ndarray, generated_features: np.ndarray, *,
+                 percentile: float = 5.0, max_real: int = 2048, seed: int = 0) -> float:
+  """The share of generated images closer to a real training image than the `percentile`-th
+  percentile of the real images' own nearest-neighbour distances (module docstring).
+
+  At most `max_real` real images (a fixed random subset) are compared: the distances are a
+  [generated, real] matrix.
+  """
+  real = np.asarray(real_features, np.float64).reshape(len(real_features), -1)
+  if len(real) < 2:
+    raise DataError(f"a memorisation measure needs at least 2 real images, got {len(real)}.")
+  if len(real) > max_real:
+    real = real[np.random.default_rng(seed).choice(len(real), max_real, replace=False)]
+  threshold = np.percentile(nearest_distances(real, real, exclude_self=True), percentile)
+  return float(np.mean(nearest_distances(generated_features, real) < threshold))
