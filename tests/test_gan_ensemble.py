@@ -493,7 +493,8 @@ def digits_by_class():
 @pytest.fixture(scope="module")
 def fastgan_equivalence():
   cfg = fastgan_config()
-  fns = program.default_gan_fns(cfg)
+  # The digits are grey: the generator train_class_gans builds for them is the grey one.
+  fns = program.default_gan_fns(cfg, grey_data=True)
   data = {k: class_data.prepare_class_images(x, 32) for k, x in digits_by_class().items()}
   classes, images = list(data), list(data.values())
   mesh = mesh_lib.class_mesh(jax.devices()[:1])
@@ -533,9 +534,11 @@ def test_fastgan_short_training_on_digits(tmp_path, fastgan_equivalence):
     grids = tmp_path / "samples" / f"class_{k:04d}"
     assert (grids / "step_0000004.png").is_file() and (grids / "step_0000008.png").is_file()
     assert result.generated[k].shape == (5, 32, 32, 3) and result.generated[k].dtype == np.uint8
+    # Grey digits make grey images (gan.colour = "auto"): every pixel's channels are equal.
+    assert class_data.is_grey(digits_by_class()[k]) and class_data.is_grey(result.generated[k])
     # The trained EMA generator's samples differ from the untrained one's (same noise). Relative:
     # the untrained outputs are tiny (std ~1e-3), so 8 steps barely move them in uint8 levels.
-    fns = program.default_gan_fns(cfg)
+    fns = program.default_gan_fns(cfg, grey_data=True)
     key = jax.random.PRNGKey(5)
     sample = program.jit_once(fns.sample, (2,))
     before = np.asarray(sample(program.jit_once(fns.init)(chunks.class_keys(0, k)[0]), key, 16))

@@ -53,6 +53,11 @@ def prepare_class_images(images: np.ndarray, resolution: int, *, class_index: in
   return np.ascontiguousarray(images)
 
 
+def is_grey(images: np.ndarray) -> bool:
+  """Whether every image of uint8 [N, H, W, 3] is grey (its three channels equal)."""
+  return bool(np.all(images[..., :1] == images[..., 1:]))
+
+
 def stack_class_images(images_per_class: Sequence[np.ndarray],
                        capacity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Per-class uint8 [N_k, R, R, 3] -> (uint8 [K, capacity, R, R, 3] zero-padded, int32 counts [K])."""

@@ -74,16 +74,24 @@ class GANSpec:
   # factor of the real side's hinge margin (mdjax.gan.losses), 1.0 = none.
   num_classes: int = 0
   real_label_smoothing: float = 1.0
+  # Grey output: G's images have their channels averaged (`gan.colour`, resolved: see `from_config`).
+  grey: bool = False
 
   @classmethod
-  def from_config(cls, config) -> GANSpec:
+  def from_config(cls, config, grey_data: bool = False) -> GANSpec:
+    """The spec of `config.gan`; `gan.colour = "auto"` makes a grey generator when `grey_data`
+    (the classes' real images are all grey)."""
     if isinstance(config, GANSpec):
       return config
+    colour = str(config.get("colour", "auto"))
+    if colour not in COLOURS:
+      raise ConfigError("gan.colour", colour, "one of " + ", ".join(COLOURS))
     spec = cls(resolution=int(config.resolution), ngf=int(config.ngf), ndf=int(config.ndf),
                nz=int(config.nz), learning_rate=float(config.learning_rate),
                beta1=float(config.beta1), beta2=float(config.beta2),
                ema_decay=float(config.ema_decay), recon_loss=str(config.recon_loss),
-               diffaug=_policy(config.diffaug))
+               diffaug=_policy(config.diffaug),
+               grey=colour == "grey" or (colour == "auto" and grey_data))
     if spec.resolution not in fastgan.RESOLUTIONS:
       raise ConfigError("gan.resolution", spec.resolution,
                         "one of " + ", ".join(map(str, fastgan.RESOLUTIONS)))
@@ -103,6 +111,17 @@ class GANSpec:
       raise DataError("a class-conditional GAN needs at least one class")
     return dataclasses.replace(cls.from_config(config), num_classes=int(num_classes),
                                real_label_smoothing=smoothing)
+
+
+# `gan.colour`: "auto" follows the data (grey when every real image is grey).
+COLOURS = ("auto", "rgb", "grey")
+
+
+def to_grey(images: jax.Array) -> jax.Array:
+  """Images [..., 3] with each pixel's channels replaced by their mean: a grey image that D,
+  DiffAugment and the classifier read as RGB. G learns through the mean, so it is trained as a
+  one-channel generator would be, in the same model."""
+  return jnp.broadcast_to(jnp.mean(images, axis=-1, keepdims=True), images.shape)
 
 
 def _policy(text) -> tuple[str, ...]:
@@ -220,6 +239,8 @@ def _make(spec: GANSpec) -> GANFns | ConditionalGANFns:
       (img, img_small), upd = gen.apply(
           {"params": g_params, "batch_stats": state.g_stats}, z, train=True,
           rngs={"noise": k_noise}, mutable=["batch_stats"], **label_kw)
+      if spec.grey:
+        img, img_small = to_grey(img), to_grey(img_small)
       return (img, img_small), upd["batch_stats"]
 
     (fake, fake_small), g_vjp, g_stats = jax.vjp(generate, state.g_params, has_aux=True)
@@ -281,7 +302,7 @@ def _make(spec: GANSpec) -> GANFns | ConditionalGANFns:
     z = jax.random.normal(kz, (n, spec.nz), jnp.float32)
     img, _ = gen.apply({"params": state.ema_params, "batch_stats": state.g_stats}, z,
                        train=False, rngs={"noise": kn}, **cond(labels))
-    return img
+    return to_grey(img) if spec.grey else img
 
   if not spec.num_classes:
     def step(state: GANState, real: jax.Array, rng: jax.Array):
@@ -304,9 +325,10 @@ def _make(spec: GANSpec) -> GANFns | ConditionalGANFns:
   return ConditionalGANFns(init=init, step=conditional_step, sample=conditional_sample, spec=spec)
 
 
-def make_gan_fns(config) -> GANFns:
-  """Pure (init, step, sample) functions for `config.gan` (a ConfigDict or a GANSpec)."""
-  spec = GANSpec.from_config(config)
+def make_gan_fns(config, grey_data: bool = False) -> GANFns:
+  """Pure (init, step, sample) functions for `config.gan` (a ConfigDict or a GANSpec);
+  `grey_data` resolves `gan.colour = "auto"` (GANSpec.from_config)."""
+  spec = GANSpec.from_config(config, grey_data)
   if spec.num_classes:
     raise ValueError("a conditional GANSpec: use make_conditional_gan_fns")
   return _make(spec)
