@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grain
 import jax
@@ -27,7 +27,11 @@ from mdjax.core import mesh as mesh_lib
 from mdjax.data import images as image_io
 from mdjax.data import randaugment as randaugment_lib
 from mdjax.data.sources import Source
-from mdjax.errors import ConfigError
+from mdjax.errors import ConfigError, DataError
+
+# A function of images float32 [B, H, W, 3] in [0, 1] (a classifier, a feature extractor).
+ImageFn = Callable[[np.ndarray], np.ndarray]
+
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Training drops each epoch's last partial batch; evaluation never does."""
@@ -104,8 +108,8 @@ def train_transform(image_size: int, augment: str, crop_min_scale: float = 0.08,
   RandAugment's `randaugment_layers` ops at `randaugment_magnitude` (mdjax.data.randaugment; 0
   layers: off, and no random numbers drawn for it).
 
-  An element's "index" (its position in the training set, `train_batches(with_index=True)`) is
-  passed through.
+  An element's "index" (its position in the training set, `train_batches(with_index=True)`) and
+  "generated" flag (mdjax.data.sources.Tagged) are passed through.
   """
   _check_augment(augment)
   pad = max(1, image_size // 8)
@@ -129,6 +133,8 @@ def train_transform(image_size: int, augment: str, crop_min_scale: float = 0.08,
     out = {"image": _to_unit_float(image), "label": np.int32(element["label"])}
     if "index" in element:
       out["index"] = np.int32(element["index"])
+    if "generated" in element:
+      out["generated"] = np.float32(element["generated"])
     return out
 
   return transform
@@ -172,19 +178,23 @@ def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int
                   mesh: jax.sharding.Mesh | None = None, augment: str = "none",
                   crop_min_scale: float = 0.08, randaugment_layers: int = 0,
                   randaugment_magnitude: float = 9, with_index: bool = False, start_step: int = 0,
-                  num_threads: int = 2, prefetch: int = 4, place: bool = True) -> Iterator[dict]:
+                  num_threads: int = 2, prefetch: int = 4, place: bool = True,
+                  sampler: Sampler | None = None) -> Iterator[dict]:
   """Endless training batches, reshuffled every epoch, starting at global step `start_step`.
 
   Yields {"image": float32 [B, S, S, 3] in [0, 1], "label": int32 [B]} as global arrays sharded
   over the "data" axis (or as this process's numpy arrays with `place=False`); with `with_index`
   also "index": int32 [B], each example's position in `source` (HardMix counts mistakes by it).
+  A `sampler` chooses which examples of `source` epoch e holds (`sampler(e)`, `len(sampler)` of
+  them; e.g. `PriorSampler`); without one every epoch holds every example once.
   """
   mesh = mesh or mesh_lib.data_mesh()
   local_batch = _check_batch(batch_size, mesh, "train.batch_size")
-  steps = steps_per_epoch(len(source), batch_size)
+  epoch_size = len(source) if sampler is None else len(sampler)
+  steps = steps_per_epoch(epoch_size, batch_size)
   if steps == 0:
     raise ConfigError("train.batch_size", batch_size,
-                      f"at most the training set size ({len(source)} examples)")
+                      f"at most the training set size ({epoch_size} examples)")
   transform = train_transform(image_size, augment, crop_min_scale, randaugment_layers,
                               randaugment_magnitude)
   options = _read_options(num_threads, prefetch, local_batch)
@@ -195,7 +205,8 @@ def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int
     s = _epoch_seed(seed, epoch)
     # Shuffle and augment by global position, then let each process gather its slice of every
     # global batch: the global batches are the same whatever the number of processes.
-    ds = grain.MapDataset.source(indexed).shuffle(seed=s).random_map(transform, seed=s)
+    epoch_source = indexed if sampler is None else _Gather(indexed, sampler(epoch))
+    ds = grain.MapDataset.source(epoch_source).shuffle(seed=s).random_map(transform, seed=s)
     positions = _local_positions(steps, batch_size, local_batch, pid)[first * local_batch:]
     ds = grain.MapDataset.source(_Gather(ds, positions)).batch(local_batch, drop_remainder=True)
     return iter(ds.to_iter_dataset(options))
@@ -204,6 +215,52 @@ def train_batches(source: Source, *, batch_size: int, image_size: int, seed: int
   stream = itertools.chain.from_iterable(
       epoch_batches(e, first if e == start_epoch else 0) for e in itertools.count(start_epoch))
   return _place(stream, mesh_lib.batch_sharding(mesh)) if place else stream
+
+
+class Sampler:
+  """Which examples of a source each epoch holds: `sampler(epoch)` -> indices, `len(sampler)`
+  of them in every epoch (a pure function of the epoch, so a resumed run sees the same epochs)."""
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    raise NotImplementedError
+
+
+class PriorSampler(Sampler):
+  """Fine-tuning on real + generated images with the real class priors kept.
+
+  Appending a class's generated images enlarges its share of every epoch, and the classifier
+  learns the larger share as a larger prior (the classes that get images gain, the others lose).
+  Here a class with n real and g generated images keeps n examples per epoch: round(n g / (n + g))
+  of them generated and the rest real, each drawn afresh every epoch (seeded by the seed, epoch
+  and class), so generated images take part of their class's share instead of adding to it.
+  Classes without generated images take all their real images. Epochs hold as many examples as
+  the real set.
+  """
+
+  def __init__(self, labels: np.ndarray, generated: np.ndarray, seed: int):
+    self.labels, self.generated = np.asarray(labels), np.asarray(generated, bool)
+    self.seed = int(seed)
+    self._classes = np.unique(self.labels)
+
+  def __len__(self) -> int:
+    return int((~self.generated).sum())
+
+  def share(self, real: int, generated: int) -> int:
+    """How many of a class's `real` places per epoch go to its generated images."""
+    return int(round(real * generated / (real + generated))) if generated else 0
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    picks = []
+    for c in self._classes:
+      real = np.flatnonzero((self.labels == c) & ~self.generated)
+      fake = np.flatnonzero((self.labels == c) & self.generated)
+      k = self.share(len(real), len(fake))
+      rng = np.random.default_rng([self.seed, int(epoch), int(c)])
+      picks += [rng.choice(real, len(real) - k, replace=False), rng.choice(fake, k, replace=False)]
+    return np.sort(np.concatenate(picks))
 
 
 def _local_positions(num_batches: int, batch_size: int, local_batch: int, pid: int) -> np.ndarray:
@@ -269,3 +326,31 @@ def eval_batch_size(requested: int, mesh: jax.sharding.Mesh) -> int:
   """The smallest multiple of the device and process counts that is >= `requested`."""
   unit = math.lcm(mesh.size, jax.process_count())
   return unit * math.ceil(requested / unit)
+
+
+def _as_unit_float(images: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] or float [0, 1] NHWC -> float32 [0, 1] (the classifier contract)."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise DataError(f"expected images of shape [N, H, W, 3], got {images.shape}.")
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  return images.astype(np.float32)
+
+
+def apply_in_batches(fn: ImageFn, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+  """Applies `fn` (images [B,H,W,3] in [0,1] -> array [B, ...]) over all images.
+
+  Every batch is padded to `batch_size` by repeating its final image so a jitted `fn` compiles
+  once for all classes; the padded rows are dropped.
+  """
+  images = _as_unit_float(images)
+  n = len(images)
+  outputs = []
+  for start in range(0, n, batch_size):
+    batch = images[start:start + batch_size]
+    real = len(batch)
+    if real < batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+    outputs.append(np.asarray(fn(batch))[:real])
+  return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)

@@ -109,9 +109,40 @@ class Concat(Source):
                    if self.parts else np.zeros((0,), np.int32))
     self._starts = np.cumsum([0] + [len(p) for p in self.parts])
 
-  def load_image(self, index: int) -> np.ndarray:
+  def _locate(self, index: int) -> tuple[Source, int]:
     part = int(np.searchsorted(self._starts, index, side="right") - 1)
-    return self.parts[part].load_image(index - int(self._starts[part]))
+    return self.parts[part], index - int(self._starts[part])
+
+  def load_image(self, index: int) -> np.ndarray:
+    part, i = self._locate(int(index))
+    return part.load_image(i)
+
+  def __getitem__(self, index: int) -> dict:
+    part, i = self._locate(int(index))
+    return part[i]  # the part's own element: a Tagged part keeps its flag
+
+
+class Tagged(Source):
+  """`parent`'s examples with a "generated" flag (1.0 generated, 0.0 real) in every element, for
+  the fine-tune's treatment of generated images (mdjax.train.steps.make_train_step)."""
+
+  def __init__(self, parent: Source, generated: bool):
+    self.parent, self.flag = parent, np.float32(1.0 if generated else 0.0)
+    self.labels = parent.labels
+
+  def load_image(self, index: int) -> np.ndarray:
+    return self.parent.load_image(index)
+
+  def __getitem__(self, index: int) -> dict:
+    return {**super().__getitem__(index), "generated": self.flag}
+
+
+def real_and_generated(real: Source, generated: Source) -> Concat:
+  """The fine-tune's training set: the real images, then the generated ones, each tagged; its
+  `generated` attribute is the flag of every example (bool [N])."""
+  both = Concat([Tagged(real, False), Tagged(generated, True)])
+  both.generated = np.concatenate([np.zeros(len(real), bool), np.ones(len(generated), bool)])
+  return both
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

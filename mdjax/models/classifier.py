@@ -49,13 +49,23 @@ class Classifier(nn.Module):
   mean: tuple[float, ...] = IMAGENET_MEAN
   std: tuple[float, ...] = IMAGENET_STD
 
-  def features(self, images, train: bool = False):
-    """Pooled backbone features [B, F] (float32) of images in [0, 1]."""
-    x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-    return self.backbone(x, train=train).astype(jnp.float32)
+  def features(self, images, train: bool = False, norm_mask=None):
+    """Pooled backbone features [B, F] (float32) of images in [0, 1].
 
-  def __call__(self, images, train: bool = False):
-    return self.head(self.features(images, train), train=train).astype(jnp.float32)
+    `norm_mask` (float [B, 1, 1, 1], training only): the examples whose statistics every
+    BatchNorm layer normalises the batch with (and keeps in its running averages); None: all.
+    """
+    x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+    return self.backbone(x, train=train, norm_mask=norm_mask).astype(jnp.float32)
+
+  def __call__(self, images, train: bool = False, norm_mask=None):
+    features = self.features(images, train, norm_mask)
+    return self.head(features, train=train).astype(jnp.float32)
+
+  def penultimate(self, images):
+    """What the head's output layer reads [B, D] (eval mode): the last layer's input, which
+    `mdjax.train.refit` fits again."""
+    return self.head(self.features(images), train=False, penultimate=True).astype(jnp.float32)
 
   @nn.nowrap
   def init(self, rngs, *args, **kwargs) -> dict[str, Any]:

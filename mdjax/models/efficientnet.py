@@ -118,16 +118,16 @@ class MBConv(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, norm_mask=None):
     act = jax.nn.relu6 if self.lite else jax.nn.swish
     inputs = x
     hidden = self.in_filters * self.expand_ratio
     if self.expand_ratio != 1:
       x = _conv(hidden, 1, dtype=self.dtype, name="expand_conv")(x)
-      x = act(_bn(train, self.dtype, "bn0")(x))
+      x = act(_bn(train, self.dtype, "bn0")(x, mask=norm_mask))
     x = _conv(hidden, self.kernel, self.stride, groups=hidden, dtype=self.dtype,
               name="depthwise_conv")(x)
-    x = act(_bn(train, self.dtype, "bn1")(x))
+    x = act(_bn(train, self.dtype, "bn1")(x, mask=norm_mask))
     if self.se_ratio > 0:
       squeezed = max(1, int(self.in_filters * self.se_ratio))
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -135,7 +135,7 @@ class MBConv(nn.Module):
       s = _conv(hidden, 1, use_bias=True, dtype=self.dtype, name="se_expand")(s)
       x = jax.nn.sigmoid(s) * x
     x = _conv(self.out_filters, 1, dtype=self.dtype, name="project_conv")(x)
-    x = _bn(train, self.dtype, "bn2")(x)
+    x = _bn(train, self.dtype, "bn2")(x, mask=norm_mask)
     if self.stride == 1 and self.in_filters == self.out_filters:
       if train and self.drop_connect_rate > 0:
         keep = 1.0 - self.drop_connect_rate
@@ -173,12 +173,12 @@ class EfficientNet(nn.Module):
     return out
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, norm_mask=None):
     v = self.spec
     act = jax.nn.relu6 if v.lite else jax.nn.swish
     stem = 32 if v.lite else round_filters(32, v.width)
     x = _conv(stem, 3, 2, dtype=self.dtype, name="conv_stem")(x.astype(self.dtype))
-    x = act(_bn(train, self.dtype, "bn0")(x))
+    x = act(_bn(train, self.dtype, "bn0")(x, mask=norm_mask))
     stages = self.stages()
     total = sum(r for _, r, *_ in stages)
     idx = 0
@@ -187,8 +187,8 @@ class EfficientNet(nn.Module):
         x = MBConv(k, s if j == 0 else 1, e, cin if j == 0 else cout, cout,
                    se_ratio=0.0 if v.lite else 0.25,
                    drop_connect_rate=self.drop_connect_rate * idx / total, lite=v.lite,
-                   dtype=self.dtype, name=f"blocks_{idx}")(x, train)
+                   dtype=self.dtype, name=f"blocks_{idx}")(x, train, norm_mask)
         idx += 1
     x = _conv(self.num_features, 1, dtype=self.dtype, name="conv_head")(x)
-    x = act(_bn(train, self.dtype, "bn1")(x))
+    x = act(_bn(train, self.dtype, "bn1")(x, mask=norm_mask))
     return jnp.mean(x, axis=(1, 2))

@@ -40,6 +40,11 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ConfigError("model.activation", name, "one of " + ", ".join(ACTIVATIONS)) from None
 
 
+# The name of each head's output layer (what `penultimate=True` leaves out and mdjax.train.refit
+# fits again), as the pretrained-weight converters expect it.
+OUTPUT, SPINAL_OUTPUT = "fc", "fc_out"
+
+
 class LinearHead(nn.Module):
   """Dropout then one Dense layer (the usual fine-tuning head; EfficientNet's own classifier)."""
 
@@ -48,9 +53,9 @@ class LinearHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, penultimate: bool = False):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+    return x if penultimate else nn.Dense(self.num_classes, dtype=self.dtype, name=OUTPUT)(x)
 
 
 class SpinalHead(nn.Module):
@@ -63,7 +68,7 @@ class SpinalHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, penultimate: bool = False):
     act = activation(self.activation)
     d = nn.Dropout(self.dropout, deterministic=not train)(x)
     half = x.shape[-1] // 2
@@ -72,7 +77,9 @@ class SpinalHead(nn.Module):
     for i in range(4):
       inputs = halves[i % 2] if i == 0 else jnp.concatenate([halves[i % 2], outs[-1]], axis=-1)
       outs.append(act(nn.Dense(self.width, dtype=self.dtype, name=f"fc{i + 1}")(inputs)))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc_out")(jnp.concatenate(outs, -1))
+    last = jnp.concatenate(outs, -1)
+    return last if penultimate else nn.Dense(self.num_classes, dtype=self.dtype,
+                                             name=SPINAL_OUTPUT)(last)
 
 
 class ProgressiveSpinalHead(nn.Module):
@@ -93,14 +100,18 @@ class ProgressiveSpinalHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, penultimate: bool = False):
     act = activation(self.activation)
     d = nn.Dropout(self.dropout, deterministic=not train)(x)
     outs = [act(nn.Dense(self.width, dtype=self.dtype, name="fc1")(x))]
     for i in range(2, 5):
       inputs = jnp.concatenate([d, *outs], axis=-1)
       outs.append(act(nn.Dense(self.width, dtype=self.dtype, name=f"fc{i}")(inputs)))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc_out")(jnp.concatenate([d, *outs], -1))
+    last = jnp.concatenate([d, *outs], -1)
+    return last if penultimate else nn.Dense(self.num_classes, dtype=self.dtype,
+                                             name=SPINAL_OUTPUT)(last)
 
 
 HEADS = {"linear": LinearHead, "spinal": SpinalHead, "progressive_spinal": ProgressiveSpinalHead}
+# Each head's output layer, by head name.
+OUTPUT_LAYERS = {"linear": OUTPUT, "spinal": SPINAL_OUTPUT, "progressive_spinal": SPINAL_OUTPUT}

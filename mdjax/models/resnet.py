@@ -51,15 +51,15 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, norm_mask=None):
     identity = x
     y = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
-    y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+    y = nn.relu(_bn(train, self.dtype, "bn1")(y, mask=norm_mask))
     y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
-    y = _bn(train, self.dtype, "bn2")(y)
+    y = _bn(train, self.dtype, "bn2")(y, mask=norm_mask)
     if self.downsample:
       identity = _conv(self.planes, 1, self.stride, self.dtype, "downsample_0")(x)
-      identity = _bn(train, self.dtype, "downsample_1")(identity)
+      identity = _bn(train, self.dtype, "downsample_1")(identity, mask=norm_mask)
     return nn.relu(y + identity)
 
 
@@ -74,18 +74,18 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, norm_mask=None):
     width = self.planes * self.width_per_group // 64
     identity = x
     y = _conv(width, 1, 1, self.dtype, "conv1")(x)
-    y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+    y = nn.relu(_bn(train, self.dtype, "bn1")(y, mask=norm_mask))
     y = _conv(width, 3, self.stride, self.dtype, "conv2")(y)
-    y = nn.relu(_bn(train, self.dtype, "bn2")(y))
+    y = nn.relu(_bn(train, self.dtype, "bn2")(y, mask=norm_mask))
     y = _conv(self.planes * 4, 1, 1, self.dtype, "conv3")(y)
-    y = _bn(train, self.dtype, "bn3")(y)
+    y = _bn(train, self.dtype, "bn3")(y, mask=norm_mask)
     if self.downsample:
       identity = _conv(self.planes * 4, 1, self.stride, self.dtype, "downsample_0")(x)
-      identity = _bn(train, self.dtype, "downsample_1")(identity)
+      identity = _bn(train, self.dtype, "downsample_1")(identity, mask=norm_mask)
     return nn.relu(y + identity)
 
 
@@ -102,9 +102,9 @@ class ResNet(nn.Module):
     return 512 * (1 if self.block == "basic" else 4)
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, norm_mask=None):
     x = _conv(64, 7, 2, self.dtype, "conv1")(x.astype(self.dtype))
-    x = nn.relu(_bn(train, self.dtype, "bn1")(x))
+    x = nn.relu(_bn(train, self.dtype, "bn1")(x, mask=norm_mask))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     in_features = 64
     for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers)):
@@ -118,7 +118,8 @@ class ResNet(nn.Module):
           make = lambda **kw: Bottleneck(planes, width_per_group=self.width_per_group,
                                          dtype=self.dtype, **kw)
         downsample = i == 0 and (stride != 1 or in_features != out_features)
-        x = make(stride=stride, downsample=downsample, name=f"layer{stage + 1}_{i}")(x, train)
+        block = make(stride=stride, downsample=downsample, name=f"layer{stage + 1}_{i}")
+        x = block(x, train, norm_mask)
         in_features = out_features
     return jnp.mean(x, axis=(1, 2))
 

@@ -34,10 +34,10 @@ class WideBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    pre = nn.relu(_bn(train, self.dtype, "bn1")(x))
+  def __call__(self, x, train: bool, norm_mask=None):
+    pre = nn.relu(_bn(train, self.dtype, "bn1")(x, mask=norm_mask))
     y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(pre)
-    y = nn.relu(_bn(train, self.dtype, "bn2")(y))
+    y = nn.relu(_bn(train, self.dtype, "bn2")(y, mask=norm_mask))
     y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
     y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
     if self.stride != 1 or x.shape[-1] != self.features:
@@ -58,7 +58,7 @@ class WideResNet(nn.Module):
     return 64 * self.widen_factor
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, norm_mask=None):
     if (self.depth - 4) % 6:
       raise ValueError(f"Wide-ResNet depth must be 6n + 4, got {self.depth}")
     n = (self.depth - 4) // 6
@@ -66,6 +66,6 @@ class WideResNet(nn.Module):
     for g, (width, stride) in enumerate(zip((16, 32, 64), (1, 2, 2))):
       for i in range(n):
         x = WideBlock(width * self.widen_factor, stride if i == 0 else 1, self.drop_rate,
-                      self.dtype, name=f"block{g + 1}_{i}")(x, train)
-    x = nn.relu(_bn(train, self.dtype, "bn")(x))
+                      self.dtype, name=f"block{g + 1}_{i}")(x, train, norm_mask)
+    x = nn.relu(_bn(train, self.dtype, "bn")(x, mask=norm_mask))
     return jnp.mean(x, axis=(1, 2))

@@ -92,7 +92,7 @@ def evaluate(model: nn.Module, variables: dict, source, config, mesh: Mesh | Non
   Returns:
     {"correct": int64 [C], "total": int64 [C], "confusion": int64 [C, C] (rows: true class,
     columns: predicted), "accuracy": float, "class_wise_accuracy": float64 [C] (NaN where a class
-    has no example)}.
+    has no example), "class_loss": float64 [C] (the mean cross-entropy of each class's examples)}.
   """
   mesh = mesh or mesh_lib.data_mesh()
   size = int(config.data.image_size)
@@ -101,14 +101,14 @@ def evaluate(model: nn.Module, variables: dict, source, config, mesh: Mesh | Non
   if eval_step is None:
     eval_step = steps_lib.make_eval_step(model, num_classes, mesh)
   batch_size = pipeline.eval_batch_size(batch_size or int(config.train.batch_size), mesh)
-  confusion = steps_lib.eval_counts_init(num_classes, mesh)
+  counts = steps_lib.eval_counts_init(num_classes, mesh)
   for batch in pipeline.eval_batches(source, batch_size=batch_size, image_size=size, mesh=mesh,
                                      augment=str(config.data.augment),
                                      num_threads=int(config.data.num_threads),
                                      prefetch=int(config.data.prefetch)):
     # Summed on device, per device: one host transfer (and one collective) per pass.
-    confusion = eval_step(variables, batch, confusion)
-  counts = steps_lib.eval_counts(confusion)
+    counts = eval_step(variables, batch, counts)
+  counts = steps_lib.eval_counts(counts)
   n = counts["total"].sum()
   counts["accuracy"] = float(counts["correct"].sum() / n) if n else float("nan")
   counts["class_wise_accuracy"] = class_wise_accuracy(counts)
@@ -131,7 +131,9 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
                      init_variables: dict | None = None, epochs: int | None = None,
                      learning_rate: float | None = None, tag: str = "train",
                      model: nn.Module | None = None, mesh: Mesh | None = None,
-                     step_callback: Callable[[int, TrainState], Any] | None = None) -> TrainResult:
+                     step_callback: Callable[[int, TrainState], Any] | None = None,
+                     sampler: pipeline.Sampler | None = None, generated_weight: float = 1.0,
+                     separate_norms: bool = False) -> TrainResult:
   """Trains (or resumes training) a classifier; returns its final variables and history.
 
   Args:
@@ -149,6 +151,9 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
     mesh: default all devices on the "data" axis.
     step_callback: called on the host after every step as f(step, state) (tests use it to kill a
       run; anything it raises propagates after pending checkpoints are written).
+    sampler: which examples each epoch holds (`pipeline.train_batches`); default all of them.
+    generated_weight, separate_norms: the fine-tune's treatment of generated images
+      (`steps.make_train_step`); `train_source` then tags them (`sources.real_and_generated`).
 
   Raises:
     NonFiniteLossError: the loss or gradient became NaN / inf (the newest checkpoint is good).
@@ -160,10 +165,11 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   batch_size, image_size = int(t.batch_size), int(config.data.image_size)
   steps_lib.check_batch_size(batch_size, mesh)
   epochs = int(t.epochs if epochs is None else epochs)
-  steps_per_epoch = pipeline.steps_per_epoch(len(train_source), batch_size)
+  epoch_size = len(train_source) if sampler is None else len(sampler)
+  steps_per_epoch = pipeline.steps_per_epoch(epoch_size, batch_size)
   if steps_per_epoch == 0:
     raise ConfigError("train.batch_size", batch_size,
-                      f"at most the number of training examples ({len(train_source)})")
+                      f"at most the number of training examples ({epoch_size})")
   total_steps = epochs * steps_per_epoch
   if model is None:
     model = models.build_classifier(config.model, num_classes)
@@ -197,7 +203,9 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
                                          num_examples)
     history = _empty_history()
 
-  train_step = steps_lib.make_train_step(model, tx, config, mesh)
+  train_step = steps_lib.make_train_step(model, tx, config, mesh,
+                                         generated_weight=generated_weight,
+                                         separate_norms=separate_norms)
   eval_step = steps_lib.make_eval_step(model, num_classes, mesh)
   start = int(process.fetch_replicated(state.step))
   is_main = process.is_writer()
@@ -212,7 +220,7 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
         augment=str(config.data.augment), crop_min_scale=float(config.data.crop_min_scale),
         randaugment_layers=int(config.data.get("randaugment_layers", 0)),
         randaugment_magnitude=float(config.data.get("randaugment_magnitude", 9)),
-        with_index=hardmix, start_step=start,
+        with_index=hardmix, start_step=start, sampler=sampler,
         num_threads=int(config.data.num_threads), prefetch=int(config.data.prefetch))
 
   # --- The loop ----------------------------------------------------------------------------------

@@ -169,18 +169,60 @@ def _to_varying(tree, axis_name):
       tree)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
+                  weights: jax.Array | None = None) -> jax.Array:
   """Mean softmax cross-entropy with label smoothing (computed in float32).
 
   `labels` are class indices [B], or probability targets [B, C] (after Mixup / CutMix / HardMix),
-  which `mixing.soft_cross_entropy` smooths the same way.
+  which `mixing.soft_cross_entropy` smooths the same way. `weights` [B] (class indices only)
+  makes it the weighted mean sum_i w_i CE_i / sum_i w_i.
   """
   if labels.ndim == logits.ndim:
     return mixing.soft_cross_entropy(logits, labels, label_smoothing)
   num_classes = logits.shape[-1]
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
       if label_smoothing else jax.nn.one_hot(labels, num_classes)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+  losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  if weights is None:
+    return losses.mean()
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(weights * losses) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def generated_weights(generated: jax.Array, weight: float) -> jax.Array:
+  """Per-example loss weights [B]: `weight` for generated images (generated = 1), 1 for real."""
+  return jnp.where(generated > 0, jnp.float32(weight), jnp.float32(1.0))
+
+
+def apply_with_separate_norms(model: nn.Module, variables: dict, images: jax.Array,
+                              generated: jax.Array, rng: jax.Array):
+  """A train-mode forward pass in which real and generated images keep separate BatchNorm
+  statistics (the auxiliary BatchNorm of Diversify, Don't Fine-Tune): real images are normalised
+  with the real images' batch statistics, generated ones with the generated images', and only the
+  real images' statistics enter the running averages that evaluation uses. Returns (logits,
+  batch_stats).
+
+  Two passes of the whole batch, each with a BatchNorm mask (flax's `mask`), and each image's
+  logits taken from its own pass: twice a plain step's compute, no shapes that depend on how many
+  generated images a batch holds. A batch without one of the two kinds normalises that pass with
+  the whole batch (its logits are not used), and keeps the old running averages if it has no
+  real image.
+  """
+  is_generated = generated > 0
+  shape = (-1, 1, 1, 1)
+
+  def mask(rows):
+    return jnp.where(jnp.any(rows), rows, True).astype(jnp.float32).reshape(shape)
+
+  real_logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                     mutable=["batch_stats"], norm_mask=mask(~is_generated))
+  generated_logits, _ = model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                    mutable=["batch_stats"], norm_mask=mask(is_generated))
+  logits = jnp.where(is_generated[:, None], generated_logits, real_logits)
+  old = variables.get("batch_stats", {})
+  new = updates.get("batch_stats", old)
+  stats = jax.tree.map(lambda n, o: jnp.where(jnp.any(~is_generated), n, o), new, old)
+  return logits, stats
 
 
 def _global_norm(tree) -> jax.Array:
@@ -188,7 +230,8 @@ def _global_norm(tree) -> jax.Array:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, mesh: Mesh,
-                    *, fast_conv_grads: bool | None = None
+                    *, fast_conv_grads: bool | None = None, generated_weight: float = 1.0,
+                    separate_norms: bool = False
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns `train_step(state, batch) -> (state, metrics)`, jitted once, donating `state`.
 
@@ -200,6 +243,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   picks the class of larger weight): reading them is the only host sync, and the loop does it only
   at logging points. `grad_norm` is that of the first (unperturbed) gradient; a non-finite gradient
   shows up there before it reaches the loss.
+
+  Fine-tuning on real and generated images (the batch then carries "generated": float32 [B], 1
+  for a generated image): `generated_weight` weighs generated images' loss against real ones'
+  (`cross_entropy`'s weighted mean; 1 = the paper), and `separate_norms` gives them BatchNorm
+  statistics of their own (`apply_with_separate_norms`). Neither combines with train.mix (a
+  mixed image is part real, part generated).
 
   `fast_conv_grads` (default: when the mesh's devices are CPUs) compiles the step with
   mdjax.core.cpu_conv's CPU compiler options and gradient rules, and (on one device, or inside
@@ -224,23 +273,32 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   mix = str(t.get("mix", "none"))
   if mix not in mixing.MIXES:
     raise ConfigError("train.mix", mix, "one of " + ", ".join(mixing.MIXES))
+  uses_generated = separate_norms or generated_weight != 1.0
+  if uses_generated and mix != "none":
+    raise ConfigError("train.mix", mix, "none when fine-tuning with finetune.generated_weight != 1 "
+                      "or finetune.separate_bn (a mixed image is part real, part generated)")
   mix_alpha = float(t.get("mix_alpha", 1.0))
   pgd_eps, pgd_steps = float(t.get("pgd_eps", 0.0)), int(t.get("pgd_steps", 3))
   pgd_step_size = (adversarial.pgd_step_size(pgd_eps, pgd_steps, float(t.get("pgd_step_size", 0.0)))
                    if pgd_eps else 0.0)
 
-  def loss_fn(params, batch_stats, images, labels, rng):
+  def loss_fn(params, batch_stats, images, labels, rng, generated=None):
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
     with cpu_conv.use_fast_conv_grads(fast_conv_grads, eigen=fast_conv_grads,
                                       onednn_convs=onednn_body):
-      logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
-                                    mutable=["batch_stats"])
-    loss = cross_entropy(logits, labels, label_smoothing)
-    return loss, (logits, updates.get("batch_stats", batch_stats))
+      if separate_norms:
+        logits, new_stats = apply_with_separate_norms(model, variables, images, generated, rng)
+      else:
+        logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                      mutable=["batch_stats"])
+        new_stats = updates.get("batch_stats", batch_stats)
+    weights = generated_weights(generated, generated_weight) if generated_weight != 1.0 else None
+    loss = cross_entropy(logits, labels, label_smoothing, weights)
+    return loss, (logits, new_stats)
 
-  def body(state: TrainState, images, labels, axis_name=None):
+  def body(state: TrainState, images, labels, generated=None, axis_name=None):
     rng = jax.random.fold_in(state.rng, state.step)
     params = state.params
     if axis_name is not None:
@@ -250,16 +308,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
       # per-device perturbation needs each device's own gradient.
       params = _to_varying(params, axis_name)
     (loss, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, state.batch_stats, images, labels, rng)
+        params, state.batch_stats, images, labels, rng, generated)
 
     def sam_grad_fn(params):
       # Old batch statistics, same batch and dropout mask: only the weights move. The BatchNorm
       # updates of this second pass are dropped (statistics come from the unperturbed pass).
+      def loss_at(p):
+        return loss_fn(p, state.batch_stats, images, labels, rng, generated)[0]
       if axis_name is None:
-        return jax.grad(lambda p: loss_fn(p, state.batch_stats, images, labels, rng)[0])(params)
-      params = _to_varying(params, axis_name)
-      g = jax.grad(lambda p: loss_fn(p, state.batch_stats, images, labels, rng)[0])(params)
-      return ordered_mean(g, axis_name)
+        return jax.grad(loss_at)(params)
+      return ordered_mean(jax.grad(loss_at)(_to_varying(params, axis_name)), axis_name)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
     params = optax.apply_updates(state.params, updates)
@@ -275,9 +333,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     return new_state, metrics
 
   if per_device:
+    batch_specs = (P(DATA_AXIS),) * (3 if uses_generated else 2)
     sharded_body = jax.shard_map(
         functools.partial(body, axis_name=DATA_AXIS), mesh=auto_mesh(mesh),
-        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=(P(), P()))
+        in_specs=(P(), *batch_specs), out_specs=(P(), P()))
   else:
     sharded_body = body
 
@@ -312,6 +371,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     return images, targets, counts
 
   def step_fn(state, batch):
+    if uses_generated:
+      if "generated" not in batch:
+        raise ValueError("finetune.generated_weight / separate_bn need each example's "
+                         "'generated' flag in the batch (a fine-tune source from "
+                         "mdjax.data.sources.tagged).")
+      keys = ("image", "label", "generated")
+      batch = shard_batch({k: batch[k] for k in keys}, mesh)
+      images = batch["image"]
+      if pgd_eps:
+        images = augment(state, batch)[0]
+      return sharded_body(state, images, batch["label"], batch["generated"])
     if mix == "none" and not pgd_eps:
       batch = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
       return sharded_body(state, batch["image"], batch["label"])
@@ -331,12 +401,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
 
 
 def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh
-                   ) -> Callable[[dict, dict, jax.Array], jax.Array]:
-  """Returns `eval_step(variables, batch, confusion) -> confusion + this batch's counts`.
+                   ) -> Callable[[dict, dict, dict], dict]:
+  """Returns `eval_step(variables, batch, counts) -> counts + this batch's counts`.
 
-  `confusion` is int32 [devices, C, C], one slice per device of the "data" axis (sharded over
-  it; start from `eval_counts_init`): `confusion[d, i, j]` counts the examples of true class i
-  that device d's share of the batches predicted as j. Examples with `batch["mask"] == 0` (the
+  `counts` = {"confusion": int32 [devices, C, C], "loss": float32 [devices, C]}, one slice per
+  device of the "data" axis (sharded over it; start from `eval_counts_init`):
+  `confusion[d, i, j]` counts the examples of true class i that device d's share of the batches
+  predicted as j, and `loss[d, i]` sums their cross-entropy (the tie-breaker between classes of
+  equal accuracy, mdjax.pipeline.stages.worst_classes). Examples with `batch["mask"] == 0` (the
   padding of the last batch) count nowhere, so one pass of `eval_batches` counts every example
   exactly once; `eval_counts` adds up the devices at the end.
 
@@ -347,37 +419,50 @@ def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh
   """
   n = mesh.shape[DATA_AXIS]
 
-  def step(variables, batch, confusion):
+  def step(variables, batch, counts):
     batch = shard_batch(batch, mesh)
-    logits = model.apply(variables, batch["image"], train=False)
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
     labels = batch["label"]
     mask = batch["mask"] if "mask" in batch else jnp.ones(labels.shape, jnp.float32)
     true = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
     pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes, dtype=jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     # Each device's share of the batch on its own row ([devices, B / devices, C], the batch's
-    # own split over "data"), so the contraction below stays on each device. A matmul instead
+    # own split over "data"), so the contractions below stay on each device. A matmul instead
     # of a scatter: exact in float32 for shares below 2**24 examples.
     true, pred = (a.reshape(n, -1, num_classes) for a in (true, pred))
-    return confusion + jnp.round(jnp.einsum("dbi,dbj->dij", true, pred)).astype(jnp.int32)
+    confusion = jnp.round(jnp.einsum("dbi,dbj->dij", true, pred)).astype(jnp.int32)
+    losses = jnp.einsum("dbi,db->di", true, loss.reshape(n, -1))
+    return {"confusion": counts["confusion"] + confusion, "loss": counts["loss"] + losses}
 
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(step, in_shardings=(rep, data, data), out_shardings=data, donate_argnums=2)
 
 
-def eval_counts_init(num_classes: int, mesh: Mesh) -> jax.Array:
+def eval_counts_init(num_classes: int, mesh: Mesh) -> dict:
   """Zero per-device counts for `make_eval_step`'s first step."""
   n = mesh.shape[DATA_AXIS]
-  return process.put_global(np.zeros((n, num_classes, num_classes), np.int32), batch_sharding(mesh))
+  return process.put_global({"confusion": np.zeros((n, num_classes, num_classes), np.int32),
+                             "loss": np.zeros((n, num_classes), np.float32)},
+                            batch_sharding(mesh))
 
 
-def eval_counts(confusion: jax.Array) -> dict:
-  """{"confusion", "correct", "total"} (int64 numpy) from `make_eval_step`'s per-device counts.
+def eval_counts(counts: dict) -> dict:
+  """{"confusion", "correct", "total"} (int64 numpy) and "class_loss" (float64 [C], the mean
+  cross-entropy of each class's examples; NaN for a class with none) from `make_eval_step`'s
+  per-device counts.
 
   A collective in a multi-process run (every process reads every device's counts): every process
   must call it at the same point.
   """
-  total = np.asarray(process.fetch_sharded(confusion), np.int64).sum(axis=0)
-  return {"confusion": total, "correct": np.diagonal(total).copy(), "total": total.sum(axis=1)}
+  host = process.fetch_sharded(counts)
+  total = np.asarray(host["confusion"], np.int64).sum(axis=0)
+  per_class = total.sum(axis=1)
+  loss = np.asarray(host["loss"], np.float64).sum(axis=0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    class_loss = np.where(per_class > 0, loss / np.maximum(per_class, 1), np.nan)
+  return {"confusion": total, "correct": np.diagonal(total).copy(), "total": per_class,
+          "class_loss": class_loss}
 
 
 def class_wise_accuracy(counts: dict) -> np.ndarray:
