@@ -117,6 +117,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune = f = ml_collections.ConfigDict()
   f.epochs = 20
   f.learning_rate = 1e-3
+  # How the fine-tune treats generated images (beyond the paper, which adds them as they are; each
+  # off by default). generated_weight: their loss weight against real images' 1 (He et al.,
+  # ICLR 2023 weigh the two kinds separately). sampler: "all" (every real and generated image each
+  # epoch, the paper) or "keep_priors" (a class keeps its real image count per epoch, generated
+  # images taking part of it: mdjax.data.pipeline.PriorSampler). separate_bn: generated images get
+  # BatchNorm statistics of their own (Diversify, Don't Fine-Tune's auxiliary BatchNorm).
+  # refit_last_layer: afterwards the output layer is re-fit on real images only, class-balanced
+  # (SYNAuG; mdjax.train.refit).
+  f.generated_weight = 1.0
+  f.sampler = "all"
+  f.separate_bn = False
+  f.refit_last_layer = False
 
   # Not type-safe: nwpc is "auto", a count or a fraction, so configs may assign any of these.
   c.mistake = mk = ml_collections.ConfigDict(type_safe=False)
@@ -131,6 +143,13 @@ def base_config() -> ml_collections.ConfigDict:
   # draws until nSamples images pass or filter_max_draws x nSamples were drawn.
   mk.filter = "none"
   mk.filter_max_draws = 10
+  # Which passing images a filtering GAN keeps: "first" (the first nSamples to pass) or "hardest"
+  # (classifier feedback: of filter_max_draws x nSamples draws, the passing ones the classifier is
+  # least sure of, nearest the class's boundary where it errs).
+  mk.select = "first"
+  # When the fine-tune lowers validation accuracy (overall or on the weak classes) the run warns;
+  # true also keeps the trained classifier as the final one then (results.json "final_model").
+  mk.keep_best = False
 
   c.gan = g = ml_collections.ConfigDict()
   g.resolution = 32
@@ -147,6 +166,19 @@ def base_config() -> ml_collections.ConfigDict:
   g.diffaug = "color,translation"
   g.ensemble = "auto"
   g.chunk_size = 8  # classes per compiled program; several chunks for many weak classes
+  # When a class's GAN stops (mdjax.gan.monitor): every `sample_every` steps its EMA generator is
+  # judged, and it stops once the independent judge (gan.judge) assigns at least stop_judge x its
+  # own held-out recall of the class to the class's images, their diversity ratio is at least
+  # stop_diversity, and their Frechet distance (judge features) no longer improves by stop_fd_gain
+  # over the best earlier check; else at `steps`, the budget. stop_judge = 0: every class trains
+  # `steps` (the paper's fixed schedule).
+  g.stop_judge = 0.9
+  g.stop_diversity = 0.6
+  g.stop_fd_gain = 0.05
+  # "auto": a class whose real images are all grey (R = G = B) gets a generator whose output is
+  # grey (its channels averaged, so D never sees colour it could tell fakes by); "rgb" or "grey"
+  # force either.
+  g.colour = "auto"
   g.sample_every = 1000
   g.checkpoint_every = 1000
   g.log_every = 50
@@ -192,6 +224,10 @@ def base_config() -> ml_collections.ConfigDict:
   ds.min_fraction = 0.25
   c.lock()  # a key base_config does not define is a typo wherever it is set (see mdjax.main)
   return c
+
+
+# `finetune.sampler`: every image each epoch (the paper), or the real class priors kept.
+FINETUNE_SAMPLERS = ("all", "keep_priors")
 
 
 def config_keys(config: ml_collections.ConfigDict | None = None, prefix: str = "") -> list[str]:
@@ -328,7 +364,8 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   # pylint: disable=g-import-not-at-top
   from mdjax.data import pipeline as data_pipeline
   from mdjax.data import randaugment, registry
-  from mdjax.gan import diffaug, distill, fastgan, judge, losses, program
+  from mdjax.gan import diffaug, distill, fastgan, generate, judge, losses, program
+  from mdjax.gan import step as gan_step
   from mdjax.models import backbones, classifier, heads
   from mdjax.optim import factory
   from mdjax.pipeline import workdir
@@ -396,6 +433,16 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
            "finetune.epochs", config.finetune.epochs, "an integer >= 0")
   _require(config.finetune.learning_rate > 0, "finetune.learning_rate",
            config.finetune.learning_rate, "a number > 0")
+  f = config.finetune
+  _require(_number(f.generated_weight) and f.generated_weight >= 0, "finetune.generated_weight",
+           f.generated_weight, "a loss weight >= 0 for generated images (1 = as real ones)")
+  _one_of(config, "finetune.sampler", FINETUNE_SAMPLERS)
+  _require(isinstance(f.separate_bn, bool), "finetune.separate_bn", f.separate_bn, "true or false")
+  _require(isinstance(f.refit_last_layer, bool), "finetune.refit_last_layer", f.refit_last_layer,
+           "true or false")
+  _require(t.mix == "none" or (f.generated_weight == 1 and not f.separate_bn), "train.mix", t.mix,
+           "none with finetune.generated_weight != 1 or finetune.separate_bn (a mixed image is "
+           "part real, part generated)")
 
   mk = config.mistake
   if isinstance(mk.nwpc, str) and mk.nwpc != "auto":
@@ -405,6 +452,7 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
       with mk.ignore_type():
         mk.nwpc = parsed
   _require(isinstance(mk.enabled, bool), "mistake.enabled", mk.enabled, "true or false")
+  _require(isinstance(mk.keep_best, bool), "mistake.keep_best", mk.keep_best, "true or false")
   nwpc = mk.nwpc
   ok = nwpc == "auto" or (isinstance(nwpc, int) and not isinstance(nwpc, bool) and nwpc >= 0) or (
       isinstance(nwpc, float) and 0 < nwpc <= 1)
@@ -419,6 +467,10 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   _require(mk.filter in ("none", "1/n") or (isinstance(mk.filter, float) and 0 < mk.filter < 1),
            "mistake.filter", mk.filter,
            "'none' (keep every generated image), '1/n', or a class-probability threshold in (0, 1)")
+  _one_of(config, "mistake.select", generate.SELECTIONS)
+  _require(mk.select == "first" or mk.filter != "none", "mistake.select", mk.select,
+           "'first' unless mistake.filter sets the plausibility floor ('1/n' or a threshold) "
+           "that 'hardest' selects above")
   _require(isinstance(mk.filter_max_draws, int) and mk.filter_max_draws >= 1,
            "mistake.filter_max_draws", mk.filter_max_draws, "an integer >= 1 (a multiple of nSamples)")
   r = mk.nsamples_ratio
@@ -427,6 +479,14 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
 
   g = config.gan
   _one_of(config, "gan.resolution", fastgan.RESOLUTIONS)
+  _one_of(config, "gan.colour", gan_step.COLOURS)
+  _require(_number(g.stop_judge) and 0 <= g.stop_judge <= 1, "gan.stop_judge", g.stop_judge,
+           "a fraction in [0, 1] of the judge's held-out recall of a class (0 = no stopping rule)")
+  _require(_number(g.stop_diversity) and g.stop_diversity >= 0, "gan.stop_diversity",
+           g.stop_diversity, "a diversity ratio >= 0 (1 = as varied as the real images)")
+  _require(_number(g.stop_fd_gain) and 0 <= g.stop_fd_gain < 1, "gan.stop_fd_gain",
+           g.stop_fd_gain, "a fraction in [0, 1): the Frechet distance's relative improvement "
+           "that still counts as improving")
   _one_of(config, "gan.ensemble", program.ENSEMBLES)
   _one_of(config, "gan.recon_loss", losses.RECON_LOSSES)
   _one_of(config, "gan.judge", judge.JUDGES)

@@ -219,14 +219,21 @@ def test_eval_step_keeps_counts_per_device_with_no_collective():
   assert "all-reduce" not in hlo and "all-gather" not in hlo
   counts = step(variables, batch, counts)
   counts = step(variables, batch, counts)  # the second pass adds to the first
-  assert counts.shape == (n, NUM_CLASSES, NUM_CLASSES)
-  pred = np.asarray(jnp.argmax(model.apply(variables, images), -1))
+  assert counts["confusion"].shape == (n, NUM_CLASSES, NUM_CLASSES)
+  logits = np.asarray(model.apply(variables, images), np.float64)
+  pred = logits.argmax(-1)
   per_device = np.zeros((n, NUM_CLASSES, NUM_CLASSES), np.int64)
   np.add.at(per_device, (np.arange(8) // (8 // n), src.labels, pred), 2)
-  np.testing.assert_array_equal(np.asarray(counts), per_device)
+  np.testing.assert_array_equal(np.asarray(counts["confusion"]), per_device)
   total = steps.eval_counts(counts)
   np.testing.assert_array_equal(total["confusion"], per_device.sum(0))
   np.testing.assert_array_equal(total["total"], 2 * np.bincount(src.labels, minlength=NUM_CLASSES))
+  # Each class's mean cross-entropy, by hand: -log softmax(logits)[label], averaged per class.
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -log_p[np.arange(8), src.labels]
+  for k in range(NUM_CLASSES):
+    expected = ce[src.labels == k].mean() if np.any(src.labels == k) else np.nan
+    np.testing.assert_allclose(total["class_loss"][k], expected, rtol=1e-5)
 
 
 def test_class_wise_accuracy():

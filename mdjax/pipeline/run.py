@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numpy as np
 
 from mdjax.core import files, process, storage
 from mdjax.data import registry
+from mdjax.errors import QualityWarning
 from mdjax.pipeline import plan, report, stages as stages_lib
 from mdjax.pipeline import workdir as workdir_lib
 from mdjax.pipeline.stages import CONTROL_STAGES, Run, say
@@ -32,6 +34,9 @@ def run(config, workdir: str) -> dict:
   plan.check_nwpc(config.mistake.nwpc, splits.num_classes)
   seeds = plan.parse_seeds(config)
   say(f"dataset {config.data.name}: {splits.summary()}")
+  note = registry.imbalance(splits)
+  if note and process.is_writer():
+    warnings.warn(f"the training split is imbalanced: {note}.", QualityWarning, stacklevel=2)
   say(f"workdir {os.path.abspath(workdir)}")
   with workdir_lib.locked(workdir):  # one run per workdir, held until the run ends
     workdir_lib.prepare(workdir, config)
@@ -105,7 +110,13 @@ def collect(config, splits, records: dict) -> dict:
       "seed": int(config.seed),
       "mistake_driven": bool(validate["worst_classes"]),
       "baseline": validate["baseline"],
+      # The classifier tested as "final": the fine-tuned one ("finetuned"; "distilled" with GAN
+      # distillation), or the trained one ("trained": no fine-tune ran, or it lowered validation
+      # accuracy and mistake.keep_best kept the trained one).
       "final": records["test"]["final"],
+      "final_model": records["test"].get("final_model"),
+      "finetune_validation": (records.get("finetune", {}).get("validation")
+                              or distill.get("validation")),
       "val_class_accuracy": validate["val_class_accuracy"],
       "worst_classes": validate["worst_classes"],
       "nwpc": validate["nwpc"],
@@ -123,6 +134,9 @@ def collect(config, splits, records: dict) -> dict:
       "stage_seconds": {n: r.get("seconds") for n, r in records.items()},
       # What the GAN stage cost (per-class ensemble or one conditional GAN: `gan.conditional`).
       "gan_cost": records.get("gan", {}).get("gan_cost"),
+      # Per weak class: the steps its GAN trained, why it stopped, and its quality checks
+      # (mdjax.gan.monitor).
+      "gan_stopping": records.get("gan", {}).get("stopping"),
       "controls": controls,
       "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }

@@ -36,15 +36,17 @@ from mdjax import models
 from mdjax.core import mesh as mesh_lib
 from mdjax.core import files, process, storage
 from mdjax.data import pipeline
-from mdjax.data.sources import ArraySource, Concat, Splits
+from mdjax.data.sources import ArraySource, Concat, Splits, real_and_generated
 from mdjax.errors import QualityWarning, UserError
 from mdjax.gan import conditional
 from mdjax.gan import distill as distill_lib
 from mdjax.gan import ensemble, generate, judge as judge_lib, program, quality
+from mdjax.gan import monitor as monitor_lib
 from mdjax.gan import step as gan_step
 from mdjax.pipeline import plan
 from mdjax.pipeline import workdir as workdir_lib
 from mdjax.train import classifier as clf
+from mdjax.train import refit as refit_lib
 from mdjax.train import steps as steps_lib
 
 
@@ -53,10 +55,19 @@ def say(message: str) -> None:
     print(f"mdjax: {message}", flush=True)
 
 
-def worst_classes(class_accuracy: np.ndarray, count: int) -> list[int]:
-  """The `count` classes with the lowest accuracy; ties go to the lower class index."""
-  order = sorted(range(len(class_accuracy)), key=lambda k: (float(class_accuracy[k]), k))
+def worst_classes(class_accuracy: np.ndarray, count: int,
+                  class_loss: np.ndarray | None = None) -> list[int]:
+  """The `count` classes with the lowest accuracy; ties go to the class with the higher
+  validation loss (the one the classifier is less sure of), then to the lower class index."""
+  loss = np.zeros(len(class_accuracy)) if class_loss is None else np.nan_to_num(class_loss)
+  order = sorted(range(len(class_accuracy)),
+                 key=lambda k: (float(class_accuracy[k]), -float(loss[k]), k))
   return sorted(order[:count])
+
+
+def validation_change(before: dict, after: dict) -> list[str]:
+  """Which of the validation accuracies {"overall", "weak"} the fine-tune lowered."""
+  return [name for name in ("overall", "weak") if after[name] < before[name]]
 
 
 def num_generated(class_size: int, ratio: float) -> int:
@@ -64,11 +75,13 @@ def num_generated(class_size: int, ratio: float) -> int:
   return int(math.ceil(ratio * class_size - 1e-9))
 
 
-def gan_cost(gan_config, num_classes: int, seconds: float) -> dict:
+def gan_cost(gan_config, num_classes: int, seconds: float,
+             class_steps: dict | None = None) -> dict:
   """What training the GANs of `num_classes` weak classes costs, in the same terms for both paths
-  (one GAN per class, or one conditional GAN): models, steps, real images each class contributes
-  to training, parameters, and `seconds`, the wall time of the training call (compilation
-  included; on a resumed run only what was left)."""
+  (one GAN per class, or one conditional GAN): models, steps (each class's, where the stopping
+  rule ended them at different steps: `class_steps`), real images each class contributes to
+  training, parameters, and `seconds`, the wall time of the training call (compilation included;
+  on a resumed run only what was left)."""
   steps, batch = int(gan_config.steps), int(gan_config.batch_size)
   if gan_config.conditional:
     models, fns = 1, gan_step.make_conditional_gan_fns(gan_config, num_classes)
@@ -76,9 +89,10 @@ def gan_cost(gan_config, num_classes: int, seconds: float) -> dict:
     models, fns = num_classes, program.default_gan_fns(gan_config)
   size = gan_step.parameter_counts(fns)
   g, d = models * size["g_parameters"], models * size["d_parameters"]
+  model_steps = sum(class_steps.values()) if class_steps else models * steps
   return {"path": "conditional" if gan_config.conditional else "per_class", "models": models,
-          "steps": steps, "model_steps": models * steps,
-          "real_images_per_class": steps * batch * models // num_classes,
+          "steps": steps, "model_steps": model_steps,
+          "real_images_per_class": model_steps * batch // num_classes,
           "g_parameters": g, "d_parameters": d, "parameters": g + d,
           "train_seconds": round(seconds, 3)}
 
@@ -109,6 +123,7 @@ class Run:
     self._eval_step = None
     self._judge = None
     self._triplet = None
+    self._refits: dict[str, dict] = {}  # fine-tune tag -> its last-layer re-fit's record
 
   # --- helpers ---------------------------------------------------------------------------------
 
@@ -119,15 +134,18 @@ class Run:
     return self.stages.load(stage)
 
   def classifier(self, tag: str, train_source=None, *, init_from: str | None = None,
-                 epochs: int | None = None, learning_rate: float | None = None) -> dict:
-    """Trains (or restores the finished training of) the classifier stage `tag`."""
+                 epochs: int | None = None, learning_rate: float | None = None,
+                 **generated_treatment) -> dict:
+    """Trains (or restores the finished training of) the classifier stage `tag`;
+    `generated_treatment` as clf.train_classifier's sampler / generated_weight / separate_norms."""
     if tag in self._variables:
       return self._variables[tag]
     init = self.classifier("train") if init_from else None
     result = clf.train_classifier(
         self.config, train_source if train_source is not None else self.splits.train,
         self.splits.val, self.workdir, self.num_classes, init_variables=init, epochs=epochs,
-        learning_rate=learning_rate, tag=tag, model=self.model, mesh=self.mesh)
+        learning_rate=learning_rate, tag=tag, model=self.model, mesh=self.mesh,
+        **generated_treatment)
     self._variables[tag] = result.variables
     self._history = result.history
     return result.variables
@@ -160,12 +178,16 @@ class Run:
     return {k: class_images(self.splits.train, self.splits.train.labels, k, r, augment)
             for k in classes}
 
-  def train_gans(self, images_by_class: dict[int, np.ndarray], gan_dir: str, **kwargs):
-    """The GANs of these classes, trained or restored: one per class (the paper) or one
-    class-conditional GAN (`gan.conditional`); `kwargs` as train_class_gans'."""
-    train = (conditional.train_conditional_gan if self.config.gan.conditional
-             else ensemble.train_class_gans)
-    return train(images_by_class, self.config.gan, gan_dir, int(self.config.seed), **kwargs)
+  def train_gans(self, images_by_class: dict[int, np.ndarray], gan_dir: str, monitor=None,
+                 **kwargs):
+    """The GANs of these classes, trained or restored: one per class (the paper), judged and
+    stopped by `monitor`, or one class-conditional GAN (`gan.conditional`); `kwargs` as
+    train_class_gans'."""
+    if self.config.gan.conditional:
+      return conditional.train_conditional_gan(images_by_class, self.config.gan, gan_dir,
+                                               int(self.config.seed), **kwargs)
+    return ensemble.train_class_gans(images_by_class, self.config.gan, gan_dir,
+                                     int(self.config.seed), monitor=monitor, **kwargs)
 
   def judge(self):
     """The independent judge of generated images, fit once per run on the real training images."""
@@ -179,16 +201,16 @@ class Run:
           kind=str(self.config.gan.judge), resolution=int(self.config.gan.judge_resolution))
     return self._judge
 
-  def accept_fn(self, threshold: float):
-    """`accept(class, uint8 images) -> bool`: the trained classifier's probability of the class
-    is above `threshold` (mistake.filter)."""
+  def class_probability_fn(self):
+    """`score(class, uint8 images) -> float`: the trained classifier's probability of the class
+    (what mistake.filter thresholds and mistake.select ranks)."""
     logits_fn = self.image_fn(self.classifier("train"), "logits")
 
-    def accept(k: int, images: np.ndarray) -> np.ndarray:
-      probs = jax.nn.softmax(logits_fn(jnp.asarray(images, jnp.float32) / 255.0), axis=-1)
-      return np.asarray(probs[:, k] > threshold)
+    def score(k: int, images: np.ndarray) -> np.ndarray:
+      logits = quality.apply_in_batches(logits_fn, images, batch_size=256)
+      return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)[:, k])
 
-    return accept
+    return score
 
   def generated_source(self, gen_dir: str) -> ArraySource:
     """The generated set in `gen_dir` (absolute, or relative to the workdir as records keep it)."""
@@ -207,14 +229,21 @@ class Run:
     val = self.evaluate(variables, self.splits.val)
     test = self.evaluate(variables, self.splits.test)
     cwa = np.nan_to_num(val["class_wise_accuracy"], nan=1.0)  # a class absent from val is not weak
-    weak = worst_classes(cwa, self.nwpc)
+    weak = worst_classes(cwa, self.nwpc, val["class_loss"])
+    names = self.splits.class_names
     say("worst classes on validation: " + ", ".join(
-        f"{self.splits.class_names[k]} ({cwa[k]:.3f})" for k in weak) if weak else
+        f"{names[k]} ({cwa[k]:.3f}, loss {val['class_loss'][k]:.3f})" for k in weak) if weak else
         "mistake-driven training is off (nWPC = 0): no GAN stages")
+    flawless = [k for k in weak if cwa[k] >= 1.0]
+    if flawless:
+      say(f"nWPC = {self.nwpc} takes {len(flawless)} class(es) with no validation error "
+          f"({', '.join(names[k] for k in flawless)}), chosen by their validation loss: they are "
+          "not weak; a smaller mistake.nwpc picks only classes the classifier gets wrong")
     return {"val_accuracy": val["accuracy"],
             "val_class_accuracy": [float(a) for a in val["class_wise_accuracy"]],
+            "val_class_loss": [float(a) for a in val["class_loss"]],
             "val_confusion": val["confusion"].tolist(),
-            "worst_classes": weak, "nwpc": self.nwpc,
+            "worst_classes": weak, "nwpc": self.nwpc, "forced_flawless": flawless,
             "baseline": _summary(test), "baseline_confusion": test["confusion"].tolist()}
 
   def gan(self) -> dict:
@@ -223,15 +252,37 @@ class Run:
     weak = self.require("validate", "gan")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0"}
+    if float(self.config.mistake.nsamples_ratio) == 0:
+      return {"skipped": "mistake.nsamples_ratio = 0: no images to generate (the fine-tune sees "
+                         "real images only)"}
     start = time.perf_counter()
-    result = self.train_gans(self.weak_images(weak), os.path.join(self.workdir, "gan"))
+    real = self.weak_images(weak)
+    result = self.train_gans(real, os.path.join(self.workdir, "gan"), monitor=self.monitor(real))
+    stopping = getattr(result, "stopping", None)
+    class_steps = {k: v["steps"] for k, v in stopping.items()} if stopping else None
     record = {"classes": weak, "strategy": result.strategy, "steps": result.steps,
-              "gan_cost": gan_cost(self.config.gan, len(weak), time.perf_counter() - start)}
+              "gan_cost": gan_cost(self.config.gan, len(weak), time.perf_counter() - start,
+                                   class_steps)}
     if isinstance(result, conditional.ConditionalResult):
       return {**record, "nan_restarts": result.nan_restarts,
               "final_losses": result.history[-1] if result.history else {}}
     return {**record, "nan_restarts": {str(k): v for k, v in result.nan_restarts.items()},
-            "final_losses": {str(k): h[-1] for k, h in result.history.items() if h}}
+            "final_losses": {str(k): h[-1] for k, h in result.history.items() if h},
+            "stopping": stopping}
+
+  def monitor(self, real: dict) -> monitor_lib.Monitor | None:
+    """The judge of the class GANs while they train, and their stopping rule (mdjax.gan.monitor);
+    None for the conditional GAN, which trains all weak classes as one model for gan.steps."""
+    if self.config.gan.conditional:
+      return None
+    judge = self.judge()
+    weak = [self.splits.class_names[k] for k in sorted(real) if k in judge.weak_classes()]
+    if weak:
+      say(f"the independent judge recognises few real images of {', '.join(weak)} (held-out "
+          f"recall below {monitor_lib.WEAK_JUDGE:.0%}): its verdicts on their generated images say "
+          "little" + (" (a photo dataset? try gan.judge=lite0)" if judge.kind == "pixels" else ""))
+    return monitor_lib.Monitor(judge, real, monitor_lib.StopRule.from_config(self.config.gan),
+                               self.splits.class_names)
 
   def generate(self) -> dict:
     if self.config.distill.enabled:
@@ -242,9 +293,11 @@ class Run:
     self.require("gan", "generate")
     threshold = plan.filter_threshold(self.config.mistake.filter, self.num_classes)
     return self._generate(weak, os.path.join(self.workdir, "gan"),
-                          os.path.join(self.workdir, "generated"), threshold)
+                          os.path.join(self.workdir, "generated"), threshold,
+                          str(self.config.mistake.select))
 
-  def _generate(self, classes, gan_dir: str, out_dir: str, threshold: float | None = None) -> dict:
+  def _generate(self, classes, gan_dir: str, out_dir: str, threshold: float | None = None,
+                select: str = "first") -> dict:
     counts = {k: int((self.splits.train.labels == k).sum()) for k in classes}
     wanted = {k: num_generated(counts[k], float(self.config.mistake.nsamples_ratio)) for k in classes}
     real = self.weak_images(classes)
@@ -253,7 +306,8 @@ class Run:
       # Finished GANs are restored, not retrained: this only samples their EMA generators.
       result = self.train_gans(
           real, gan_dir, num_samples=wanted,
-          accept=None if threshold is None else self.accept_fn(threshold),
+          score=None if threshold is None else self.class_probability_fn(),
+          threshold=threshold or 0.0, select=select,
           max_draws=int(self.config.mistake.filter_max_draws), progress=False)
       images = {k: v for k, v in result.generated.items() if len(v)}
       acceptance = result.acceptance
@@ -268,7 +322,8 @@ class Run:
               # Relative to the workdir: a workdir that is moved or copied keeps its own images.
               "dir": os.path.relpath(out_dir, self.workdir)}
     if threshold is not None:
-      record["filter"] = {"threshold": threshold, "wanted": {str(k): wanted[k] for k in classes},
+      record["filter"] = {"threshold": threshold, "select": select,
+                          "wanted": {str(k): wanted[k] for k in classes},
                           "acceptance": {str(k): {"drawn": a.drawn, "passed": a.passed,
                                                   "rate": a.acceptance_rate}
                                          for k, a in acceptance.items()}}
@@ -291,12 +346,28 @@ class Run:
     fd = quality.class_frechet_distances(self.image_fn(variables, "features"), real, images) \
         if all(len(v) >= 2 for v in images.values()) and all(len(real[k]) >= 2 for k in images) else {}
     judge = self.judge()
-    verdicts, spread = judge.assess(real, images)
+    measured = judge.measure(real, images)
+    verdicts = {k: m["judge_fraction"] for k, m in measured.items()}
+    spread = {k: m["diversity_ratio"] for k, m in measured.items()
+              if m["diversity_ratio"] is not None}
+    copies = {k: m["memorisation"] for k, m in measured.items() if m["memorisation"] is not None}
+    names = self.splits.class_names
     say("generated images judged their class (independent judge, held-out accuracy "
         f"{judge.heldout_accuracy:.3f}): " + ", ".join(
-            f"{self.splits.class_names[k]} {verdicts[k]:.2f}" for k in sorted(images)))
+            f"{names[k]} {verdicts[k]:.2f} (its real images {judge.heldout_class_accuracy[k]:.2f})"
+            for k in sorted(images)))
     say("their spread against the real images' (diversity ratio, 1 = as varied as the class): "
-        + ", ".join(f"{self.splits.class_names[k]} {spread[k]:.2f}" for k in sorted(spread)))
+        + ", ".join(f"{names[k]} {spread[k]:.2f}" for k in sorted(spread)))
+    say("near-copies of a training image (memorisation; fresh real images score about 0.05): "
+        + ", ".join(f"{names[k]} {copies[k]:.2f}" for k in sorted(copies)))
+    memorised = [names[k] for k in sorted(copies) if copies[k] > MEMORISED]
+    if memorised:
+      warnings.warn(
+          f"more than {MEMORISED:.0%} of the generated images of {', '.join(memorised)} are "
+          "near-copies of a training image: the GAN redraws its training set (too few images for "
+          "it, or trained too long), and fine-tuning on copies adds little. Look at the sample "
+          "grids beside real.png; fewer gan.steps, or more images of the class.",
+          QualityWarning, stacklevel=1)
     collapsed = [self.splits.class_names[k] for k in sorted(spread) if spread[k] < COLLAPSED]
     if collapsed:
       warnings.warn(
@@ -310,7 +381,9 @@ class Run:
             "quality": {str(k): {"target_class_fraction": fractions[k],
                                  "frechet_distance": fd.get(k),
                                  "judge_fraction": verdicts[k],
-                                 "diversity_ratio": spread.get(k)} for k in images}}
+                                 "diversity_ratio": spread.get(k),
+                                 "judge_frechet_distance": measured[k]["frechet_distance"],
+                                 "memorisation": copies.get(k)} for k in images}}
 
   def finetune(self) -> dict:
     if self.config.distill.enabled:
@@ -318,27 +391,82 @@ class Run:
     weak = self.require("validate", "finetune")["worst_classes"]
     if not weak:
       return {"skipped": "nWPC = 0: the trained classifier is the final one"}
-    self._finetuned("finetune")
-    return {"history": _jsonable(self._history)}
+    variables = self._finetuned("finetune")
+    val = self.evaluate(variables, self.splits.val)  # after the re-fit, where there is one
+    return {"history": _jsonable(self._history), "refit": self._refits.get("finetune"),
+            "validation": self.compare_validation(val["accuracy"],
+                                                  val["class_wise_accuracy"].tolist())}
 
-  def final_variables(self) -> dict:
+  def compare_validation(self, accuracy: float, class_accuracy) -> dict:
+    """The fine-tuned classifier's validation accuracy against the trained one's, overall and on
+    the weak classes; one warning line when either fell (the run never reports a worse model
+    silently)."""
+    val = self.require("validate", "finetune")
+    weak = val["worst_classes"]
+    before = {"overall": val["val_accuracy"],
+              "weak": float(np.mean([val["val_class_accuracy"][k] for k in weak]))}
+    after = {"overall": float(accuracy),
+             "weak": float(np.mean([class_accuracy[k] for k in weak]))}
+    lowered = validation_change(before, after)
+    if lowered:
+      keep = bool(self.config.mistake.keep_best)
+      warnings.warn(
+          "the mistake-driven fine-tune lowered validation accuracy: overall "
+          f"{before['overall']:.4f} -> {after['overall']:.4f}, weak classes "
+          f"{before['weak']:.4f} -> {after['weak']:.4f}; " + (
+              "the trained classifier stays the final model (mistake.keep_best)" if keep else
+              "the fine-tuned one is still the final model (mistake.keep_best=true keeps the "
+              "trained one in this case)"), QualityWarning, stacklevel=2)
+    return {"before": before, "after": after, "lowered": lowered}
+
+  def final_variables(self) -> tuple[dict, str]:
+    """(variables, which): the final classifier and which it is: "finetuned" (or "distilled"),
+    or "trained" when no fine-tune ran, or when it lowered validation accuracy and
+    mistake.keep_best is set."""
     if self.config.distill.enabled:
       record = self.require("distill", "test")
       if "skipped" in record:
-        return self.classifier("train")
-      return self._distilled(len(record["rounds"]) - 1)
+        return self.classifier("train"), "trained"
+      if self.config.mistake.keep_best and record["validation"]["lowered"]:
+        return self.classifier("train"), "trained"
+      return self._distilled(len(record["rounds"]) - 1), "distilled"
     ft = self.require("finetune", "test")
-    return self.classifier("train") if "skipped" in ft else self._finetuned("finetune")
+    if "skipped" in ft:
+      return self.classifier("train"), "trained"
+    if self.config.mistake.keep_best and ft["validation"]["lowered"]:
+      return self.classifier("train"), "trained"
+    return self._finetuned("finetune"), "finetuned"
 
   def _finetuned(self, tag: str, data=None) -> dict:
-    """The trained classifier fine-tuned as stage `tag` on `data` (default: real + generated)."""
-    if tag in self._variables:
-      return self._variables[tag]
+    """The trained classifier fine-tuned as stage `tag` on `data` (default: real + generated, as
+    `real_and_generated` tags them). Where `data` holds generated images the fine-tune treats
+    them as `config.finetune` says: their loss weight, BatchNorm statistics of their own, the
+    real class priors kept (PriorSampler), and the output layer re-fit on real images after
+    (mdjax.train.refit). Deterministic, so a resumed run re-fits to the same layer."""
+    final = f"{tag}/final"
+    if final in self._variables:
+      return self._variables[final]
     if data is None:
       gen = self.require("generate", tag)
-      data = Concat([self.splits.train, self.generated_source(gen["dir"])])
-    return self.classifier(tag, data, init_from="train", epochs=int(self.config.finetune.epochs),
-                           learning_rate=float(self.config.finetune.learning_rate))
+      data = real_and_generated(self.splits.train, self.generated_source(gen["dir"]))
+    f = self.config.finetune
+    generated = getattr(data, "generated", None)
+    mixed = generated is not None and bool(generated.any())
+    treatment = {}
+    if mixed:
+      treatment = {"generated_weight": float(f.generated_weight),
+                   "separate_norms": bool(f.separate_bn),
+                   "sampler": (pipeline.PriorSampler(data.labels, generated, int(self.config.seed))
+                               if f.sampler == "keep_priors" else None)}
+    variables = self.classifier(tag, data, init_from="train", epochs=int(f.epochs),
+                                learning_rate=float(f.learning_rate), **treatment)
+    if mixed and f.refit_last_layer:
+      refit = refit_lib.refit_last_layer(self.model, variables, self.splits.train,
+                                         self.splits.val, self.config, self.num_classes)
+      self._refits[tag] = refit.record()
+      variables = refit.variables
+    self._variables[final] = variables
+    return variables
 
   # --- GAN distillation ------------------------------------------------------------------------
 
@@ -363,6 +491,8 @@ class Run:
     rounds = [self._distill_round(r, weak, real) for r in range(int(ds.rounds))]
     last = rounds[-1]
     return {"classes": weak, "rounds": rounds, "gan_steps": last["gan_steps"],
+            "validation": self.compare_validation(last["val_accuracy"],
+                                                  last["val_class_accuracy"]),
             "generated_per_class": last["generated_per_class"], "dir": last["dir"],
             "quality": last.get("quality", {}), "judge": last.get("judge")}
 
@@ -444,8 +574,10 @@ class Run:
     return record
 
   def test(self) -> dict:
-    result = self.evaluate(self.final_variables(), self.splits.test)
-    return {"final": _summary(result), "final_confusion": result["confusion"].tolist()}
+    variables, which = self.final_variables()
+    result = self.evaluate(variables, self.splits.test)
+    return {"final": _summary(result), "final_confusion": result["confusion"].tolist(),
+            "final_model": which}
 
   # --- controls --------------------------------------------------------------------------------
 
@@ -469,11 +601,13 @@ class Run:
       # A class's GAN depends only on (seed, class, images), so the weak classes' GANs are reused
       # and only the others are trained here (with gan.conditional: one conditional GAN for them).
       gan_dir = os.path.join(self.workdir, "control_full_gan", "gan")
-      self.train_gans(self.weak_images(others), gan_dir)
+      real = self.weak_images(others)
+      self.train_gans(real, gan_dir, monitor=self.monitor(real))
       out = os.path.join(self.workdir, "control_full_gan", "generated")
       self._generate(others, gan_dir, out)
       parts.append(self.generated_source(out))
-    variables = self._finetuned("control_full_gan", Concat(parts))
+    variables = self._finetuned("control_full_gan",
+                                real_and_generated(self.splits.train, Concat(parts[1:])))
     return _summary(self.evaluate(variables, self.splits.test))
 
   def control_filtered(self) -> dict:
@@ -491,7 +625,7 @@ class Run:
     record = self._generate(weak, os.path.join(self.workdir, "gan"), out,
                             plan.filter_threshold("1/n", self.num_classes))
     variables = self._finetuned("control_filtered",
-                                Concat([self.splits.train, self.generated_source(out)]))
+                                real_and_generated(self.splits.train, self.generated_source(out)))
     return {**_summary(self.evaluate(variables, self.splits.test)), "generate": record}
 
 
@@ -500,6 +634,10 @@ class Run:
 # the default config 0.67-0.97 (3 seeds x 5 weak classes, 22-23 images each); a collapsed
 # conditional GAN (ngf 8, 600 steps: every sample nearly one image) 0.16 on its 16-sample grids.
 COLLAPSED = 0.5
+# Generated images that are near-copies of training images more often than this get a
+# QualityWarning (quality.memorisation): fresh real images of a class score about 0.05 (the
+# percentile it is defined by), so 0.25 is five times what new images of the class would show.
+MEMORISED = 0.25
 CONTROL_STAGES = ("control_real_finetune", "control_full_gan", "control_filtered")
 _DISTILLING = "distill.enabled: the distill stage trains the GANs and fine-tunes instead"
 
@@ -524,8 +662,11 @@ def _one_line(name: str, record: dict, class_names) -> str:
     return f": val accuracy {record['history']['val_accuracy'][-1]:.4f}"
   if name == "validate":
     weak = ", ".join(class_names[k] for k in record["worst_classes"]) or "none"
+    forced = record.get("forced_flawless")
+    note = (f" ({len(forced)} of them without a validation error, forced in by nWPC)"
+            if forced else "")
     return (f": val accuracy {record['val_accuracy']:.4f}, baseline test accuracy "
-            f"{record['baseline']['test_accuracy']:.4f}, weak classes: {weak}")
+            f"{record['baseline']['test_accuracy']:.4f}, weak classes: {weak}{note}")
   if name == "distill":
     last = record["rounds"][-1]
     return (f": {len(record['rounds'])} rounds, {sum(last['generated_per_class'].values())} images "

@@ -38,22 +38,23 @@ LOCK_FILE = "mdjax.lock"
 RESUME = ("auto", "force", "never")
 # Keys that change how a run is executed or logged, not what it computes.
 IGNORED_KEYS = ("stages", "resume", "seeds", "controls", "data.num_threads", "data.prefetch",
-                "train.log_every", "gan.log_every", "gan.sample_every")
+                "train.log_every", "gan.log_every")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict as {"train.epochs": 15, ...}."""
   out = {}
   for k, v in d.items():
     key = f"{prefix}{k}"
     if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
+      out.update(flatten(v, key + "."))
     else:
       out[key] = v
   return out
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-  a, b = _flatten(old), _flatten(new)
+  a, b = flatten(old), flatten(new)
   diffs = []
   for key in sorted(set(a) | set(b)):
     if key in IGNORED_KEYS or a.get(key) == b.get(key):
