@@ -48,7 +48,17 @@ after every cell), has one row per method, over the seeds whose cell finished:
     own multi-seed results.json reports it; with one seed only the value is given;
   - wall time per cell: the mean over cells of the sum of results.json `stage_seconds`, the run's
     own timing of its stages. It leaves out process start-up, data loading and any attempt that
-    was interrupted before its stage finished.
+    was interrupted before its stage finished (a stage taken from another cell counts its time).
+With the control method `realft` (the same fine-tune on real images only) in the grid, each
+method's per-seed difference from it follows (mean ± std over seeds, and in how many seeds the
+method was ahead), then every finished cell's weak classes: their test accuracy before -> after
+and, for their generated images, the judge's fraction, diversity, near-copies and GAN steps.
+`ablation.png` draws the table (mean ± std, every seed a dot).
+
+Methods join with "+" (`mdt_refit+mdt_priors`: both treatments at once). Cells share stages: a
+fresh cell takes the finished stages of an earlier cell of the same seed whose config agrees on
+everything those stages read (SHARED_STAGES), so the remedies of the fine-tune (`mdt_*`) reuse
+the classifier and the GANs of `mdt`: list `mdt` before them.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -81,9 +92,11 @@ CELL_CONFIG = "ablation_config.json"
 CELL_STATUS = "ablation_status.json"
 CELL_LOG = "ablation.log"
 LOG_HEADER = "=== mdjax.ablate"  # starts each attempt's output in the cell's log
-TABLE_MD, TABLE_CSV = "ablation.md", "ablation.csv"
+TABLE_MD, TABLE_CSV, FIGURE = "ablation.md", "ablation.csv", "ablation.png"
 # The method whose weak classes every method's weak-class accuracy is measured on.
 REFERENCE = "mdt"
+# The method every other one is compared with seed by seed, when it is in the grid.
+CONTROL = "realft"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +123,27 @@ METHODS = {
     "pgd": Method("the classifier trained adversarially (PGD, eps 2/255), no GANs",
                   {"train.pgd_eps": 2 / 255, "mistake.enabled": False}),
     "cgan": Method("mistake-driven training with one class-conditional GAN", {"gan.conditional": True}),
+    # The compute-matched control: the same fine-tune, on real images only.
+    "realft": Method("the real-only control: the trained classifier fine-tuned as long, on real "
+                     "images only", {"mistake.nsamples_ratio": 0.0}),
+    # The paper's method with one treatment of the generated images each (config.finetune,
+    # config.mistake); combine them with "+": --methods=mdt_refit+mdt_priors.
+    "mdt_filter": Method("the paper's method, generated images kept only if the classifier gives "
+                         "their class p > 1/n (He et al.)", {"mistake.filter": "1/n"}),
+    "mdt_hard": Method("the paper's method, keeping the generated images the classifier finds "
+                       "hardest among those with p > 1/n (classifier feedback)",
+                       {"mistake.filter": "1/n", "mistake.select": "hardest"}),
+    "mdt_weight": Method("the paper's method, generated images at half the loss weight of real ones",
+                         {"finetune.generated_weight": 0.5}),
+    "mdt_priors": Method("the paper's method, each class keeping its real image count per epoch "
+                         "(generated images take part of it)", {"finetune.sampler": "keep_priors"}),
+    "mdt_bn": Method("the paper's method, generated images with BatchNorm statistics of their own "
+                     "(Diversify)", {"finetune.separate_bn": True}),
+    "mdt_refit": Method("the paper's method, then the output layer re-fit on real images, "
+                        "class-balanced (SYNAuG)", {"finetune.refit_last_layer": True}),
 }
+# A method name may join several with "+" (their overrides together, left to right).
+COMBINE = "+"
 
 _METHODS = flags.DEFINE_list("methods", None, "Methods to compare: " + ", ".join(METHODS))
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds, e.g. 0,1,2 (default: the config's seeds or seed).")
@@ -127,14 +160,26 @@ def cell_dir(workdir: str, method: str, seed: int) -> str:
 
 # --- the grid's configs, all checked before any cell runs ----------------------------------------
 
+def method_spec(name: str) -> Method:
+  """The method `name`: one of METHODS, or several joined by "+" (their overrides together)."""
+  parts = name.split(COMBINE)
+  if len(parts) == 1:
+    return METHODS[name]
+  overrides = {}
+  for part in parts:
+    overrides.update(METHODS[part].overrides)
+  return Method(" + ".join(METHODS[p].description for p in parts), overrides)
+
+
 def check_methods(names: list[str], config) -> None:
   """A UserError naming every unknown method, or every method whose keys this mdjax lacks."""
-  unknown = [n for n in names if n not in METHODS]
+  unknown = [n for n in names if any(p not in METHODS for p in n.split(COMBINE))]
   if unknown:
     raise UserError(f"unknown method {', '.join(map(repr, unknown))} in --methods; the methods are "
-                    + "; ".join(f"{n} ({m.description})" for n, m in METHODS.items()) + ".")
+                    + "; ".join(f"{n} ({m.description})" for n, m in METHODS.items())
+                    + f" (several join with {COMBINE!r}).")
   keys = set(config_lib.config_keys(config))
-  missing = [f"{n} sets config.{k}" for n in names for k in METHODS[n].overrides if k not in keys]
+  missing = [f"{n} sets config.{k}" for n in names for k in method_spec(n).overrides if k not in keys]
   if missing:
     what = "a key" if len(missing) == 1 else "keys"
     raise UserError(f"this mdjax cannot run every method asked for: {'; '.join(missing)}, {what} that "
@@ -142,10 +187,17 @@ def check_methods(names: list[str], config) -> None:
                     "--methods, or use an mdjax that defines them.")
 
 
+def _description(name: str) -> str:
+  try:
+    return method_spec(name).description
+  except KeyError:
+    return "(not a method of this mdjax)"
+
+
 def cell_config(config, method: str, seed: int):
   """The user's config with `method`'s overrides and `seed`: what the cell runs, validated."""
   cell = config.copy_and_resolve_references()
-  for key, value in METHODS[method].overrides.items():
+  for key, value in method_spec(method).overrides.items():
     config_lib.set_key(cell, key, value)
   cell.seed, cell.seeds = seed, ""
   try:
@@ -235,6 +287,89 @@ def error_line(log_path: str) -> str:
   return line if len(line) <= 400 else line[:397] + "..."
 
 
+# --- stages shared between cells ------------------------------------------------------------------
+#
+# Cells of one seed often differ only downstream: the remedies of the fine-tune leave the trained
+# classifier, its weak classes, their GANs and (most) their images as they are. A fresh cell takes
+# over the finished stages of an earlier cell of the same seed whose config agrees on every key
+# those stages read, so a grid trains each classifier and each set of GANs once. The stages, in
+# order, with their folders and the keys each reads beyond those of the stages before it:
+
+def _upstream(key: str) -> bool:
+  # The classifier's training reads data, model, train and the seed: everything but these.
+  return not key.startswith(("finetune.", "mistake.", "gan.", "distill.")) and key not in (
+      "controls", "stages", "resume", "seeds")
+
+
+SHARED_STAGES = (
+    ("train", ("train",), _upstream),
+    ("validate", (), lambda key: key in ("mistake.enabled", "mistake.nwpc")),
+    ("gan", ("gan",), lambda key: key.startswith("gan.") or key in (
+        "distill.enabled", "mistake.nsamples_ratio")),
+    ("generate", ("generated",), lambda key: key in (
+        "mistake.filter", "mistake.filter_max_draws", "mistake.select")),
+)
+
+
+def shared_prefix(mine: dict, theirs: dict) -> list[str]:
+  """The stages (in order) a cell of config `mine` can take from a cell of config `theirs`."""
+  a, b = workdir_lib.flatten(mine), workdir_lib.flatten(theirs)
+  differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+  out = []
+  for name, _, reads in SHARED_STAGES:
+    if any(reads(k) for k in differ):
+      break
+    out.append(name)
+  return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  # Hard links: the cells never rewrite these files (a finished stage's outputs are only read).
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+def take_shared_stages(workdir: str, directory: str, config: dict, seed: int,
+                       methods: list[str]) -> tuple[str, list[str]] | None:
+  """Seeds the fresh cell `directory` with the finished stages of the earlier cell of `seed`
+  that shares the most with it; returns (that cell's method, the stages) or None."""
+  if os.path.isdir(os.path.join(directory, "stages")):
+    return None  # not fresh: it resumes its own stages
+  best = None
+  for other in methods:
+    donor = cell_dir(workdir, other, seed)
+    if donor == directory or not os.path.isdir(os.path.join(donor, "stages")):
+      continue
+    try:
+      theirs = files.read_json(os.path.join(donor, "config.json"))
+    except (OSError, ValueError):
+      continue
+    stages = []
+    for name in shared_prefix(config, theirs):  # as far as the other cell has finished them
+      if not os.path.isfile(os.path.join(donor, "stages", f"{name}.json")):
+        break
+      stages.append(name)
+    if stages and (best is None or len(stages) > len(best[1])):
+      best = (other, stages)
+  if best is None:
+    return None
+  donor = cell_dir(workdir, best[0], seed)
+  with storage.converted(directory):
+    os.makedirs(os.path.join(directory, "stages"), exist_ok=True)
+    for name, folders, _ in SHARED_STAGES:
+      if name not in best[1]:
+        continue
+      for folder in folders:
+        if os.path.isdir(os.path.join(donor, folder)):
+          shutil.copytree(os.path.join(donor, folder), os.path.join(directory, folder),
+                          copy_function=_link_or_copy, dirs_exist_ok=True)
+      shutil.copy2(os.path.join(donor, "stages", f"{name}.json"),
+                   os.path.join(directory, "stages", f"{name}.json"))
+  return best
+
+
 # --- running a cell ------------------------------------------------------------------------------
 
 class Interrupted(Exception):
@@ -319,6 +454,10 @@ def run_grid(workdir: str, cells: dict[tuple[str, int], Any], methods: list[str]
     if results is not None:
       say(f"{name}: skipped, finished earlier (test accuracy {results['final']['test_accuracy']:.4f})")
       continue
+    taken = take_shared_stages(workdir, directory, _jsonable(config.to_dict()), seed, methods)
+    if taken:
+      say(f"{name}: takes the finished stages {', '.join(taken[1])} of {taken[0]} seed {seed} "
+          "(same config up to there)")
     say(f"{name}: running in {directory} (log: {os.path.join(directory, CELL_LOG)})")
     try:
       status = run_cell(directory, config)
@@ -346,6 +485,7 @@ class CellResult:
   weak_accuracy: float | None = None
   seconds: float | None = None
   error: str | None = None
+  results: dict | None = None  # the cell's results.json, when done
 
 
 def read_cell(workdir: str, method: str, seed: int) -> CellResult:
@@ -359,7 +499,7 @@ def read_cell(workdir: str, method: str, seed: int) -> CellResult:
     return CellResult(method, seed, state, error=status.get("error"))
   seconds = sum(s or 0.0 for s in results.get("stage_seconds", {}).values())
   return CellResult(method, seed, "done", test_accuracy=float(results["final"]["test_accuracy"]),
-                    seconds=float(seconds))
+                    seconds=float(seconds), results=results)
 
 
 def add_weak_accuracy(workdir: str, cell: CellResult) -> None:
@@ -383,13 +523,30 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
   return float(values.mean()), (float(values.std(ddof=0)) if len(values) > 1 else None)
 
 
-def summarize(workdir: str, methods: list[str], seeds: list[int]) -> tuple[list[dict], list[CellResult]]:
-  """One row per method (see the module docstring) and every cell."""
+def paired(cells: list[CellResult], control: list[CellResult], attribute: str
+           ) -> tuple[float | None, float | None, int]:
+  """Mean and std over seeds of a method's `attribute` minus the control's in the same seed (the
+  seeds both finished); and how many of those seeds the method was ahead."""
+  theirs = {c.seed: getattr(c, attribute) for c in control if getattr(c, attribute) is not None}
+  diffs = [getattr(c, attribute) - theirs[c.seed] for c in cells
+           if getattr(c, attribute) is not None and c.seed in theirs]
+  mean, std = _stats(diffs)
+  return mean, std, sum(d > 0 for d in diffs)
+
+
+def summarize(workdir: str, methods: list[str], seeds: list[int], control: str | None = None
+              ) -> tuple[list[dict], list[CellResult]]:
+  """One row per method (see the module docstring) and every cell; with a `control` method, each
+  row also holds its per-seed differences from the control."""
   rows, cells = [], []
+  by_method = {}
   for method in methods:
     mine = [read_cell(workdir, method, seed) for seed in seeds]
     for cell in mine:
       add_weak_accuracy(workdir, cell)
+    by_method[method] = mine
+  for method in methods:
+    mine = by_method[method]
     cells += mine
     done = [c for c in mine if c.state == "done"]
     weak = [c.weak_accuracy for c in done if c.weak_accuracy is not None]
@@ -397,7 +554,7 @@ def summarize(workdir: str, methods: list[str], seeds: list[int]) -> tuple[list[
     weak_mean, weak_std = _stats(weak)
     rows.append({
         "method": method,
-        "description": METHODS[method].description if method in METHODS else "(not a method of this mdjax)",
+        "description": _description(method),
         "seeds": len(seeds), "done": len(done), "failed": sum(c.state == "failed" for c in mine),
         "test_accuracy_mean": test_mean, "test_accuracy_std": test_std,
         "weak_class_accuracy_mean": weak_mean, "weak_class_accuracy_std": weak_std,
@@ -405,6 +562,11 @@ def summarize(workdir: str, methods: list[str], seeds: list[int]) -> tuple[list[
         "wall_seconds_mean": _stats([c.seconds for c in done])[0],
         "errors": "; ".join(f"seed {c.seed}: {c.error}" for c in mine if c.state == "failed"),
     })
+    if control in by_method and method != control:
+      for attribute, name in (("test_accuracy", "test"), ("weak_accuracy", "weak")):
+        mean, std, ahead = paired(done, by_method[control], attribute)
+        rows[-1].update({f"vs_control_{name}_mean": mean, f"vs_control_{name}_std": std,
+                         f"vs_control_{name}_ahead": ahead})
   return rows, cells
 
 
@@ -419,7 +581,8 @@ def _cell_text(text: str | None) -> str:
   return (text or "").replace("|", "\\|")
 
 
-def markdown(workdir: str, rows: list[dict], cells: list[CellResult], seeds: list[int]) -> str:
+def markdown(workdir: str, rows: list[dict], cells: list[CellResult], seeds: list[int],
+             control: str | None = None) -> str:
   lines = [f"# mdjax ablation: {os.path.abspath(workdir)}", "",
            f"Seeds {', '.join(map(str, seeds))}. Each cell is the mdjax workdir `<method>/seed_<s>/` "
            f"(its config: `{CELL_CONFIG}`, its output: `{CELL_LOG}`).", "",
@@ -432,6 +595,20 @@ def markdown(workdir: str, rows: list[dict], cells: list[CellResult], seeds: lis
                  f"{_mean_std(r['test_accuracy_mean'], r['test_accuracy_std'], r['done'])} | "
                  f"{_mean_std(r['weak_class_accuracy_mean'], r['weak_class_accuracy_std'], r['weak_class_seeds'], r['done'])} | "
                  f"{wall} |")
+  if control is not None and any("vs_control_test_mean" in r for r in rows):
+    lines += ["", f"### Against the control `{control}`, seed by seed", "",
+              f"Each method's accuracy minus `{control}`'s in the same seed, mean ± std over the "
+              "seeds both finished, and in how many of them the method was ahead.", "",
+              "| method | test accuracy difference | ahead | weak classes' difference | ahead |",
+              "|---|---|---|---|---|"]
+    signed = lambda m, sd: "n/a" if m is None else (  # noqa: E731
+        f"{m:+.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
+    for r in rows:
+      if "vs_control_test_mean" in r:
+        lines.append(f"| {r['method']} | {signed(r['vs_control_test_mean'], r['vs_control_test_std'])}"
+                     f" | {r['vs_control_test_ahead']} | "
+                     f"{signed(r['vs_control_weak_mean'], r['vs_control_weak_std'])} | "
+                     f"{r['vs_control_weak_ahead']} |")
   lines += ["", "Mean ± standard deviation over the seeds whose cell finished (std with ddof=0, "
             "as mdjax's multi-seed results.json). Test accuracy: results.json `final.test_accuracy`. "
             f"Weak classes' accuracy: the mean test accuracy over the weak classes that the `{REFERENCE}` "
@@ -447,7 +624,38 @@ def markdown(workdir: str, rows: list[dict], cells: list[CellResult], seeds: lis
     wall = "" if c.seconds is None else _duration(c.seconds)
     lines.append(f"| {c.method} | {c.seed} | {c.state} | {fmt(c.test_accuracy)} | {weak} | "
                  f"{fmt(c.weak_accuracy)} | {wall} | {_cell_text(c.error)} |")
+  details = [c for c in cells if c.results is not None and c.weak_classes]
+  if details:
+    lines += ["", "## Weak classes per cell", "",
+              "Test accuracy of each weak class, trained classifier -> final; for classes that got "
+              "generated images, the independent judge's fraction, their diversity ratio, their "
+              "share of near-copies of training images, and the steps their GAN trained.", "",
+              "| method | seed | weak classes |", "|---|---|---|"]
+    for c in details:
+      lines.append(f"| {c.method} | {c.seed} | {weak_class_details(c.results, c.weak_classes)} |")
   return "\n".join(lines) + "\n"
+
+
+def weak_class_details(results: dict, weak: list[int]) -> str:
+  """"Shirt 0.612 -> 0.640 (judge 0.55, diversity 0.91, copies 0.02, 400 steps) · ..."."""
+  names, quality = results["classes"], results.get("gan_quality") or {}
+  stopping = results.get("gan_stopping") or {}
+  parts = []
+  for k in weak:
+    text = (f"{names[k]} {results['baseline']['test_class_accuracy'][k]:.3f} -> "
+            f"{results['final']['test_class_accuracy'][k]:.3f}")
+    q, stop = quality.get(str(k)), stopping.get(str(k))
+    facts = []
+    if q:
+      facts.append(f"judge {q['judge_fraction']:.2f}")
+      if q.get("diversity_ratio") is not None:
+        facts.append(f"diversity {q['diversity_ratio']:.2f}")
+      if q.get("memorisation") is not None:
+        facts.append(f"copies {q['memorisation']:.2f}")
+    if stop:
+      facts.append(f"{stop['steps']} steps")
+    parts.append(text + (f" ({', '.join(facts)})" if facts else ""))
+  return " · ".join(parts)
 
 
 CSV_COLUMNS = ("method", "description", "seeds", "done", "failed", "test_accuracy_mean",
@@ -455,17 +663,58 @@ CSV_COLUMNS = ("method", "description", "seeds", "done", "failed", "test_accurac
                "weak_class_seeds", "wall_seconds_mean", "errors")
 
 
-def write_table(workdir: str, methods: list[str], seeds: list[int]) -> list[dict]:
-  """Writes ablation.md and ablation.csv (atomically) from the cells on disk; returns the rows."""
-  rows, cells = summarize(workdir, methods, seeds)
+def write_table(workdir: str, methods: list[str], seeds: list[int],
+                control: str | None = None) -> list[dict]:
+  """Writes ablation.md, ablation.csv and ablation.png (atomically) from the cells on disk;
+  returns the rows."""
+  control = control if control is not None else (CONTROL if CONTROL in methods else None)
+  rows, cells = summarize(workdir, methods, seeds, control)
   out = io.StringIO()
-  writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
+  writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
   writer.writeheader()
   writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
   with storage.converted(workdir):
-    files.write_atomic(os.path.join(workdir, TABLE_MD), markdown(workdir, rows, cells, seeds))
+    files.write_atomic(os.path.join(workdir, TABLE_MD),
+                       markdown(workdir, rows, cells, seeds, control))
     files.write_atomic(os.path.join(workdir, TABLE_CSV), out.getvalue())
+    if any(r["done"] for r in rows):
+      files.write_atomic(os.path.join(workdir, FIGURE), figure(rows, cells))
   return rows
+
+
+def figure(rows: list[dict], cells: list[CellResult]) -> bytes:
+  """A PNG of the table: per method, test accuracy and the weak classes' accuracy, every seed as
+  a dot and the mean as a bar with the seeds' std. A researcher would rather look than read."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  methods = [r["method"] for r in rows]
+  panels = (("test_accuracy", "test_accuracy_mean", "test_accuracy_std", "test accuracy"),
+            ("weak_accuracy", "weak_class_accuracy_mean", "weak_class_accuracy_std",
+             "weak classes' accuracy"))
+  fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(methods) + 4), 4.5))
+  for ax, (attribute, mean_key, std_key, title) in zip(axes, panels):
+    x = np.arange(len(methods))
+    means = [r[mean_key] if r[mean_key] is not None else np.nan for r in rows]
+    stds = [r[std_key] if r[std_key] is not None else 0.0 for r in rows]
+    ax.bar(x, means, yerr=stds, color="#9ecae1", edgecolor="#3182bd", capsize=4)
+    for i, method in enumerate(methods):
+      values = [getattr(c, attribute) for c in cells
+                if c.method == method and getattr(c, attribute) is not None]
+      ax.plot(np.full(len(values), i), values, "o", color="#08519c", markersize=4)
+    finite = [v for v in means if np.isfinite(v)]
+    if finite:
+      spread = max(max(finite) - min(finite), max(stds), 0.005)
+      ax.set_ylim(min(finite) - 2.5 * spread, max(finite) + 1.5 * spread)
+    ax.set_xticks(x, methods, rotation=35, ha="right", fontsize=8)
+    ax.set_title(f"{title} (mean ± std, dots: seeds)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  out = io.BytesIO()
+  fig.savefig(out, format="png", dpi=110)
+  plt.close(fig)
+  return out.getvalue()
 
 
 def find_grid(workdir: str) -> tuple[list[str], list[int]]:

@@ -176,3 +176,82 @@ def test_the_error_line_is_the_last_attempts(tmp_path):
   assert ablate.error_line(str(log)) == "ValueError: a bug"
   log.write_text(log.read_text() + f"{ablate.LOG_HEADER} 3: cmd\nmdjax: error: the disk is full\nmore\n")
   assert ablate.error_line(str(log)) == "mdjax: error: the disk is full"
+
+
+def test_methods_combine_with_a_plus():
+  combined = ablate.method_spec("mdt_refit+mdt_priors")
+  assert combined.overrides == {"finetune.refit_last_layer": True,
+                                "finetune.sampler": "keep_priors"}
+  config = default_config()
+  ablate.check_methods(["mdt", "mdt_refit+mdt_priors"], config)
+  cell = ablate.cell_config(config, "mdt_refit+mdt_hard", seed=1)
+  assert cell.finetune.refit_last_layer and cell.mistake.select == "hardest"
+  with pytest.raises(ablate.UserError, match="unknown method 'mdt_refit\\+nosuch'"):
+    ablate.check_methods(["mdt_refit+nosuch"], config)
+
+
+def _fake_cell(workdir, method, seed, config, stages):
+  cell = workdir / method / f"seed_{seed}"
+  (cell / "stages").mkdir(parents=True)
+  (cell / "config.json").write_text(json.dumps(config))
+  for name in stages:
+    (cell / "stages" / f"{name}.json").write_text(json.dumps({"stage": name, "by": method}))
+  for folder in ("train", "gan", "generated"):
+    (cell / folder / "sub").mkdir(parents=True)
+    (cell / folder / "sub" / "file").write_text(f"{method} {folder}")
+  return cell
+
+
+def test_a_fresh_cell_takes_the_stages_it_shares_with_an_earlier_one(tmp_path):
+  config = default_config()
+  mdt = ablate.cell_config(config, "mdt", 0).to_dict()
+  _fake_cell(tmp_path, "mdt", 0, ablate._jsonable(mdt), ["train", "validate", "gan", "generate"])
+  methods = ["mdt", "mdt_refit", "mdt_hard", "randaugment", "realft"]
+
+  def take(method):
+    cell = ablate._jsonable(ablate.cell_config(config, method, 0).to_dict())
+    return ablate.take_shared_stages(str(tmp_path), str(tmp_path / method / "seed_0"), cell, 0,
+                                     methods)
+
+  # Only the fine-tune differs: every stage up to it is taken, files hard-linked.
+  assert take("mdt_refit") == ("mdt", ["train", "validate", "gan", "generate"])
+  refit = tmp_path / "mdt_refit" / "seed_0"
+  assert (refit / "gan" / "sub" / "file").read_text() == "mdt gan"
+  assert os.path.samefile(refit / "train" / "sub" / "file", tmp_path / "mdt" / "seed_0" / "train"
+                          / "sub" / "file")
+  assert json.loads((refit / "stages" / "generate.json").read_text())["by"] == "mdt"
+  assert not (refit / "stages" / "finetune.json").exists() and not (refit / "config.json").exists()
+  # The filter changes which images are kept: the GANs are shared, the generated set is not.
+  assert take("mdt_hard") == ("mdt", ["train", "validate", "gan"])
+  assert not (tmp_path / "mdt_hard" / "seed_0" / "generated").exists()
+  # No images to generate: its GAN stage differs (skipped), the classifier is shared.
+  assert take("realft") == ("mdt", ["train", "validate"])
+  # Another classifier recipe shares nothing; a cell with stages of its own takes nothing.
+  assert take("randaugment") is None
+  assert take("mdt_refit") is None
+
+
+def test_differences_from_the_control_seed_by_seed_and_the_figure(grid, tmp_path):
+  workdir = tmp_path / "grid"
+  shutil.copytree(grid[0], workdir)
+  base = [load(workdir / "baseline" / f"seed_{s}" / "results.json") for s in (0, 1)]
+  shift = {"realft": (0.010, 0.020), "mdt": (0.015, 0.005)}  # test accuracy added per seed
+  for method, deltas in shift.items():
+    for seed, delta in zip((0, 1), deltas):
+      results = json.loads(json.dumps(base[seed]))
+      results["final"]["test_accuracy"] += delta
+      results["worst_classes"] = [1, 2]
+      (workdir / method / f"seed_{seed}").mkdir(parents=True)
+      (workdir / method / f"seed_{seed}" / "results.json").write_text(json.dumps(results))
+  rows = {r["method"]: r for r in ablate.write_table(str(workdir), ["realft", "mdt"], [0, 1])}
+  diffs = [0.015 - 0.010, 0.005 - 0.020]
+  assert rows["mdt"]["vs_control_test_mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
+  assert rows["mdt"]["vs_control_test_std"] == pytest.approx(np.std(diffs), abs=1e-12)
+  assert rows["mdt"]["vs_control_test_ahead"] == 1
+  assert rows["mdt"]["vs_control_weak_mean"] == pytest.approx(0.0, abs=1e-12)  # same classes
+  assert "vs_control_test_mean" not in rows["realft"]
+  table = (workdir / "ablation.md").read_text()
+  assert "Against the control `realft`" in table and f"| mdt | {np.mean(diffs):+.4f}" in table
+  assert "## Weak classes per cell" in table
+  png = (workdir / "ablation.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
