@@ -400,7 +400,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if pads is not None and feature_group_count == 1:
     strides = tuple(int(s) for s in window_strides)
     if (_onednn_rules and lhs.dtype == rhs.dtype == jnp.float32
-        and _flops(lhs.shape, rhs.shape, strides, pads) >= _ONEDNN_MIN_FLOPS):
+        and _flops(lhs.shape, rhs.shape, strides, pads) >= _ONEDNN_MIN_FLOPS
+        and onednn.available()):  # built here, for the first convolution that qualifies
       return _onednn_conv(lhs, rhs, strides, pads)
     return _conv(lhs, rhs, strides, pads, _eigen_rules)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -484,7 +485,7 @@ def use_fast_conv_grads(enable: bool | None = None, *, eigen: bool = False,
     return
   previous = _eigen_rules, _onednn_rules
   _eigen_rules = eigen and _options_accepted()
-  _onednn_rules = onednn_convs and onednn.available()
+  _onednn_rules = onednn_convs
   try:
     with nn.intercept_methods(_interceptor):
       yield

@@ -8,14 +8,18 @@ its convolutions to oneDNN (`mdjax.core.cpu_conv`, "oneDNN rules"). GPUs never u
 The custom calls live in a small C++ library compiled on first use, the way
 torch.utils.cpp_extension.load does, because the two things it links against come from two wheels
 installed separately: jaxlib (XLA's FFI headers, `jax.ffi.include_dir()`) and oneDNN
-(`onednn-devel-cpu-gomp`, a dependency of mdjax on Linux x86-64). The build takes about 5 s with
+(`onednn-devel-cpu-gomp`, which `pip install -e ".[onednn]"` adds on Linux x86-64: an opt-in, as
+only convolutions of at least 0.3 GFLOP a pass gain from it). The build takes about 5 s with
 g++ and is cached under `$MDJAX_CACHE_DIR` (default `~/.cache/mdjax`), keyed by the source, the
 jaxlib version and the oneDNN found; concurrent processes build it once (a file lock) and never load
 a half-written library (it is written under a temporary name and renamed).
 
-Where this cannot work (no C++ compiler, no oneDNN, another CPU architecture, `MDJAX_ONEDNN=0`),
-`available()` is False, mdjax logs why once, and the CPU programs keep XLA's convolutions: same
-results, slower steps. `python -m mdjax.core.onednn` builds the library and says what it found.
+Without the extra (no oneDNN found) `available()` is False and nothing is said: XLA's
+convolutions are the default. Where the extra is installed but cannot work (no C++ compiler,
+another CPU architecture) it is False and mdjax logs why once; `MDJAX_ONEDNN=0` turns it off. The
+CPU programs then keep XLA's convolutions: same results, slower steps. The library is built the
+first time a step has a convolution that qualifies (mdjax.core.cpu_conv), not before.
+`python -m mdjax.core.onednn` builds it and says what it found.
 """
 
 from __future__ import annotations
@@ -53,20 +57,38 @@ class BuildError(RuntimeError):
   """The FFI library could not be built or loaded; the message says what is missing."""
 
 
+class NotInstalled(BuildError):
+  """No oneDNN to build against: the `onednn` extra is not installed."""
+
+
+# System-wide prefixes searched after $DNNLROOT and the Python environment.
+_SYSTEM_PREFIXES = ("/usr/local", "/usr")
+
+
 def _onednn_root() -> tuple[Path, Path]:
   """(include directory, library directory) of the first prefix with both
   include/oneapi/dnnl/dnnl.hpp and a lib*/libdnnl.so."""
-  candidates = [os.environ.get("DNNLROOT"), sys.prefix, sys.base_prefix, "/usr/local", "/usr"]
+  candidates = [os.environ.get("DNNLROOT"), sys.prefix, sys.base_prefix, *_SYSTEM_PREFIXES]
   for root in map(Path, filter(None, candidates)):
     if not (root / "include/oneapi/dnnl/dnnl.hpp").is_file():
       continue
     for lib in ("lib", "lib64", "lib/x86_64-linux-gnu"):
       if (root / lib / "libdnnl.so").exists():
         return root / "include", root / lib
-  raise BuildError(
+  raise NotInstalled(
       "oneDNN not found: no include/oneapi/dnnl/dnnl.hpp with lib/libdnnl.so under "
-      f"{[c for c in candidates if c]}. Install it with `pip install onednn-devel-cpu-gomp` (a "
-      "dependency of mdjax on Linux x86-64), or point DNNLROOT at a oneDNN 3.x install.")
+      f"{[c for c in candidates if c]}. Install mdjax's extra with `pip install -e \".[onednn]\"` "
+      "(Linux x86-64), or point DNNLROOT at a oneDNN 3.x install.")
+
+
+def installed() -> bool:
+  """Whether oneDNN (the `onednn` extra) and a C++ compiler are here to build the library with."""
+  try:
+    _onednn_root()
+    _compiler()
+  except BuildError:
+    return False
+  return True
 
 
 def _cache_dir() -> Path:
@@ -119,7 +141,8 @@ def build() -> Path:
 def available() -> bool:
   """Whether oneDNN's convolutions are built, loaded and registered with XLA (once per process).
 
-  False, with one warning saying why, where they cannot be (module docstring)."""
+  False where they cannot be: silently without the `onednn` extra, else with one warning saying
+  why (module docstring)."""
   if os.environ.get("MDJAX_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
     _log.info("MDJAX_ONEDNN=%s: CPU convolutions stay XLA's.", os.environ["MDJAX_ONEDNN"])
     return False
@@ -128,6 +151,9 @@ def available() -> bool:
     for name, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")
+  except NotInstalled as e:
+    _log.debug("%s", e)
+    return False
   except (BuildError, OSError, AttributeError) as e:
     _log.warning("oneDNN convolutions unavailable, CPU convolutions stay XLA's (same results, "
                  "slower): %s", e)
