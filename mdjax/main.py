@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import linecache
 import os
 import re
 import sys
@@ -92,50 +91,53 @@ def _config_file(argv: list[str]) -> str:
   return spec.split(":", 1)[0] if spec else _default_config_path()
 
 
-def _key_path(roots: dict, node) -> str:
-  """"train." when `node` is the `train` section of a ConfigDict among `roots`; "" for a root."""
-  def find(d, prefix):
-    if d is node:
-      return prefix
-    for name, value in d.items():
+# ml_collections' refusal of a key on a locked config: 'Key "epoch" does not exist and cannot be
+# added since the config is locked. Other fields present: "{'epochs': 20, ...}"'.
+_LOCKED_KEY = re.compile(r'Key "([^"]+)" does not exist and cannot be added since the config is '
+                         r'locked\. Other fields present: "\{(.*?)\}"', re.S)
+
+
+def _section_with(fields: set[str]) -> str:
+  """"train." for the section of base_config() holding exactly `fields`; "" for the root."""
+  def sections(node, prefix):
+    yield prefix, set(node.keys())
+    for name, value in node.items():
       if isinstance(value, ml_collections.ConfigDict):
-        found = find(value, f"{prefix}{name}.")
-        if found is not None:
-          return found
-    return None
-  for value in roots.values():
-    if isinstance(value, ml_collections.ConfigDict):
-      found = find(value, "")
-      if found is not None:
-        return found
-  return ""
+        yield from sections(value, f"{prefix}{name}.")
+  return next((prefix for prefix, keys in sections(config_lib.base_config(), "")
+               if keys == fields), "")
 
 
 def _unknown_key(argv: list[str], error: Exception) -> UnknownConfigKeyError | None:
   """Names an unknown key and where it was set: in the config file, or by a --config.KEY flag.
 
-  The base config is locked, so ml_collections refuses the key where it is set. For a config
-  file the traceback holds both places: the file's own frame (its line) and ml_collections' frame
-  of the section being written (its key and the section itself, whose path gives the dotted key).
+  The base config is locked, so ml_collections refuses the key where it is set, saying which key
+  and which other fields its section holds (the section's dotted path follows from those). For a
+  config file the traceback's entry in the file gives its line.
   """
-  frames = list(traceback.walk_tb(error.__traceback__))
   path = _config_file(argv)
-  in_file = [(f, n) for f, n in frames
-             if os.path.abspath(f.f_code.co_filename) == os.path.abspath(path)]
-  sections = [f for f, _ in frames if isinstance(f.f_locals.get("self"), ml_collections.ConfigDict)]
-  if in_file and sections:
-    frame, line = in_file[-1]
-    inner = sections[-1].f_locals
-    key = _key_path(frame.f_locals, inner["self"]) + str(inner.get("attribute", inner.get("key")))
-    source = linecache.getline(frame.f_code.co_filename, line).strip()
-    return UnknownConfigKeyError(key, f"(set in {path} line {line}: `{source}`)",
-                                 config_lib.closest_key(key))
+  texts = [str(e).replace("\\'", "'") for e in _causes(error)]  # KeyError's repr escapes quotes
+  refused = next((m for m in map(_LOCKED_KEY.search, texts) if m), None)
+  in_file = [entry for entry in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(entry.filename) == os.path.abspath(path)]
+  if in_file and refused:
+    fields = set(re.findall(r"'([^']+)':", refused.group(2)))
+    key = _section_with(fields) + refused.group(1)
+    return UnknownConfigKeyError(key, f"(set in {path} line {in_file[-1].lineno}: "
+                                 f"`{(in_file[-1].line or '').strip()}`)", config_lib.closest_key(key))
   known = config_lib.config_keys()
   for token in argv:
     key = token.split("=", 1)[0][len("--config."):]
     if token.startswith("--config.") and key not in known:
       return UnknownConfigKeyError(key, f"(from the flag {token})", config_lib.closest_key(key))
   return None
+
+
+def _causes(error: BaseException):
+  """`error` and the exceptions it was raised from (ml_collections wraps its KeyError)."""
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
 
 
 def _one_line(error: Exception) -> str:
