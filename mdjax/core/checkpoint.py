@@ -132,11 +132,7 @@ class Checkpoints:
 
     orbax keeps an unfinished save in a `<step>.orbax-checkpoint-tmp*` folder and removes it only
     when the next manager opens (cleanup_tmp_directories); on a full disk that space is wanted now.
-    The failure was reported by waiting for the save, but that wait stops at the first failed
-    write: the save's other writes (the record, the array metadata) may still be running, and
-    would put files back into a folder removed now. So they are waited for first.
     """
-    self._settle_failed_save()
     if process.is_writer():
       self._remove_unfinished()
     failed = os.path.abspath(os.fspath(fault.filename)) if fault.filename else ""
@@ -145,15 +141,16 @@ class Checkpoints:
       return os.path.join(self.directory, first.split(".orbax-checkpoint-tmp")[0])
     return None
 
-  def _remove_unfinished(self, quiet: float = 1.0, timeout: float = 30.0) -> None:
+  def _remove_unfinished(self, quiet: float = 2.0, timeout: float = 60.0) -> None:
     """Removes the `*.orbax-checkpoint-tmp*` folders of a failed save, until none reappears for
     `quiet` seconds (at most `timeout`).
 
-    Why a quiet period: the writes orbax abandoned at the first failure are tensorstore's, running
-    in its own threads with no handle left to wait on (their completions land on orbax's closed
-    event loop); one that ends after the removal recreates its folder (a fresh-clone CI run caught
-    `2.orbax-checkpoint-tmp` back after the cleanup). A small checkpoint's writes end within
-    milliseconds; anything left after `timeout` is removed when the next manager opens the folder.
+    Why a quiet period: the failure is reported at the first failed write, while the save's other
+    writes (tensorstore's, in its own threads; orbax offers no public handle to wait for them) may
+    still be running, and one that ends after the removal recreates its folder (a fresh-clone CI
+    run caught `2.orbax-checkpoint-tmp` back after the cleanup). A small checkpoint's writes end
+    within milliseconds; anything left after `timeout` is removed when the next manager opens the
+    folder.
     """
     start = time.monotonic()
     quiet_until = start + quiet
@@ -167,23 +164,6 @@ class Checkpoints:
       elif now >= quiet_until:
         return
       time.sleep(0.05)
-
-  def _settle_failed_save(self, timeout: float = 120.0) -> None:
-    """Waits until every write of the failed save has ended (each may fail too: ignored here).
-
-    orbax waits for a save's commit futures one after another and stops at the first that fails
-    (`ChainedFuture.result`), and offers no public way to wait for the rest, so this reads its
-    async manager's list of them. If a later orbax moves that list, this waits for nothing and
-    the cleanup is best effort, as before.
-    """
-    checkpointer = getattr(self._manager, "_checkpointer", None)
-    futures = getattr(getattr(checkpointer, "_async_manager", None), "_commit_futures", None)
-    deadline = time.monotonic() + timeout
-    for f in futures or ():
-      try:
-        f.result(timeout=max(0.0, deadline - time.monotonic()))
-      except Exception:  # pylint: disable=broad-exception-caught
-        pass  # the fault already being reported, or another write's own failure
 
   def save(self, step: int, state: Any, record: Any = None) -> None:
     """Starts writing checkpoint `step`; a failure of the previous (background) save raises here."""
