@@ -130,8 +130,8 @@ def make_optimizer(config, steps_per_epoch: int, learning_rate: float | None = N
   schedule = make_schedule(config, steps_per_epoch, learning_rate, epochs)
   use_sam = t.optimizer == "sam"
   tx = _base_optimizer(t.base_optimizer if use_sam else t.optimizer, t, schedule)
-  freeze = bool(m.get("freeze_backbone", False))
-  mult = float(m.get("backbone_lr_mult", 1.0))
+  freeze = bool(m.freeze_backbone)
+  mult = float(m.backbone_lr_mult)
   if not freeze and mult != 1.0:
     tx = optax.chain(tx, optax.multi_transform(
         {BACKBONE: optax.scale(mult), "rest": optax.identity()}, _backbone_labels))

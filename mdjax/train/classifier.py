@@ -179,7 +179,7 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   image_shape = (image_size, image_size, 3)
   # HardMix counts mistakes per training example: the state holds one count per example of
   # `train_source` (real + generated images in a fine-tune) and the batches carry their indices.
-  hardmix = str(t.get("mix", "none")) == "hardmix"
+  hardmix = str(t.mix) == "hardmix"
   num_examples = len(train_source) if hardmix else 0
 
   # --- State: restored from the newest checkpoint, or created directly sharded -------------------
@@ -210,16 +210,18 @@ def train_classifier(config, train_source, val_source, workdir: str, num_classes
   start = int(process.fetch_replicated(state.step))
   is_main = process.is_writer()
   writer = process.metric_writer(os.path.join(stage_dir, "tensorboard"), active=start < total_steps)
+  # disable=None: no bar where stderr is not a terminal (a log file gets the one line per epoch
+  # below instead of a bar redrawn thousands of times on one line).
   bar = tqdm(total=total_steps, initial=start, desc=tag, unit="step", dynamic_ncols=True,
-             disable=not is_main or start >= total_steps)
+             disable=True if not is_main or start >= total_steps else None)
 
   batches = None
   if start < total_steps:
     batches = pipeline.train_batches(
         train_source, batch_size=batch_size, image_size=image_size, seed=int(config.seed), mesh=mesh,
         augment=str(config.data.augment), crop_min_scale=float(config.data.crop_min_scale),
-        randaugment_layers=int(config.data.get("randaugment_layers", 0)),
-        randaugment_magnitude=float(config.data.get("randaugment_magnitude", 9)),
+        randaugment_layers=int(config.data.randaugment_layers),
+        randaugment_magnitude=float(config.data.randaugment_magnitude),
         with_index=hardmix, start_step=start, sampler=sampler,
         num_threads=int(config.data.num_threads), prefetch=int(config.data.prefetch))
 

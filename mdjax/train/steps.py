@@ -263,23 +263,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   # (cpu_conv's depthwise rule), and its dense ones gain as the WRNs' do (B0 224x224 b8: Adam
   # 1.05-1.10x, SAM 1.12x against XLA's defaults; benchmarks/RESULTS.md).
   t = config.train
-  label_smoothing = float(t.get("label_smoothing", 0.0))
-  per_device = t.optimizer == "sam" and t.get("sam_perturbation", "global") == "per_device"
+  label_smoothing = float(t.label_smoothing)
+  per_device = t.optimizer == "sam" and t.sam_perturbation == "per_device"
   # oneDNN's convolutions (mdjax.core.onednn) where nothing is GSPMD-partitioned: XLA would
   # gather a custom call's operands onto every device. So on one device, or inside the per-device
   # body's shard_map; the mixes and attacks, which see the global batch, only on one device.
   onednn_body = fast_conv_grads and (mesh.size == 1 or per_device)
   onednn_global = fast_conv_grads and mesh.size == 1
-  mix = str(t.get("mix", "none"))
+  mix = str(t.mix)
   if mix not in mixing.MIXES:
     raise ConfigError("train.mix", mix, "one of " + ", ".join(mixing.MIXES))
   uses_generated = separate_norms or generated_weight != 1.0
   if uses_generated and mix != "none":
     raise ConfigError("train.mix", mix, "none when fine-tuning with finetune.generated_weight != 1 "
                       "or finetune.separate_bn (a mixed image is part real, part generated)")
-  mix_alpha = float(t.get("mix_alpha", 1.0))
-  pgd_eps, pgd_steps = float(t.get("pgd_eps", 0.0)), int(t.get("pgd_steps", 3))
-  pgd_step_size = (adversarial.pgd_step_size(pgd_eps, pgd_steps, float(t.get("pgd_step_size", 0.0)))
+  mix_alpha = float(t.mix_alpha)
+  pgd_eps, pgd_steps = float(t.pgd_eps), int(t.pgd_steps)
+  pgd_step_size = (adversarial.pgd_step_size(pgd_eps, pgd_steps, float(t.pgd_step_size))
                    if pgd_eps else 0.0)
 
   def loss_fn(params, batch_stats, images, labels, rng, generated=None):
@@ -358,7 +358,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
       logits = model.apply(state.variables, images, train=False)
       wrong = jnp.argmax(logits, -1) != batch["label"]
       counts = mixing.update_counts(counts, batch["index"], wrong)
-      hard = mixing.hard_set(counts, float(t.get("hardmix_fraction", 0.1)))[batch["index"]]
+      hard = mixing.hard_set(counts, float(t.hardmix_fraction))[batch["index"]]
       images, targets = mixing.hardmix(mix_key, images, targets, hard, mix_alpha)
     if pgd_eps:
       def attack_loss(x):
