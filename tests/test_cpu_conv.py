@@ -69,6 +69,7 @@ CHUNKS = {(2048, 1): 6, (243, 1): 3, (81, 1): 1, (1, 1): 1,
           (2048, 2): 6, (243, 2): 6, (81, 2): 3, (1, 2): 1}
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("rows, stride", list(CHUNKS))
 def test_weight_gradient_in_batch_chunks_matches_xla(monkeypatch, rows, stride):
   """dW of a 3x3 conv summed over chunks of the batch (a lax.scan; each chunk's output pixels at
@@ -93,6 +94,7 @@ def test_weight_gradient_in_batch_chunks_matches_xla(monkeypatch, rows, stride):
   assert ("scan" in str(jax.make_jaxpr(ours)(x, dy))) == (chunk < 6)  # the loop ran iff chunked
 
 
+@pytest.mark.perf
 def test_weight_gradient_in_chunks_under_shard_map(monkeypatch):
   """The chunked dW inside shard_map (the per-device SAM step): the loop's carry varies over the
   devices like its chunks (it failed to trace before), and the replicated kernel's gradient,
@@ -160,6 +162,7 @@ def _grad_of_conv(kernel, stride, padding, jit):
   return _compiled_convolutions(fn, w, x)
 
 
+@pytest.mark.perf
 def test_3x3_stride_1_gradients_are_xla_own_eigen_convolutions():
   """A 3x3 stride-1 "same" conv keeps XLA's gradients (Eigen runs them fast once mdjax's compiler
   options take YNNPACK off convolutions): forward, dX and dW are all convolutions, none in a YNN
@@ -181,6 +184,7 @@ def _entry_instructions(hlo: str) -> list[tuple[str, str, list[str]]]:
   return out
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("fenced", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_eigen_weight_gradient_transposes_the_materialized_input(monkeypatch, fenced, stride):
@@ -229,6 +233,7 @@ def test_materialized_is_the_identity_for_every_value():
     np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("kernel, stride, padding", [(2, 1, 1), (4, 2, 1)])
 def test_other_weight_gradients_are_matmuls(kernel, stride, padding):
   """dW of anything but a 3x3 conv (stride 1 "same", or strided) is the matmul form: XLA's own
@@ -241,6 +246,7 @@ def test_other_weight_gradients_are_matmuls(kernel, stride, padding):
   assert len(convs) == (2 if stride == 1 else 1), convs  # strided dX: a matmul and col2im
 
 
+@pytest.mark.perf
 def test_3x3_stride_2_weight_gradient_is_xla_own_eigen_convolution():
   """A 3x3 stride-2 conv's dW is XLA's own (Eigen ran it faster than the matmul form: 31 against
   63 ms for 128->256 at 16x16, batch 128; whole WRN-16-4 steps 2-3% faster), a canonical
@@ -271,6 +277,7 @@ def test_compiler_options_fall_back_when_jaxlib_rejects_them(monkeypatch, caplog
     assert cpu_conv._eigen_rules  # pylint: disable=protected-access
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("batched", ["per_model", "shared_input", "shared_kernel"])
 def test_fast_conv_under_vmap(batched):
   """vmap over K models' kernels (the GAN ensemble's "vmap" strategy on CPU): the gradients equal

@@ -200,6 +200,7 @@ def test_evaluate_counts_every_example_once_with_padded_last_batch():
   assert counts["accuracy"] == pytest.approx(np.mean(pred == labels))
 
 
+@pytest.mark.perf
 def test_eval_step_keeps_counts_per_device_with_no_collective():
   # Each step adds to the counts it is given and sums nothing across devices, so successive steps
   # depend on each other and a multi-process run cannot get two evaluation steps' collectives out
