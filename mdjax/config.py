@@ -169,16 +169,23 @@ def base_config() -> ml_collections.ConfigDict:
   # When a class's GAN stops (mdjax.gan.monitor): every `sample_every` steps its EMA generator is
   # judged, and it stops once the independent judge (gan.judge) assigns at least stop_judge x its
   # own held-out recall of the class to the class's images, their diversity ratio is at least
-  # stop_diversity, and their Frechet distance (judge features) no longer improves by stop_fd_gain
-  # over the best earlier check; else at `steps`, the budget. stop_judge = 0: every class trains
-  # `steps` (the paper's fixed schedule).
+  # stop_diversity, and their Frechet distance (judge features) is within stop_fd_floor x that
+  # between two halves of the class's real images (0 = not used), or has not improved by
+  # stop_fd_gain on the best earlier check for stop_patience checks; else at `steps`, the budget.
+  # stop_judge = 0: every class trains `steps` (the paper's fixed schedule).
   g.stop_judge = 0.9
   g.stop_diversity = 0.6
+  g.stop_fd_floor = 2.0
   g.stop_fd_gain = 0.05
+  g.stop_patience = 3
   # "auto": a class whose real images are all grey (R = G = B) gets a generator whose output is
   # grey (its channels averaged, so D never sees colour it could tell fakes by); "rgb" or "grey"
   # force either.
   g.colour = "auto"
+  # The class GANs' computation: "float32", or "bfloat16" (mixed precision: parameters, optimizer
+  # state, EMA and BatchNorm statistics stay float32, losses are reduced in float32). A speed
+  # and memory setting for accelerators; on a CPU bfloat16 is emulated and slower.
+  g.dtype = "float32"
   g.sample_every = 1000
   g.checkpoint_every = 1000
   g.log_every = 50
@@ -480,10 +487,16 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   g = config.gan
   _one_of(config, "gan.resolution", fastgan.RESOLUTIONS)
   _one_of(config, "gan.colour", gan_step.COLOURS)
+  _one_of(config, "gan.dtype", gan_step.DTYPES)
   _require(_number(g.stop_judge) and 0 <= g.stop_judge <= 1, "gan.stop_judge", g.stop_judge,
            "a fraction in [0, 1] of the judge's held-out recall of a class (0 = no stopping rule)")
   _require(_number(g.stop_diversity) and g.stop_diversity >= 0, "gan.stop_diversity",
            g.stop_diversity, "a diversity ratio >= 0 (1 = as varied as the real images)")
+  _require(_number(g.stop_fd_floor) and g.stop_fd_floor >= 0, "gan.stop_fd_floor",
+           g.stop_fd_floor, "a number >= 0: a multiple of the class's own Frechet distance "
+           "(two halves of its real images) that counts as close enough; 0 = not used")
+  _require(isinstance(g.stop_patience, int) and g.stop_patience >= 1, "gan.stop_patience",
+           g.stop_patience, "an integer >= 1: checks in a row without improvement before a stop")
   _require(_number(g.stop_fd_gain) and 0 <= g.stop_fd_gain < 1, "gan.stop_fd_gain",
            g.stop_fd_gain, "a fraction in [0, 1): the Frechet distance's relative improvement "
            "that still counts as improving")

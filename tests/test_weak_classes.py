@@ -159,7 +159,7 @@ def _check(step, judge, diversity=0.9, fd=10.0, recall=0.6):
 
 
 def test_stop_rule_needs_judge_diversity_and_a_distance_that_stopped_improving():
-  rule = monitor.StopRule(judge=0.9, diversity=0.6, fd_gain=0.05)
+  rule = monitor.StopRule(judge=0.9, diversity=0.6, fd_gain=0.05, patience=1)
   # Judge relative to the judge's own recall: 0.55 >= 0.9 x 0.6 = 0.54 passes, 0.53 does not.
   assert rule.passes(_check(100, 0.55)) and not rule.passes(_check(100, 0.53))
   assert rule.shortfalls(_check(100, 0.53, diversity=0.5)) == ["judge 0.53 < 0.54",
@@ -176,13 +176,29 @@ def test_stop_rule_needs_judge_diversity_and_a_distance_that_stopped_improving()
   assert not rule.should_stop([_check(100, 0.2, fd=10.0), _check(200, 0.2, fd=10.0)])
   # Off: never stops.
   assert not monitor.StopRule(judge=0.0).should_stop([_check(1, 1.0), _check(2, 1.0)])
+  # With patience 2 one flat check is not enough; two in a row are, and any gain in them resets.
+  patient = monitor.StopRule(judge=0.9, diversity=0.6, fd_gain=0.05, patience=2)
+  flat = [_check(100, 0.9, fd=10.0), _check(200, 0.9, fd=9.8)]
+  assert not patient.should_stop(flat)
+  assert patient.should_stop(flat + [_check(300, 0.9, fd=9.9)])
+  assert not patient.should_stop(flat + [_check(300, 0.9, fd=9.0)])
+  assert not patient.should_stop([_check(100, 0.9, fd=10.0), _check(200, 0.9, fd=9.0),
+                                  _check(300, 0.9, fd=8.9)])
+  # As close to the class as two halves of its real images (times fd_floor): stop at once, even
+  # at the first check and while still improving; not when the images fail the judge.
+  near = dict(_check(100, 0.9, fd=0.25), fd_floor=0.15)
+  assert patient.should_stop([near])
+  assert not patient.should_stop([dict(near, fd_floor=0.12)])  # 0.25 > 2 x 0.12
+  assert not patient.should_stop([dict(near, judge_fraction=0.1)])
+  assert not monitor.StopRule(fd_floor=0.0).should_stop([near])
 
 
 class ScriptedMonitor(monitor.Monitor):
   """Checks from a script (class -> verdicts by check), in place of a judge."""
 
   def __init__(self, script):
-    super().__init__(None, {}, monitor.StopRule(judge=0.9, diversity=0.6, fd_gain=0.05))
+    super().__init__(None, {}, monitor.StopRule(judge=0.9, diversity=0.6, fd_gain=0.05,
+                                                patience=1))
     self.script, self.calls = script, []
 
   def check(self, k, step, images):
@@ -249,6 +265,27 @@ def test_an_interrupted_stopping_run_resumes_to_the_same_decisions(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Memorisation.
 # ------------------------------------------------------------------------------------------------
+def test_a_class_s_own_distance_is_two_halves_of_its_real_images():
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  images = np.repeat((digits.images * (255 / 16)).astype(np.uint8)[..., None], 3, axis=-1)
+  from mdjax.gan import judge as judge_lib
+  judge = judge_lib.fit_judge(images[:1200], digits.target[:1200], images[1200:],
+                              digits.target[1200:], 10, kind="pixels", resolution=8)
+  real = images[:1200][digits.target[:1200] == 3]
+  watcher = monitor.Monitor(judge, {3: real}, monitor.StopRule())
+  order = np.random.default_rng(3).permutation(len(real))
+  half = len(real) // 2
+  expected = quality.frechet_distance(judge.embed(judge.features(real[order[:half]])),
+                                      judge.embed(judge.features(real[order[half:]])))
+  assert watcher.fd_floor(3) == pytest.approx(expected) and 0 < expected
+  # Other digits are much farther from the 3s than the 3s from each other.
+  eights = judge.embed(judge.features(images[:1200][digits.target[:1200] == 8]))
+  assert quality.frechet_distance(judge.embed(judge.features(real)), eights) > 5 * expected
+  row = watcher.check(3, 100, real[order[:60]])
+  assert row["fd_floor"] == watcher.fd_floor(3) and row["judge_fraction"] > 0.9
+
+
 def test_memorisation_scores_copies_one_and_fresh_images_near_the_percentile():
   from sklearn.datasets import load_digits
   digits = load_digits()

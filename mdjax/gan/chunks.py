@@ -40,8 +40,9 @@ from mdjax.gan import class_data, program
 GRID_STREAM, GENERATE_STREAM, CHECK_STREAM = 1_000_001, 1_000_002, 1_000_003
 # The config keys a chunk's checkpoints depend on (with its classes, their data and the seed).
 META_KEYS = ("resolution", "batch_size", "ngf", "ndf", "nz", "learning_rate", "beta1", "beta2",
-              "ema_decay", "recon_loss", "diffaug", "colour", "stop_judge", "stop_diversity",
-              "stop_fd_gain", "sample_every")
+              "ema_decay", "recon_loss", "diffaug", "colour", "dtype", "stop_judge",
+              "stop_diversity", "stop_fd_floor", "stop_fd_gain", "stop_patience",
+              "sample_every")
 
 
 def class_keys(seed: int, class_index: int) -> tuple[jax.Array, jax.Array]:
@@ -55,7 +56,7 @@ def stream_key(seed: int, class_index: int, stream: int) -> jax.Array:
   return jax.random.fold_in(class_keys(seed, class_index)[1], stream)
 
 
-def init_ensemble(fns: program.GanFns, seed: int, class_indices: Sequence[int],
+def init_ensemble(fns: program.GANFns, seed: int, class_indices: Sequence[int],
                   mesh: jax.sharding.Mesh) -> dict:
   """Stacked initial states of `class_indices` (already padded to a multiple of the mesh size).
 
@@ -120,7 +121,7 @@ class Chunk:
   """
 
   def __init__(self, chunk_dir: Path, classes: Sequence[int], images: Mapping[int, np.ndarray],
-               capacity: int, fns: program.GanFns, gan_config: ml_collections.ConfigDict,
+               capacity: int, fns: program.GANFns, gan_config: ml_collections.ConfigDict,
                seed: int, mesh: jax.sharding.Mesh, per_class: bool = False):
     self.classes = list(classes)
     self.padded = self.classes + [self.classes[-1]] * (-len(self.classes) % mesh.size)
