@@ -76,7 +76,7 @@ class EnsembleResult:
 
 
 def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_collections.ConfigDict,
-                     workdir: str, seed: int, *, step_fns: program.GanFns | None = None,
+                     workdir: str, seed: int, *, step_fns: program.GANFns | None = None,
                      num_samples: int | Mapping[int, int] | None = None,
                      score: Callable[[int, np.ndarray], np.ndarray] | None = None,
                      threshold: float = 0.0, select: str = "first",
@@ -136,7 +136,7 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
     num_samples = {k: num_samples for k in classes}
   result = EnsembleResult(tuple(classes), steps, {}, {k: [] for k in classes},
                           {k: 0 for k in classes}, {}, workdir, strategy)
-  if teacher is not None and not hasattr(fns, "guided_step"):
+  if teacher is not None and getattr(fns, "guided_step", None) is None:
     raise UserError("GAN distillation needs a GAN step with an extra generator loss term "
                     "(`guided_step`, as mdjax.gan.step's FastGAN has); the given step_fns lack it.")
   stopping = monitor is not None and monitor.rule.enabled
@@ -202,7 +202,7 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
   return result
 
 
-def _check_classes(chunk: chunks_lib.Chunk, monitor: monitor_lib.Monitor, fns: program.GanFns,
+def _check_classes(chunk: chunks_lib.Chunk, monitor: monitor_lib.Monitor, fns: program.GANFns,
                    seed: int, active: Sequence[int], step: int, steps: int,
                    report: _Progress) -> None:
   """Judges the still-training classes' images at `step` and stops those that pass
@@ -231,7 +231,7 @@ def _check_classes(chunk: chunks_lib.Chunk, monitor: monitor_lib.Monitor, fns: p
             "gan.steps, or look at its sample grids.", QualityWarning, stacklevel=2)
 
 
-def _final_outputs(result: EnsembleResult, chunk: chunks_lib.Chunk, fns: program.GanFns,
+def _final_outputs(result: EnsembleResult, chunk: chunks_lib.Chunk, fns: program.GANFns,
                    seed: int, num_samples: Mapping[int, int], keep_states: bool,
                    batch_size: int, score=None, threshold: float = 0.0, select: str = "first",
                    max_draws: int = 10) -> None:
@@ -256,12 +256,15 @@ def _final_outputs(result: EnsembleResult, chunk: chunks_lib.Chunk, fns: program
 class _Progress:
   """What a person watches: the tqdm bar, TensorBoard scalars, sample grids (process 0 writes)."""
 
-  def __init__(self, workdir: Path, fns: program.GanFns, seed: int, steps: int, num_chunks: int,
+  def __init__(self, workdir: Path, fns: program.GANFns, seed: int, steps: int, num_chunks: int,
                show: bool):
     self.workdir, self.seed, self.steps, self.num_chunks = workdir, seed, steps, num_chunks
     self.show = show and process.is_writer()
     self.writer = process.metric_writer(str(workdir / "tensorboard"))
-    self.bar = tqdm(total=steps * num_chunks, disable=not self.show, desc="class GANs",
+    # disable=None: no bar where stderr is not a terminal (a log file would get one line of
+    # thousands of characters); the per-check lines still come.
+    self.bar = tqdm(total=steps * num_chunks, disable=None if self.show else True,
+                    desc="class GANs",
                     unit="step", dynamic_ncols=True)
     self.sample = program.jit_once(fns.sample, (2,))
 

@@ -78,6 +78,8 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -193,21 +195,25 @@ class SNConv(nn.Module):
   stride: int = 1
   padding: int = 0
   upsample: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
                    padding=[(self.padding, self.padding)] * 2, use_bias=False,
-                   kernel_init=_conv_init, name="conv",
+                   kernel_init=_conv_init, name="conv", dtype=self.dtype,
                    conv_general_dilated=upsample_conv3x3 if self.upsample else None)
-    return nn.SpectralNorm(conv, name="sn")(x, update_stats=train)
+    return nn.SpectralNorm(conv, name="sn", dtype=self.dtype)(x, update_stats=train)
 
 
 class BN(nn.Module):
+  dtype: Any = jnp.float32
+
   @nn.compact
   def __call__(self, x, train: bool):
+    # Statistics in float32 whatever the compute dtype (flax's force_float32_reductions).
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        scale_init=_bn_scale_init, name="bn")(x)
+                        scale_init=_bn_scale_init, name="bn", dtype=self.dtype)(x)
 
 
 class NoiseInjection(nn.Module):
@@ -220,41 +226,46 @@ class NoiseInjection(nn.Module):
   def __call__(self, x):
     w = self.param("weight", nn.initializers.zeros, ())
     noise = jax.random.normal(self.make_rng("noise"), x.shape[:-1] + (1,), x.dtype)
-    return x + w * noise
+    return x + w.astype(x.dtype) * noise
 
 
 class SLE(nn.Module):
   """Skip-layer excitation: big * sigmoid(conv1x1(swish(conv4x4_valid(avgpool4(small)))))."""
 
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, small, big, train: bool):
     s = avg_pool_to(small, 4)
-    s = SNConv(self.features, 4, name="conv4")(s, train)
+    s = SNConv(self.features, 4, name="conv4", dtype=self.dtype)(s, train)
     s = nn.swish(s)
-    s = SNConv(self.features, 1, name="conv1")(s, train)
+    s = SNConv(self.features, 1, name="conv1", dtype=self.dtype)(s, train)
     return big * jax.nn.sigmoid(s)
 
 
 class UpBlock(nn.Module):
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = SNConv(2 * self.features, 3, padding=1, upsample=True)(x, train)  # upsample2, conv3x3
-    return glu(BN()(x, train))
+    # upsample2, conv3x3
+    x = SNConv(2 * self.features, 3, padding=1, upsample=True, dtype=self.dtype)(x, train)
+    return glu(BN(dtype=self.dtype)(x, train))
 
 
 class UpBlockComp(nn.Module):
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = SNConv(2 * self.features, 3, padding=1, upsample=True)(x, train)  # upsample2, conv3x3
-    x = glu(BN()(NoiseInjection()(x), train))
-    x = SNConv(2 * self.features, 3, padding=1)(x, train)
-    return glu(BN()(NoiseInjection()(x), train))
+    # upsample2, conv3x3
+    x = SNConv(2 * self.features, 3, padding=1, upsample=True, dtype=self.dtype)(x, train)
+    x = glu(BN(dtype=self.dtype)(NoiseInjection()(x), train))
+    x = SNConv(2 * self.features, 3, padding=1, dtype=self.dtype)(x, train)
+    return glu(BN(dtype=self.dtype)(NoiseInjection()(x), train))
 
 
 def generator_sle_pairs(resolution: int) -> tuple[tuple[int, int], ...]:
@@ -285,9 +296,11 @@ class Generator(nn.Module):
   resolution: int
   ngf: int = 64
   num_classes: int = 0
+  dtype: Any = jnp.float32  # of the computation; parameters and statistics stay float32
 
   @nn.compact
   def __call__(self, z, train: bool = True, labels=None):
+    dt = self.dtype
     ch = functools.partial(channels, G_MULT, self.ngf)
     if self.num_classes:
       table = self.param("label_embedding", nn.initializers.normal(1.0),
@@ -295,9 +308,9 @@ class Generator(nn.Module):
       z = jnp.concatenate([z, table[_labels(labels, z.shape[0])]], axis=-1)
     x = z.reshape(z.shape[0], 1, 1, -1)
     init = nn.ConvTranspose(2 * ch(4), (4, 4), padding="VALID", use_bias=False,
-                            kernel_init=_conv_init, name="init")
-    x = nn.SpectralNorm(init, name="init_sn")(x, update_stats=train)
-    x = glu(BN(name="init_bn")(x, train))
+                            kernel_init=_conv_init, name="init", dtype=dt)
+    x = nn.SpectralNorm(init, name="init_sn", dtype=dt)(x, update_stats=train)
+    x = glu(BN(name="init_bn", dtype=dt)(x, train))
     feats = {4: x}
     sle = dict(generator_sle_pairs(self.resolution))
     size = 4
@@ -305,36 +318,40 @@ class Generator(nn.Module):
       size *= 2
       comp = int(math.log2(size)) % 2 == 1  # Comp at 8, 32, 128, 512 as the reference
       block = UpBlockComp if comp else UpBlock
-      x = block(ch(size), name=f"feat_{size}")(x, train)
+      x = block(ch(size), name=f"feat_{size}", dtype=dt)(x, train)
       if size in sle:
-        x = SLE(ch(size), name=f"se_{size}")(feats[sle[size]], x, train)
+        x = SLE(ch(size), name=f"se_{size}", dtype=dt)(feats[sle[size]], x, train)
       feats[size] = x
     small = small_size(self.resolution)
-    img = SNConv(3, 3, padding=1, name="to_big")(x, train)
-    img_small = SNConv(3, 1, name="to_small")(feats[small], train)
-    return jnp.tanh(img), jnp.tanh(img_small)
+    img = SNConv(3, 3, padding=1, name="to_big", dtype=dt)(x, train)
+    img_small = SNConv(3, 1, name="to_small", dtype=dt)(feats[small], train)
+    # Images leave G in float32: the losses, DiffAugment and the EMA samples read them.
+    return (jnp.tanh(img).astype(jnp.float32), jnp.tanh(img_small).astype(jnp.float32))
 
 
 class DownBlock(nn.Module):
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = SNConv(self.features, 4, stride=2, padding=1)(x, train)
-    return nn.leaky_relu(BN()(x, train), 0.2)
+    x = SNConv(self.features, 4, stride=2, padding=1, dtype=self.dtype)(x, train)
+    return nn.leaky_relu(BN(dtype=self.dtype)(x, train), 0.2)
 
 
 class DownBlockComp(nn.Module):
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    m = SNConv(self.features, 4, stride=2, padding=1, name="main1")(x, train)
-    m = nn.leaky_relu(BN(name="main1_bn")(m, train), 0.2)
-    m = SNConv(self.features, 3, padding=1, name="main2")(m, train)
-    m = nn.leaky_relu(BN(name="main2_bn")(m, train), 0.2)
-    d = SNConv(self.features, 1, name="direct")(downscale(x, x.shape[1] // 2), train)
-    d = nn.leaky_relu(BN(name="direct_bn")(d, train), 0.2)
+    dt = self.dtype
+    m = SNConv(self.features, 4, stride=2, padding=1, name="main1", dtype=dt)(x, train)
+    m = nn.leaky_relu(BN(name="main1_bn", dtype=dt)(m, train), 0.2)
+    m = SNConv(self.features, 3, padding=1, name="main2", dtype=dt)(m, train)
+    m = nn.leaky_relu(BN(name="main2_bn", dtype=dt)(m, train), 0.2)
+    d = SNConv(self.features, 1, name="direct", dtype=dt)(downscale(x, x.shape[1] // 2), train)
+    d = nn.leaky_relu(BN(name="direct_bn", dtype=dt)(d, train), 0.2)
     return (m + d) / 2
 
 
@@ -343,6 +360,7 @@ class SimpleDecoder(nn.Module):
 
   out_size: int
   base: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -350,9 +368,9 @@ class SimpleDecoder(nn.Module):
       raise ValueError(f"decoder input must be 8x8, got {x.shape}")
     n = int(math.log2(self.out_size // 8))
     for i in range(n):
-      x = UpBlock(max(1, DECODER_MULT[i] * self.base), name=f"up_{i}")(x, train)
-    x = SNConv(3, 3, padding=1, name="to_rgb")(x, train)
-    return jnp.tanh(x)
+      x = UpBlock(max(1, DECODER_MULT[i] * self.base), name=f"up_{i}", dtype=self.dtype)(x, train)
+    x = SNConv(3, 3, padding=1, name="to_rgb", dtype=self.dtype)(x, train)
+    return jnp.tanh(x).astype(jnp.float32)  # reconstructions: losses in float32
 
 
 class Discriminator(nn.Module):
@@ -371,55 +389,60 @@ class Discriminator(nn.Module):
   resolution: int
   ndf: int = 64
   num_classes: int = 0
+  dtype: Any = jnp.float32  # of the computation; parameters and statistics stay float32
 
   @nn.compact
   def __call__(self, img, img_small, train: bool = True, part=None, labels=None):
-    r = self.resolution
+    r, dt = self.resolution, self.dtype
+    conv = functools.partial(SNConv, dtype=dt)
     ch = lambda s: channels(D_MULT, self.ndf, 2 * s)  # noqa: E731
     lrelu = functools.partial(nn.leaky_relu, negative_slope=0.2)
     # Stem: the reference's 1024 / 512 / 256 stems; below 256 the 256 stem at R.
     if r == 1024:
-      x = lrelu(SNConv(channels(D_MULT, self.ndf, 1024), 4, 2, 1, name="stem1")(img, train))
-      x = lrelu(BN(name="stem2_bn")(SNConv(ch(256), 4, 2, 1, name="stem2")(x, train), train))
+      x = lrelu(conv(channels(D_MULT, self.ndf, 1024), 4, 2, 1, name="stem1")(img, train))
+      x = lrelu(BN(dtype=dt, name="stem2_bn")(conv(ch(256), 4, 2, 1, name="stem2")(x, train), train))
     elif r == 512:
-      x = lrelu(SNConv(ch(256), 4, 2, 1, name="stem1")(img, train))
+      x = lrelu(conv(ch(256), 4, 2, 1, name="stem1")(img, train))
     else:
-      x = lrelu(SNConv(ch(r), 3, 1, 1, name="stem1")(img, train))
+      x = lrelu(conv(ch(r), 3, 1, 1, name="stem1")(img, train))
     size = x.shape[1]
     feats = {size: x}
     sle = dict(discriminator_sle_pairs(r))
     while size > 8:
       size //= 2
-      x = DownBlockComp(ch(size), name=f"down_{size}")(x, train)
+      x = DownBlockComp(ch(size), name=f"down_{size}", dtype=dt)(x, train)
       if size in sle:
-        x = SLE(ch(size), name=f"se_{size}")(feats[sle[size]], x, train)
+        x = SLE(ch(size), name=f"se_{size}", dtype=dt)(feats[sle[size]], x, train)
       feats[size] = x
-    rf = SNConv(ch(4), 1, name="rf_big1")(x, train)
-    rf = lrelu(BN(name="rf_big_bn")(rf, train))
-    rf_big = SNConv(1, 4, name="rf_big2")(rf, train)  # 8x8 -> 5x5
+    rf = conv(ch(4), 1, name="rf_big1")(x, train)
+    rf = lrelu(BN(dtype=dt, name="rf_big_bn")(rf, train))
+    rf_big = conv(1, 4, name="rf_big2")(rf, train)  # 8x8 -> 5x5
 
-    s = SNConv(channels(D_MULT, self.ndf, 2 * img_small.shape[1]), 4, 2, 1,
+    s = conv(channels(D_MULT, self.ndf, 2 * img_small.shape[1]), 4, 2, 1,
                name="small_stem")(img_small, train)
     s = lrelu(s)
     while s.shape[1] > 8:
-      s = DownBlock(channels(D_MULT, self.ndf, 2 * s.shape[1]), name=f"small_down_{s.shape[1] // 2}")(s, train)
-    rf_small = SNConv(1, 4, name="rf_small")(s, train)
+      s = DownBlock(channels(D_MULT, self.ndf, 2 * s.shape[1]), name=f"small_down_{s.shape[1] // 2}",
+                    dtype=dt)(s, train)
+    rf_small = conv(1, 4, name="rf_small")(s, train)
 
     b = img.shape[0]
-    logits = jnp.concatenate([rf_big.reshape(b, -1), rf_small.reshape(b, -1)], axis=1)
+    # Logits in float32: the hinge losses read them.
+    logits = jnp.concatenate([rf_big.reshape(b, -1), rf_small.reshape(b, -1)],
+                             axis=1).astype(jnp.float32)
     if self.num_classes:
       table = self.param("class_embedding", nn.initializers.normal(CLASS_EMBEDDING_STD),
                          (self.num_classes, x.shape[-1]))
-      pooled = jnp.mean(x, axis=(1, 2))  # [B, C]: the big branch's 8x8 features
+      pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, C]: the big branch's 8x8 map
       logits = logits + jnp.sum(table[_labels(labels, b)] * pooled, axis=-1, keepdims=True)
     if part is None:
       return logits
     big_size, small_sz, part_size = recon_sizes(r)
     base = max(1, self.ndf // 2)
-    rec_big = SimpleDecoder(big_size, base, name="decoder_big")(feats[8], train)
-    rec_small = SimpleDecoder(small_sz, base, name="decoder_small")(s, train)
+    rec_big = SimpleDecoder(big_size, base, name="decoder_big", dtype=dt)(feats[8], train)
+    rec_small = SimpleDecoder(small_sz, base, name="decoder_small", dtype=dt)(s, train)
     quadrant = crop_quadrant(feats[16], part)
-    rec_part = SimpleDecoder(part_size, base, name="decoder_part")(quadrant, train)
+    rec_part = SimpleDecoder(part_size, base, name="decoder_part", dtype=dt)(quadrant, train)
     return logits, (rec_big, rec_small, rec_part)
 
 
@@ -477,10 +500,12 @@ def init_variables(module: nn.Module, rng: jax.Array, *args, **kwargs) -> dict:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def build(resolution: int, ngf: int, ndf: int,
-          num_classes: int = 0) -> tuple[Generator, Discriminator]:
-  """G and D; `num_classes > 0` makes both class-conditional (module docstring)."""
+def build(resolution: int, ngf: int, ndf: int, num_classes: int = 0,
+          dtype: Any = jnp.float32) -> tuple[Generator, Discriminator]:
+  """G and D; `num_classes > 0` makes both class-conditional (module docstring); `dtype` is the
+  computation's (bfloat16: mixed precision, parameters and BatchNorm statistics in float32)."""
   if resolution not in RESOLUTIONS:
     raise ValueError(f"resolution {resolution} not in {RESOLUTIONS}")
-  return (Generator(resolution, ngf, num_classes), Discriminator(resolution, ndf, num_classes))
+  return (Generator(resolution, ngf, num_classes, dtype),
+          Discriminator(resolution, ndf, num_classes, dtype))
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,18 +71,16 @@ from mdjax.gan import class_data
 from mdjax.gan import step as step_lib
 
 
-class GanFns(NamedTuple):
-  """The single-class GAN as pure functions (the contract of mdjax.gan.step, config bound)."""
-  init: Callable[[jax.Array], Any]                                  # rng -> state
-  step: Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]     # state, real [-1,1], rng
-  sample: Callable[[Any, jax.Array, int], jax.Array]                # state, rng, n -> [-1, 1]
+# The single-class GAN as pure functions: mdjax.gan.step's contract (init, step, sample; the
+# FastGAN there also has guided_step for distillation). Any GANFns with the first three works.
+GANFns = step_lib.GANFns
 
 
-def default_gan_fns(gan_config: ml_collections.ConfigDict, grey_data: bool = False) -> GanFns:
+def default_gan_fns(gan_config: ml_collections.ConfigDict, grey_data: bool = False) -> GANFns:
   """The FastGAN of mdjax.gan.step with `gan_config` bound (`grey_data`: the classes' images are
   all grey, for `gan.colour = "auto"`).
 
-  Any object with `init`, `step` and `sample` attributes of the GanFns signatures works as
+  Any object with `init`, `step` and `sample` attributes of the GANFns signatures works as
   `step_fns` (mdjax.gan.step.make_gan_fns returns one).
   """
   return step_lib.make_gan_fns(gan_config, grey_data)
@@ -129,7 +127,7 @@ def resolve_strategy(strategy: str, platform: str | None = None, devices: int | 
   return PER_CLASS if (jax.device_count() if devices is None else devices) == 1 else "map"
 
 
-def class_step(fns: GanFns, gan_state, rng: jax.Array, images: jax.Array, count: jax.Array,
+def class_step(fns: GANFns, gan_state, rng: jax.Array, images: jax.Array, count: jax.Array,
                step: jax.Array, *, batch_size: int, triplet=None, teacher=None):
   """One GAN step of ONE class: draw its batch from its own images, then `fns.step`.
 
@@ -156,7 +154,7 @@ def stack_states(trees: list) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _checked_class_step(fns: GanFns, gan_state, rng, images, count, step, *, batch_size: int,
+def _checked_class_step(fns: GANFns, gan_state, rng, images, count, step, *, batch_size: int,
                         triplet=None, teacher=None):
   """`class_step`, plus the class's "all finite" flag of its losses (module docstring)."""
   new_state, metrics = class_step(fns, gan_state, rng, images, count, step, batch_size=batch_size,
@@ -186,7 +184,7 @@ def states_finite(ens: dict) -> jax.Array:
   return _finite_states(isinstance(ens["gan"], list))(ens["ok"], ens["gan"])
 
 
-def _position_step(gan_state, rngs, images, counts, step, position, teacher=None, *, fns: GanFns,
+def _position_step(gan_state, rngs, images, counts, step, position, teacher=None, *, fns: GANFns,
                    batch_size: int, triplet=None):
   """The "per_class" program: the class at `position` of the stacked per-class inputs (its RNG,
   images, count, teacher features: small) advanced from its own `gan_state` (module docstring)."""
@@ -200,7 +198,7 @@ def _position_step(gan_state, rngs, images, counts, step, position, teacher=None
                              batch_size=batch_size, triplet=triplet, teacher=class_teacher)
 
 
-def _per_class_step(fns: GanFns, *, batch_size: int, mesh: jax.sharding.Mesh,
+def _per_class_step(fns: GANFns, *, batch_size: int, mesh: jax.sharding.Mesh,
                     triplet=None, masked: bool = False) -> Callable:
   """The "per_class" ensemble step: same signature and results as the one-program steps, with
   `ens["gan"]` a list of the K classes' states (each donated to its class's call). With `masked`
@@ -268,7 +266,7 @@ def stacked_layout(ens: dict) -> dict:
   return dict(ens, gan=stacked)
 
 
-def _local_step(ens, images, counts, step, teacher=None, *, fns: GanFns, batch_size: int,
+def _local_step(ens, images, counts, step, teacher=None, *, fns: GANFns, batch_size: int,
                 strategy: str, triplet=None, masked: bool = False):
   """Advances this device's classes by one step; ens["gan"] etc. have a leading class axis.
 
@@ -304,7 +302,7 @@ _TEACHER_PER_CLASS = ("hard", "hard_count", "easy", "easy_count")
 
 
 @functools.lru_cache(maxsize=16)
-def make_ensemble_step(fns: GanFns, *, batch_size: int, strategy: str,
+def make_ensemble_step(fns: GANFns, *, batch_size: int, strategy: str,
                        mesh: jax.sharding.Mesh, triplet=None, masked: bool = False) -> Callable:
   """`step(ens, images, counts, step) -> (ens, metrics [K])`: ONE jitted program for K classes.
 

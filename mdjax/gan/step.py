@@ -76,6 +76,9 @@ class GANSpec:
   real_label_smoothing: float = 1.0
   # Grey output: G's images have their channels averaged (`gan.colour`, resolved: see `from_config`).
   grey: bool = False
+  # The computation's dtype (`gan.dtype`): "bfloat16" is mixed precision (parameters, Adam
+  # moments, EMA and BatchNorm statistics float32; losses in float32).
+  dtype: str = "float32"
 
   @classmethod
   def from_config(cls, config, grey_data: bool = False) -> GANSpec:
@@ -83,7 +86,7 @@ class GANSpec:
     (the classes' real images are all grey)."""
     if isinstance(config, GANSpec):
       return config
-    colour = str(config.get("colour", "auto"))
+    colour = str(config.colour)
     if colour not in COLOURS:
       raise ConfigError("gan.colour", colour, "one of " + ", ".join(COLOURS))
     spec = cls(resolution=int(config.resolution), ngf=int(config.ngf), ndf=int(config.ndf),
@@ -91,7 +94,10 @@ class GANSpec:
                beta1=float(config.beta1), beta2=float(config.beta2),
                ema_decay=float(config.ema_decay), recon_loss=str(config.recon_loss),
                diffaug=_policy(config.diffaug),
-               grey=colour == "grey" or (colour == "auto" and grey_data))
+               grey=colour == "grey" or (colour == "auto" and grey_data),
+               dtype=str(config.dtype))
+    if spec.dtype not in DTYPES:
+      raise ConfigError("gan.dtype", spec.dtype, "one of " + ", ".join(DTYPES))
     if spec.resolution not in fastgan.RESOLUTIONS:
       raise ConfigError("gan.resolution", spec.resolution,
                         "one of " + ", ".join(map(str, fastgan.RESOLUTIONS)))
@@ -115,6 +121,8 @@ class GANSpec:
 
 # `gan.colour`: "auto" follows the data (grey when every real image is grey).
 COLOURS = ("auto", "rgb", "grey")
+# `gan.dtype` -> the computation's dtype.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def to_grey(images: jax.Array) -> jax.Array:
@@ -162,17 +170,20 @@ def ema_update(ema_params: PyTree, g_params: PyTree, step: jax.Array, decay: flo
 
 
 class GANFns(NamedTuple):
-  """Pure functions for one GAN spec; `jax.jit` / `jax.vmap` them as needed."""
+  """One GAN as pure functions; `jax.jit` / `jax.vmap` them as needed. The contract the ensemble
+  (mdjax.gan.program) trains: `init(rng) -> state`, `step(state, real [B, R, R, 3] in [-1, 1],
+  rng) -> (state, metrics)`, `sample(state, rng, n) -> images in [-1, 1]`; states are pytrees of
+  arrays. Stand-ins (tests) give only those three."""
 
-  init: Callable[[jax.Array], GANState]
-  step: Callable[[GANState, jax.Array, jax.Array], tuple[GANState, dict]]
-  sample: Callable[[GANState, jax.Array, int], jax.Array]
-  spec: GANSpec
+  init: Callable[[jax.Array], Any]
+  step: Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
+  sample: Callable[[Any, jax.Array, int], jax.Array]
+  spec: GANSpec | None = None
   # `step` with an extra term in G's loss: guided_step(state, real, rng, g_term), where
   # g_term(fake [B, R, R, 3] in [-1, 1], before DiffAugment) -> (scalar loss, metrics dict) is
   # added to the adversarial loss and differentiated into G only (D's update does not see it).
   # GAN distillation (mdjax.gan.distill) passes its triplet term here.
-  guided_step: Callable[[GANState, jax.Array, jax.Array, Callable], tuple[GANState, dict]]
+  guided_step: Callable[[Any, jax.Array, jax.Array, Callable], tuple[Any, dict]] | None = None
 
 
 class ConditionalGANFns(NamedTuple):
@@ -188,7 +199,8 @@ class ConditionalGANFns(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def _make(spec: GANSpec) -> GANFns | ConditionalGANFns:
-  gen, disc = fastgan.build(spec.resolution, spec.ngf, spec.ndf, spec.num_classes)
+  gen, disc = fastgan.build(spec.resolution, spec.ngf, spec.ndf, spec.num_classes,
+                            DTYPES[spec.dtype])
   # Labels as keyword arguments of G and D, only for a conditional spec (then always given).
   cond = (lambda labels: {"labels": labels}) if spec.num_classes else (lambda labels: {})
   r, small = spec.resolution, fastgan.small_size(spec.resolution)
