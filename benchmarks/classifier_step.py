@@ -57,25 +57,32 @@ NUM_CLASSES = 10
 # mdjax
 
 
-def _config(backbone: str, optimizer: str, perturbation: str = "global"):
+def _config(backbone: str, optimizer: str, perturbation: str = "global", dtype: str = "float32"):
   c = config_lib.base_config()
   c.model.backbone, c.model.head, c.model.weights = backbone, "linear", "random"
+  c.model.dtype = dtype
   c.train.optimizer, c.train.base_optimizer = optimizer, "adam"
   c.train.schedule, c.train.learning_rate = "constant", 1e-3
   c.train.sam_perturbation = perturbation
   return c
 
 
+def memory_peak() -> int | None:
+  """The device's peak bytes in use so far (accelerators; None where the backend keeps no count)."""
+  stats = jax.devices()[0].memory_stats()
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
 def mdjax_runner(backbone: str, size: int, batch: int, optimizer: str,
                  fast_conv_grads: bool | None = None, devices: int = 1,
-                 perturbation: str = "global") -> tuple:
+                 perturbation: str = "global", dtype: str = "float32") -> tuple:
   """(run, figures): mdjax's train step on the first `devices` devices (global batch `batch`),
   compiled, and a `run()` that takes one step and waits for it.
 
   The step is compiled explicitly (`lower().compile()`, timed as compile_s) and that executable
   is what runs, so its cost analysis is the program timed.
   """
-  config = _config(backbone, optimizer, perturbation)
+  config = _config(backbone, optimizer, perturbation, dtype)
   mesh = mesh_lib.data_mesh(jax.devices()[:devices])
   model = models.build_classifier(config.model, NUM_CLASSES)
   tx = optim.make_optimizer(config, steps_per_epoch=100)
@@ -101,7 +108,8 @@ def mdjax_runner(backbone: str, size: int, batch: int, optimizer: str,
     jax.block_until_ready(metrics["loss"])
 
   return run, {"backbone": backbone, "size": size, "batch": batch, "optimizer": optimizer,
-               "devices": devices, "flops_per_step": flops, "compile_s": compile_s}
+               "dtype": dtype, "devices": devices, "flops_per_step": flops,
+               "compile_s": compile_s}
 
 
 def _with_time(figures: dict, seconds: float) -> dict:
@@ -111,13 +119,13 @@ def _with_time(figures: dict, seconds: float) -> dict:
 
 def mdjax_step(backbone: str, size: int, batch: int, optimizer: str, steps: int,
                fast_conv_grads: bool | None = None, devices: int = 1,
-               perturbation: str = "global") -> dict:
+               perturbation: str = "global", dtype: str = "float32") -> dict:
   """Times mdjax's train step on the first `devices` devices (global batch `batch`): the median
-  of `steps` steps after warm-up."""
+  of `steps` steps after warm-up; with the device's peak memory so far where it keeps one."""
   run, figures = mdjax_runner(backbone, size, batch, optimizer, fast_conv_grads, devices,
-                              perturbation)
+                              perturbation, dtype)
   _, median = median_time(run, steps)
-  return _with_time(figures, median)
+  return {**_with_time(figures, median), "memory_peak_bytes": memory_peak()}
 
 
 def mdjax_step_time(backbone: str, size: int, batch: int, optimizer: str, steps: int,
@@ -314,6 +322,9 @@ def main():
   parser.add_argument("--scaling", default="", help="device counts, e.g. 1,2,4,8 (SAM step)")
   parser.add_argument("--scaling-case", default="",
                       help="backbone:size:per-device batch of the scaling (default: the first case)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="mdjax's computation dtype (model.dtype); PyTorch stays float32")
+  parser.add_argument("--optimizers", default="adam,sam", help="some of adam,sam")
   args = parser.parse_args()
   cases = [("wrn16_4", 32, 128), ("resnet50", 224, 8)]
   steps = args.steps
@@ -338,13 +349,13 @@ def main():
     print(f"{', '.join(sides)} take turns: {steps} rounds of 2 steps each per side, the order "
           f"reversed every round; ratios are per round (torch/mdjax > 1: mdjax is faster)")
   for backbone, size, batch in cases:
-    print(f"\n== {backbone} {size}x{size}, batch {batch}, float32 ==")
+    print(f"\n== {backbone} {size}x{size}, batch {batch}, {args.dtype} ==")
     t = {}
-    for opt in ("adam", "sam"):
+    for opt in args.optimizers.split(","):
       mdjax_figures, torch_figures = None, {}
       if side_by_side:
         runs = {}
-        runs["mdjax"], mdjax_figures = mdjax_runner(backbone, size, batch, opt)
+        runs["mdjax"], mdjax_figures = mdjax_runner(backbone, size, batch, opt, dtype=args.dtype)
         for side in torch_sides:
           runs[side] = torch_runner(backbone, size, batch, opt, memory_format=TORCH_SIDES[side])[0]
         times = interleaved(runs, rounds=steps)
@@ -357,7 +368,7 @@ def main():
                                  "torch_over_mdjax": paired_ratio(times, side, "mdjax")}
       else:
         if "mdjax" in sides:
-          mdjax_figures = mdjax_step(backbone, size, batch, opt, steps)
+          mdjax_figures = mdjax_step(backbone, size, batch, opt, steps, dtype=args.dtype)
         for side in torch_sides:
           res = torch_step_time(backbone, size, batch, opt, steps,
                                 profile=args.profile and opt == "adam",
@@ -397,10 +408,10 @@ def main():
       prof = mdjax_profile(backbone, size, batch, steps)
       print("  mdjax " + ", ".join(f"{k} {v:.3f} s" for k, v in prof.items()))
     for side in sides:
-      if (side, "adam") in t:
+      if (side, "adam") in t and (side, "sam") in t:
         print(f"SAM/Adam time ratio {side}: {t[(side, 'sam')] / t[(side, 'adam')]:.2f}")
     for side in torch_sides:
-      if ("mdjax", "adam") in t:
+      if ("mdjax", "adam") in t and ("mdjax", "sam") in t:
         print(f"{side}/mdjax time ratio: Adam {t[(side, 'adam')] / t[('mdjax', 'adam')]:.2f}, "
               f"SAM {t[(side, 'sam')] / t[('mdjax', 'sam')]:.2f}")
   if args.scaling:

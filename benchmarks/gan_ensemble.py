@@ -69,6 +69,8 @@ def _parse():
   p.add_argument("--nz", type=int, default=None, help="default: config.gan.nz (256)")
   p.add_argument("--batch-size", type=int, default=None, help="default: config.gan.batch_size (8)")
   p.add_argument("--devices", type=int, default=1, help="CPU devices for the class mesh")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="the GANs' computation dtype (gan.dtype)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--profile", metavar="DIR", default=None,
                  help="also trace 3 steps of each side into DIR and summarise thread use")
@@ -112,6 +114,7 @@ def main():
   cfg = config_lib.base_config().gan
   cfg.resolution = args.resolution
   cfg.ensemble = args.strategy
+  cfg.dtype = args.dtype
   for key, value in (("ngf", args.ngf), ("ndf", args.ndf), ("nz", args.nz),
                      ("batch_size", args.batch_size)):
     if value is not None:
@@ -206,7 +209,8 @@ def main():
     print(f"step {s}: one program {t_one[-1]:.3f} s, separate {t_sep[-1]:.3f} s", flush=True)
   one, sep = statistics.median(t_one), statistics.median(t_sep)
   result = {
-      "classes": k, "resolution": r, "strategy": strategy, "ngf": cfg.ngf, "ndf": cfg.ndf,
+      "classes": k, "resolution": r, "strategy": strategy, "dtype": cfg.dtype, "ngf": cfg.ngf,
+      "ndf": cfg.ndf,
       "nz": cfg.nz, "batch_size": b, "devices": mesh.size, "timed_steps": args.steps,
       "one_program_s_per_step": round(one, 4), "separate_s_per_step": round(sep, 4),
       "speedup": round(sep / one, 3), "max_abs_diff": max_diff,

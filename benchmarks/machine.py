@@ -97,12 +97,12 @@ def lowered_flops(lowered) -> float:
   return float(analysis.get("flops", 0.0))
 
 
-def measure_peak(n: int, reps: int) -> dict:
+def measure_peak(n: int, reps: int, dtype: str = "float32") -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
+  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
   compiled = jax.jit(jnp.matmul).lower(a, b).compile()
   flops = flops_of(compiled)
   compiled(a, b).block_until_ready()
@@ -112,7 +112,7 @@ def measure_peak(n: int, reps: int) -> dict:
     compiled(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
   best = min(times)
-  return {"matmul_n": n, "dtype": "float32", "flops": flops, "best_s": best,
+  return {"matmul_n": n, "dtype": dtype, "flops": flops, "best_s": best,
           "median_s": sorted(times)[len(times) // 2], "flops_per_s": flops / best}
 
 
@@ -130,10 +130,15 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--n", type=int, default=0, help="matmul size (default: 2048 on CPU, 8192 else)")
   p.add_argument("--reps", type=int, default=10)
+  p.add_argument("--bf16", action="store_true", help="also the bfloat16 matmul peak")
   args = p.parse_args()
   info = machine_info()
   n = args.n or (2048 if info["platform"] == "cpu" else 8192)
   info["peak"] = measure_peak(n, args.reps)
+  if args.bf16:
+    info["peak_bfloat16"] = measure_peak(n, args.reps, "bfloat16")
+    print(f"bfloat16 matmul {n}x{n} peak {info['peak_bfloat16']['flops_per_s'] / 1e9:.1f} "
+          "GFLOP/s", flush=True)
   print(f"{info['device_kind']} x{info['device_count']} ({info['cpu_model']}, "
         f"{info['cpu_count']} CPUs): float32 matmul {n}x{n} peak "
         f"{info['peak']['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)

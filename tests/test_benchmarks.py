@@ -272,3 +272,29 @@ def test_pytorch_sides_differ_only_in_memory_format(monkeypatch):
   assert losses["channels_last"] == pytest.approx(losses["nchw"], rel=1e-5)
   with pytest.raises(ValueError, match="memory_format 'nhwc'"):
     cs.torch_runner("wrn10_1", 8, 4, "adam", memory_format="nhwc")
+
+
+def test_gpu_check_dry_run_runs_every_part_on_the_cpu(smoke_reference, tmp_path):
+  """`python -m benchmarks.gpu_check --dry-run`: every part of the GPU check at tiny sizes on the
+  CPU, so the one command prepared for a GPU cannot rot. The pipeline part reads the suite's
+  shared smoke run (the same config) instead of running another."""
+  workdir, _ = smoke_reference
+  out = tmp_path / "gpu_check.json"
+  env = dict(os.environ)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", f"--json={out}",
+       f"--pipeline-workdir={workdir}", "--budget=300"], cwd=REPO, capture_output=True,
+      text=True, timeout=600, env=env)
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  parts = {row["part"] for row in report["rows"]}
+  assert parts == {"machine", "pipeline", "gan", "classifier", "scaling"}, report["rows"]
+  assert report["machine"]["peak_bfloat16"]["flops_per_s"] > 0
+  pipeline = report["pipeline"]
+  assert pipeline["this_run"]["weak_classes"] and pipeline["comparison"]["accepted"] is not None
+  assert [g["classes"] for g in report["gan"]] == [1, 2]
+  assert all(g["strategy"] == "vmap" and g["max_abs_diff"] < 1e-3 for g in report["gan"])
+  assert sorted(c["dtype"] for c in report["classifier"]) == ["bfloat16", "float32"]
+  assert [s["devices"] for s in report["scaling"]] == [1, 2]
+  assert "== gpu_check (dry run, CPU)" in result.stdout
