@@ -153,7 +153,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.gan = g = ml_collections.ConfigDict()
   g.resolution = 32
+  # The fixed schedule: steps of every class GAN without the stopping rule (stop_judge = 0), of
+  # the conditional GAN and of GAN distillation's pre-training. With the stopping rule each class
+  # GAN trains until its images pass, at most max_steps (0: steps).
   g.steps = 50_000
+  g.max_steps = 0
   g.batch_size = 8
   g.learning_rate = 2e-4
   g.beta1 = 0.5
@@ -171,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
   # own held-out recall of the class to the class's images, their diversity ratio is at least
   # stop_diversity, and their Frechet distance (judge features) is within stop_fd_floor x that
   # between two halves of the class's real images (0 = not used), or has not improved by
-  # stop_fd_gain on the best earlier check for stop_patience checks; else at `steps`, the budget.
+  # stop_fd_gain on the best earlier check for stop_patience checks; else at `max_steps`.
   # stop_judge = 0: every class trains `steps` (the paper's fixed schedule).
   g.stop_judge = 0.9
   g.stop_diversity = 0.6
@@ -299,6 +303,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.finetune.epochs = 1
   config.gan.resolution = 32
   config.gan.steps = 20
+  config.gan.max_steps = 0  # the class GANs' budget: gan.steps
   config.gan.batch_size = 8
   config.gan.ngf = 8
   config.gan.ndf = 8
@@ -503,6 +508,9 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
   _one_of(config, "gan.ensemble", program.ENSEMBLES)
   _one_of(config, "gan.recon_loss", losses.RECON_LOSSES)
   _one_of(config, "gan.judge", judge.JUDGES)
+  _require(isinstance(g.max_steps, int) and g.max_steps >= 0, "gan.max_steps", g.max_steps,
+           "an integer >= 0: the most steps a class GAN trains under the stopping rule "
+           "(0 = gan.steps)")
   for key in ("steps", "batch_size", "ngf", "ndf", "nz", "chunk_size", "sample_every",
               "checkpoint_every", "log_every", "judge_resolution"):
     _require(isinstance(g[key], int) and g[key] > 0, f"gan.{key}", g[key], "a positive integer")

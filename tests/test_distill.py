@@ -331,7 +331,7 @@ def test_distill_stage_in_process_with_a_standin_gan(tmp_path, monkeypatch):
   compiles would take minutes here; the e2e test below runs the real one): the stages, the
   rounds' records, results.json, and a resumed last round that reaches the same result."""
   from mdjax.pipeline import run as run_lib  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(program, "default_gan_fns", lambda gan_config: standin_gan_fns())
+  monkeypatch.setattr(program, "default_gan_fns", lambda gan_config, **_: standin_gan_fns())
   workdir = tmp_path / "run"
   run_lib.run(tiny_config(), str(workdir))
   r = check_distill_results(workdir)

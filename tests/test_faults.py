@@ -187,7 +187,7 @@ def test_gan_stage_faults_then_resume(reference, tmp_path):
 
     # 4. The newest GAN checkpoint truncated (as measured: its metadata file), and a full disk
     # while writing the generated images (a patched PNG write).
-    with open(os.path.join(ckpts, "10", "default", "_METADATA"), "r+b") as fh:
+    with open(os.path.join(ckpts, "10", "state", "_METADATA"), "r+b") as fh:
       fh.truncate(40)
     result = run("enospc:png:30", workdir)
     line = one_line_error(result)

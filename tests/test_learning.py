@@ -67,19 +67,23 @@ def digit_svc(splits):
 
 
 @pytest.mark.slow
-def test_fastgan_ema_generator_draws_its_digit(splits, digit_svc, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fastgan_ema_generator_draws_its_digit(splits, digit_svc, tmp_path, dtype):
   """One digits class, 300 steps at width 8: >= 90% of the EMA generator's samples are that digit
   to an SVC fit on real digits. With the reference's uncorrected EMA (0.999^300 = 74% random init)
-  the samples were noise: this is the test that would have caught it."""
+  the samples were noise: this is the test that would have caught it. In bfloat16 (gan.dtype:
+  the models compute in bfloat16, the state stays float32) as in float32."""
   cfg = default_config().gan
   cfg.ngf = cfg.ndf = 8
   cfg.nz = 32
-  cfg.steps, cfg.ema_decay = 300, 0.999
+  cfg.steps, cfg.ema_decay, cfg.dtype = 300, 0.999, dtype
   cfg.log_every = cfg.sample_every = cfg.checkpoint_every = 300
   k = 3
   images = {k: square(splits.train.subset(np.flatnonzero(splits.train.labels == k)), 32)}
   result = ensemble.train_class_gans(images, cfg, str(tmp_path), seed=0, num_samples=200,
-                                     mesh=mesh_lib.class_mesh(jax.devices()[:1]), progress=False)
+                                     mesh=mesh_lib.class_mesh(jax.devices()[:1]), progress=False,
+                                     keep_states=True)
+  assert all(x.dtype != jax.numpy.bfloat16 for x in jax.tree.leaves(result.states[k]))
   samples = result.generated[k]
   share = float(np.mean(digit_svc.predict(pixels8(samples)) == k))
   assert share >= 0.9, f"only {share:.2f} of class {k}'s generated images look like a {k}"
@@ -158,3 +162,27 @@ def test_classifier_beats_logistic_regression_on_the_same_split(splits, tmp_path
   reference = float(np.mean(linear.predict(pixels(splits.test)) == splits.test.labels))
   assert reference > 0.93  # the reference itself is sound on this split
   assert accuracy >= reference + 0.01, (accuracy, reference)
+
+
+@pytest.mark.slow
+def test_bfloat16_classifier_learns_as_float32_does(splits, tmp_path):
+  """Mixed precision (model.dtype=bfloat16: computation in bfloat16, parameters, optimizer state
+  and BatchNorm statistics in float32, the loss in float32): the default digits recipe reaches a
+  test accuracy within 0.5 points of the float32 run on the same split (measured: 0.9867 against
+  0.9911, two of 450 images)."""
+  from mdjax import models
+  from mdjax.train import classifier as clf
+
+  accuracy = {}
+  for dtype in ("float32", "bfloat16"):
+    config = default_config()
+    config.model.dtype = dtype
+    result = clf.train_classifier(config, splits.train, None, str(tmp_path / dtype),
+                                  splits.num_classes)
+    leaves = jax.tree.leaves((result.state.params, result.state.opt_state,
+                              result.state.batch_stats))
+    assert all(x.dtype != jax.numpy.bfloat16 for x in leaves)  # stored in float32
+    model = models.build_classifier(config.model, splits.num_classes)
+    accuracy[dtype] = clf.evaluate(model, result.variables, splits.test, config)["accuracy"]
+  assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.005, accuracy
+  assert accuracy["bfloat16"] > 0.97, accuracy

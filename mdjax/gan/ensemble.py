@@ -226,9 +226,10 @@ def _check_classes(chunk: chunks_lib.Chunk, monitor: monitor_lib.Monitor, fns: p
       report.say(monitor.describe(k, curve, "budget"))
       if monitor.rule.enabled and not curve[-1]["passed"]:
         warnings.warn(
-            f"the GAN of {monitor.name(k)} trained its whole budget (gan.steps={steps}) and its "
-            f"images still do not pass ({', '.join(monitor.rule.shortfalls(curve[-1]))}): raise "
-            "gan.steps, or look at its sample grids.", QualityWarning, stacklevel=2)
+            f"the GAN of {monitor.name(k)} trained its whole budget ({steps} steps, "
+            f"gan.max_steps) and its images still do not pass "
+            f"({', '.join(monitor.rule.shortfalls(curve[-1]))}): raise gan.max_steps, or look at "
+            "its sample grids.", QualityWarning, stacklevel=2)
 
 
 def _final_outputs(result: EnsembleResult, chunk: chunks_lib.Chunk, fns: program.GANFns,

@@ -203,7 +203,7 @@ class SNConv(nn.Module):
                    padding=[(self.padding, self.padding)] * 2, use_bias=False,
                    kernel_init=_conv_init, name="conv", dtype=self.dtype,
                    conv_general_dilated=upsample_conv3x3 if self.upsample else None)
-    return nn.SpectralNorm(conv, name="sn", dtype=self.dtype)(x, update_stats=train)
+    return nn.SpectralNorm(conv, name="sn")(x, update_stats=train)  # normalises in float32
 
 
 class BN(nn.Module):
@@ -309,7 +309,7 @@ class Generator(nn.Module):
     x = z.reshape(z.shape[0], 1, 1, -1)
     init = nn.ConvTranspose(2 * ch(4), (4, 4), padding="VALID", use_bias=False,
                             kernel_init=_conv_init, name="init", dtype=dt)
-    x = nn.SpectralNorm(init, name="init_sn", dtype=dt)(x, update_stats=train)
+    x = nn.SpectralNorm(init, name="init_sn")(x, update_stats=train)
     x = glu(BN(name="init_bn", dtype=dt)(x, train))
     feats = {4: x}
     sle = dict(generator_sle_pairs(self.resolution))

@@ -20,8 +20,9 @@ and stops once its images are right:
   at step 800 they had sleeves, collars and checks (benchmarks/RESULTS.md, "Class GANs on
   Fashion-MNIST").
 
-A class that never passes trains `gan.steps`, the budget, and the run says so. `gan.stop_judge = 0`
-turns the rule off: every class trains `gan.steps`, as the paper's fixed schedule does.
+A class that never passes trains `gan.max_steps`, the budget, and the run says so.
+`gan.stop_judge = 0` turns the rule off: every class trains `gan.steps`, the paper's fixed
+schedule.
 
 Each check draws `CHECK_SAMPLES` images from the class's EMA generator with a key of its own
 (`fold_in(stream_key(seed, k, CHECK_STREAM), step)`), so a resumed run repeats every check and
@@ -155,8 +156,8 @@ class Monitor:
     fds = [c["frechet_distance"] for c in curve if c.get("frechet_distance") is not None]
     short = self.rule.shortfalls(last)
     verdict = ("stopped: its images passed" if reason == "passed" else
-               f"reached gan.steps without passing ({', '.join(short)})" if short else
-               "reached gan.steps")
+               f"reached its budget without passing ({', '.join(short)})" if short else
+               "reached its budget")
     diversity = last.get("diversity_ratio")
     text = (f"GAN of {self.name(k)} {verdict} at step {last['step']}: judge "
             f"{last['judge_fraction']:.2f} (needs {self.rule.judge:.2f} x its real recall "

@@ -76,13 +76,13 @@ def num_generated(class_size: int, ratio: float) -> int:
 
 
 def gan_cost(gan_config, num_classes: int, seconds: float,
-             class_steps: dict | None = None) -> dict:
+             class_steps: dict | None = None, steps: int | None = None) -> dict:
   """What training the GANs of `num_classes` weak classes costs, in the same terms for both paths
   (one GAN per class, or one conditional GAN): models, steps (each class's, where the stopping
   rule ended them at different steps: `class_steps`), real images each class contributes to
   training, parameters, and `seconds`, the wall time of the training call (compilation included;
   on a resumed run only what was left)."""
-  steps, batch = int(gan_config.steps), int(gan_config.batch_size)
+  steps, batch = int(gan_config.steps if steps is None else steps), int(gan_config.batch_size)
   if gan_config.conditional:
     models, fns = 1, gan_step.make_conditional_gan_fns(gan_config, num_classes)
   else:
@@ -187,7 +187,15 @@ class Run:
       return conditional.train_conditional_gan(images_by_class, self.config.gan, gan_dir,
                                                int(self.config.seed), **kwargs)
     return ensemble.train_class_gans(images_by_class, self.config.gan, gan_dir,
-                                     int(self.config.seed), monitor=monitor, **kwargs)
+                                     int(self.config.seed), monitor=monitor,
+                                     steps=self.gan_budget(), **kwargs)
+
+  def gan_budget(self) -> int:
+    """The most steps a class GAN trains: gan.max_steps when the stopping rule judges them
+    (mdjax.gan.monitor), else the fixed schedule gan.steps."""
+    g = self.config.gan
+    stopping = monitor_lib.StopRule.from_config(g).enabled and int(g.max_steps) > 0
+    return int(g.max_steps) if stopping else int(g.steps)
 
   def judge(self):
     """The independent judge of generated images, fit once per run on the real training images."""
@@ -262,7 +270,7 @@ class Run:
     class_steps = {k: v["steps"] for k, v in stopping.items()} if stopping else None
     record = {"classes": weak, "strategy": result.strategy, "steps": result.steps,
               "gan_cost": gan_cost(self.config.gan, len(weak), time.perf_counter() - start,
-                                   class_steps)}
+                                   class_steps, result.steps)}
     if isinstance(result, conditional.ConditionalResult):
       return {**record, "nan_restarts": result.nan_restarts,
               "final_losses": result.history[-1] if result.history else {}}
@@ -315,7 +323,7 @@ class Run:
       images = {}
     if process.is_writer():
       generate.write_generated(out_dir, images, class_names=self.splits.class_names,
-                               source_step=int(self.config.gan.steps))
+                               source_step=int(self.gan_budget()))
     process.barrier(f"generated {out_dir}")
     record = {"generated_per_class": {str(k): len(images.get(k, ())) for k in classes},
               "class_sizes": {str(k): counts[k] for k in classes},
@@ -374,7 +382,7 @@ class Run:
           f"the generated images of {', '.join(collapsed)} vary less than {COLLAPSED:.0%} as much "
           "as the real ones (diversity ratio): the GAN draws nearly the same image again and "
           "again (mode collapse, or too few steps to learn the class's variety), and fine-tuning "
-          "on them adds little. Look at the sample grids; train longer (gan.steps) or lower "
+          "on them adds little. Look at the sample grids; train longer (gan.max_steps) or lower "
           "gan.learning_rate.",
           QualityWarning, stacklevel=1)
     return {"judge": judge.record(),
