@@ -63,7 +63,7 @@ def get_config(arg=None):
   config.gan.nz = 64
   config.gan.ema_decay = 0.95
   config.gan.judge = "pixels"
-  config.gan.judge_resolution = 8  # the digits' native size
+  config.gan.judge_resolution = 0  # the images' own size: 8 for the digits, 28 for 28x28 folders
   config.gan.sample_every = 100
   config.gan.checkpoint_every = 100
   # GAN distillation (off by default): 3 rounds of 1 fine-tuning epoch, the fine-tune's 3 epochs;

@@ -198,7 +198,7 @@ def base_config() -> ml_collections.ConfigDict:
   # images such as digits), and its input size. Lite0 was trained at 224; 128 keeps its accuracy on
   # small images at a third of the cost.
   g.judge = "lite0"
-  g.judge_resolution = 128
+  g.judge_resolution = 128  # 0: the images' own size (at most gan.resolution); pixels want it
   # Beyond the paper (a conditional-GAN augmentation): True trains ONE class-conditional FastGAN
   # on the images of all weak classes together (label embedding into G, projection D; mdjax.gan.conditional)
   # instead of one FastGAN per weak class, to compare cost and benefit with the per-class
@@ -512,8 +512,11 @@ def validate(config: ml_collections.ConfigDict, num_classes: int | None = None) 
            "an integer >= 0: the most steps a class GAN trains under the stopping rule "
            "(0 = gan.steps)")
   for key in ("steps", "batch_size", "ngf", "ndf", "nz", "chunk_size", "sample_every",
-              "checkpoint_every", "log_every", "judge_resolution"):
+              "checkpoint_every", "log_every"):
     _require(isinstance(g[key], int) and g[key] > 0, f"gan.{key}", g[key], "a positive integer")
+  _require(isinstance(g.judge_resolution, int) and g.judge_resolution >= 0,
+           "gan.judge_resolution", g.judge_resolution,
+           "an integer >= 0 (0: the training images' own size, at most gan.resolution)")
   _require(0 <= g.ema_decay < 1, "gan.ema_decay", g.ema_decay, "a number in [0, 1)")
   _require(isinstance(g.conditional, bool), "gan.conditional", g.conditional,
            "true (one class-conditional GAN for all weak classes) or false (one GAN per weak class)")

@@ -4,50 +4,35 @@ Everything here applies to the CPU backend only (`enabled()`); GPUs and TPUs kee
 its own convolution gradients (cuDNN's are fast).
 
 1. Compiler options (`CPU_COMPILER_OPTIONS`, `jit()`). jaxlib 0.10's CPU backend hands every
-   convolution to YNNPACK ("ynn fusions") by default. XLA's older Eigen convolution ran the
-   WRN-16-4 b128 3x3 convs 1.3-3x faster, forward, input gradient and weight gradient alike (the
-   64->64 32x32 layer: forward 93 -> 39 ms, dX 93 -> 41 ms, dW 292 -> 68 ms; PyTorch 47 / 55 / 48
-   ms; benchmarks/conv_layers.py --xla-defaults against without). The options keep YNNPACK for dots
-   and reductions (its reductions are several times faster than XLA's own) and give convolutions
-   to Eigen. They go to one program at a time (`jit()`: jax.jit's compiler_options), never into
-   the process's XLA_FLAGS, because they are not a win everywhere:
-     - the classifier train step uses them (mdjax.train.steps; WRN-16-4 b128 Adam 2.2 -> 1.5 s,
-       EfficientNet-B0 224x224 b8 SAM 3.00 -> 2.69 s). Eigen runs depthwise convolutions slowly
-       (EfficientNet-Lite0 features 5.5 -> 9.8 s as grouped convolutions), but on the CPU those
-       are not convolutions (`depthwise_conv_general_dilated` below);
-     - the GAN programs keep XLA's defaults: with them and the Eigen rules of point 2, the GAN
-       ensemble's `lax.map` loop over classes ran 140 s a step against 9.2 s with XLA's defaults
-       (width 64, 32x32, K = 5; 9.0 s with them and the YNNPACK rules), though one FastGAN
-       256x256 step alone ran 5.8 -> 4.8 s (benchmarks/RESULTS.md).
+   convolution to YNNPACK by default; XLA's older Eigen convolution ran the WRN layers 1.3-3x
+   faster (benchmarks/RESULTS.md, "XLA's CPU convolutions: YNNPACK or Eigen"). The options keep
+   YNNPACK for dots and reductions and give convolutions to Eigen. They go to one program at a
+   time (`jit()`: jax.jit's compiler_options), never into XLA_FLAGS, because they are not a win
+   everywhere: the classifier train step uses them, the GAN programs keep XLA's defaults (their
+   `lax.map` loop over classes ran many times slower with them; same section).
 
 2. Gradient rules (`use_fast_conv_grads()`), where XLA's CPU gradient is slow; which rules apply
    depends on whose convolutions the program compiles to (`eigen`):
    - with XLA's defaults (YNNPACK): every dW as matmuls (`_weight_grad`), and dX of every
-     kh*kw > 1 conv as one matmul plus col2im (`_input_grad`); YNNPACK's own dW ran 3-4x slower.
+     kh*kw > 1 conv as one matmul plus col2im (`_input_grad`).
    - with Eigen (`eigen=True`, under CPU_COMPILER_OPTIONS): XLA's own gradients, except dX of a
-     strided kh*kw > 1 conv (XLA's is an lhs-dilated convolution: 64->128 3x3 stride 2 at 32x32,
-     batch 128, 69 ms against 42 ms as a matmul) and dW of any conv but a 3x3 one (stride-1
-     padding-1, or strided). XLA's dW is itself a convolution, of the input with the output
-     gradient as its kernel; Eigen runs that well for 3x3 kernels (73 ms against 104 ms as
-     matmuls at 64->64 32x32; at stride 2, 128->256 16x16, 31 against 63 ms, and whole WRN-16-4
-     steps 2-3% faster), but XLA lowers others badly: FastGAN's 2x2 phase kernels
-     (`fastgan.upsample_conv3x3`) became non-canonical convolutions run by a naive loop (30 s of a
-     1.6 s step at 64x64). The 3x3 dW kept is XLA's, with its input fenced (`_eigen_weight_grad`)
-     so that the input's transpose copies the computed activation instead of recomputing it in
-     a slow strided loop.
+     strided kh*kw > 1 conv (XLA's is an lhs-dilated convolution) and dW of any conv but a 3x3
+     one: XLA lowers other kernels' dW badly (FastGAN's 2x2 phase kernels,
+     `fastgan.upsample_conv3x3`, became naive loops). The 3x3 dW kept is XLA's, with its input
+     fenced (`_eigen_weight_grad`) so that the input's transpose copies the computed activation
+     instead of recomputing it in a slow strided loop (RESULTS.md, "The weight gradient's
+     transpose, fenced").
    Forward passes and 1x1 input gradients are XLA's own (but under point 3), and so are depthwise
    convolutions but on the CPU (`depthwise_conv_general_dilated`, used by EfficientNet). Every
    rewritten gradient is checked against `jax.grad` in tests/test_cpu_conv.py.
 
 3. oneDNN (`use_fast_conv_grads(onednn_convs=True)`, the classifier step on one device or inside
-   its per-device shard_map): every routed float32 convolution of at least _ONEDNN_MIN_FLOPS,
-   forward, dX and dW, is a custom call into oneDNN (mdjax.core.onednn), the library behind
-   PyTorch's CPU convolutions. Its NHWC kernels run WRN-16-4's 3x3 convs in 1.27 s per gradient
-   against Eigen's 1.71 s (benchmarks/conv_layers.py), which took the WRN-16-4 b128 step from behind
-   PyTorch's channels_last to ahead of it (benchmarks/RESULTS.md). Where oneDNN cannot be built
-   (`onednn.available()`), points 1-2 apply. Not under GSPMD partitioning (XLA would gather a
-   custom call's operands onto every device) nor in the GAN programs, whose convolutions are
-   vmapped over classes (a custom call runs once per class there).
+   its per-device shard_map; the `onednn` extra): every routed float32 convolution of at least
+   _ONEDNN_MIN_FLOPS, forward, dX and dW, is a custom call into oneDNN (mdjax.core.onednn), the
+   library behind PyTorch's CPU convolutions (RESULTS.md, "oneDNN inside the step, through XLA's
+   FFI"). Without it, points 1-2 apply. Not under GSPMD partitioning (XLA would gather a custom
+   call's operands onto every device) nor in the GAN programs, whose convolutions are vmapped over
+   classes (a custom call runs once per class there).
 
 The matmul weight gradient is one matmul per kernel tap,
   dW[i, j] = X_shifted(i, j)^T @ dY   ([C, B*Ho*Wo] @ [B*Ho*Wo, O]),

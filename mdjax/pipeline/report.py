@@ -120,11 +120,67 @@ def write_report(workdir: str, results: dict, run) -> str:
         path = os.path.join("figures", f"class_{k:04d}_real_vs_generated.png")
         _side_by_side(os.path.join(workdir, path), real[k], fake)
         lines += [f"**{names[k]}**: real (left) and generated (right)", "", f"![{names[k]}]({path})", ""]
+  stopping = results.get("gan_stopping") or {}
+  if stopping:
+    lines += _stopping_section(workdir, stopping, names)
   lines += ["## Stage wall times", "", "| stage | seconds |", "|---|---|"]
   lines += [f"| {n} | {_fmt(s, 1)} |" for n, s in results["stage_seconds"].items()]
   path = os.path.join(workdir, "report.md")
   files.write_atomic(path, "\n".join(lines) + "\n")
   return path
+
+
+def _stopping_section(workdir: str, stopping: dict, names) -> list[str]:
+  """How long each weak class's GAN trained and why it stopped (mdjax.gan.monitor), with its
+  quality curve drawn."""
+  lines = ["## The class GANs: when each stopped", "",
+           "| class | steps | stopped | judge (its real images) | diversity | "
+           "Frechet distance (the class's own) | near-copies |", "|---|---|---|---|---|---|---|"]
+  for k, record in sorted(stopping.items(), key=lambda item: int(item[0])):
+    last = record["curve"][-1] if record["curve"] else {}
+    floor = last.get("fd_floor")
+    lines.append(
+        f"| {names[int(k)]} | {record['steps']} | "
+        f"{'its images passed' if record['stopped'] == 'passed' else 'budget'} | "
+        f"{_fmt(last.get('judge_fraction'), 2)} ({_fmt(last.get('judge_recall'), 2)}) | "
+        f"{_fmt(last.get('diversity_ratio'), 2)} | "
+        f"{_fmt(last.get('frechet_distance'), 3)} ({_fmt(floor, 3)}) | "
+        f"{_fmt(last.get('memorisation'), 2)} |")
+  fig = os.path.join("figures", "gan_quality.png")
+  if any(record["curve"] for record in stopping.values()):
+    _plot_curves(os.path.join(workdir, fig), stopping, names)
+    lines += ["", f"![quality of each class's generated images while its GAN trained]({fig})"]
+  lines += ["", "Every `gan.sample_every` steps the class's EMA generator is judged; it stops once "
+            "its images pass the judge and diversity thresholds and their Frechet distance (the "
+            "judge's features) is as small as the class's own (two halves of its real images) "
+            "or has stopped improving (mdjax/gan/monitor.py).", ""]
+  return lines
+
+
+def _plot_curves(path: str, stopping: dict, names) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for k, record in sorted(stopping.items(), key=lambda item: int(item[0])):
+    curve = record["curve"]
+    steps = [c["step"] for c in curve]
+    line, = axes[0].plot(steps, [c["judge_fraction"] for c in curve], marker="o",
+                         label=str(names[int(k)]))
+    axes[1].plot(steps, [c["frechet_distance"] if c["frechet_distance"] is not None else np.nan
+                         for c in curve], marker="o", color=line.get_color())
+  axes[0].set_title("judge's fraction of the class")
+  axes[1].set_title("Frechet distance to the class (judge features)")
+  axes[1].set_yscale("log")
+  for ax in axes:
+    ax.set_xlabel("GAN step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def write_summary_report(workdir: str, results: dict) -> str:

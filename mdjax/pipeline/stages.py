@@ -206,8 +206,16 @@ class Run:
       self._judge = judge_lib.fit_judge(
           view(self.splits.train), self.splits.train.labels, view(self.splits.val),
           self.splits.val.labels, self.num_classes, seed=int(self.config.seed),
-          kind=str(self.config.gan.judge), resolution=int(self.config.gan.judge_resolution))
+          kind=str(self.config.gan.judge), resolution=self.judge_resolution())
     return self._judge
+
+  def judge_resolution(self) -> int:
+    """gan.judge_resolution, or with 0 the training images' own size (the first image's shorter
+    side) at most gan.resolution: a pixel judge sees what the images hold, 8x8 digits or 28x28
+    clothes, whichever config runs them."""
+    if int(self.config.gan.judge_resolution):
+      return int(self.config.gan.judge_resolution)
+    return min(min(self.splits.train[0]["image"].shape[:2]), int(self.config.gan.resolution))
 
   def class_probability_fn(self):
     """`score(class, uint8 images) -> float`: the trained classifier's probability of the class
