@@ -17,6 +17,7 @@ CPU change bought, step by step, is in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -77,7 +78,9 @@ def main():
   compile_s = time.perf_counter() - t
   results = {"step": timed(lambda s, x: step(s, x, next(keys))[1], state, real, iters=args.iters)}
   results["step"]["compile_s"] = round(compile_s, 2)
-  flops = loop_free_flops(fns.step, state, real, keys_for_count)
+  twin = gan_step_lib.make_gan_fns(dataclasses.replace(gan_step_lib.GANSpec.from_config(cfg),
+                                                       fast_convs=False))
+  flops = loop_free_flops(twin.step, state, real, keys_for_count)
   results["flops_per_step"] = flops
   results["flops_per_s"] = flops / results["step"]["median_s"]
   print(f"step: {results['step']}, {flops / 1e9:.1f} GFLOP = "

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import functools
 import json
 import os
@@ -167,7 +168,10 @@ def main():
   t0 = time.perf_counter()
   single = single.lower(sep_states[0], sep_rngs[0], *sep_data[0], jnp.int32(0)).compile()
   compile_sep = time.perf_counter() - t0
-  class_flops = loop_free_flops(functools.partial(program.class_step, fns, batch_size=b),
+  from mdjax.gan import step as step_lib  # pylint: disable=import-outside-toplevel
+  twin = step_lib.make_gan_fns(dataclasses.replace(step_lib.GANSpec.from_config(cfg),
+                                                   fast_convs=False))
+  class_flops = loop_free_flops(functools.partial(program.class_step, twin, batch_size=b),
                                 sep_states[0], sep_rngs[0], *sep_data[0], jnp.int32(0))
 
   def run_one(ens, s):

@@ -72,21 +72,20 @@ def median_time(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def loop_free_flops(fn, *args) -> float:
-  """Floating-point operations of one call of `fn(*args)`, counted on a fresh trace in which every
-  convolution keeps XLA's own gradients (mdjax.core.cpu_conv.xla_conv_grads).
+def loop_free_flops(twin, *args) -> float:
+  """Floating-point operations of one call of `twin(*args)`: the program to count, built with
+  XLA's own convolutions (mdjax.core.cpu_conv.Rules left out: `make_train_step(...,
+  fast_conv_grads=False)`, a GANSpec with `fast_convs=False`).
 
-  Why: on CPU, mdjax computes convolution weight gradients in a loop over chunks of the batch,
-  whose body XLA's cost analysis counts once (a WRN-16-4 b128 step read 207 GFLOP against its
-  twin's 276). XLA's own gradients do the same multiply-adds with no loop, and without the extra
-  additions of mdjax's col2im, so the twin's count is the step's work. The twin is only lowered:
-  the analysis of the unoptimised program was within 1% of the compiled one's (WRN-16-4 276.0
-  against 276.5 GFLOP, FastGAN 256 496.5 against 499.8).
+  Why a twin: on CPU, mdjax computes convolution weight gradients in a loop over chunks of the
+  batch, whose body XLA's cost analysis counts once (a WRN-16-4 b128 step read 207 GFLOP against
+  its twin's 276). XLA's own gradients do the same multiply-adds with no loop, and without the
+  extra additions of mdjax's col2im, so the twin's count is the step's work. The twin is only
+  lowered: the analysis of the unoptimised program was within 1% of the compiled one's
+  (benchmarks/RESULTS.md).
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from mdjax.core import cpu_conv  # pylint: disable=import-outside-toplevel
-  with cpu_conv.xla_conv_grads():
-    return lowered_flops(jax.jit(lambda *a: fn(*a)).lower(*args))  # pylint: disable=unnecessary-lambda
+  return lowered_flops(jax.jit(lambda *a: twin(*a)).lower(*args))  # pylint: disable=unnecessary-lambda
 
 
 def lowered_flops(lowered) -> float:

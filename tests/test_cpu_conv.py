@@ -23,16 +23,18 @@ class _ConvNet(nn.Module):
   """Every branch of cpu_conv: im2col (few channels), per-tap matmuls, strides (the input gradient's
   col2im places strided taps), odd sizes, asymmetric padding, 1x1, SAME."""
   grouped: bool = True
+  conv: object = None  # cpu_conv.Rules, as mdjax's models take it; None: XLA's convolutions
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(4, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False)(x)  # patches
-    x = nn.relu(nn.Conv(20, (3, 3), padding="SAME")(x))  # patches (4 channels), string padding
-    x = nn.relu(nn.Conv(16, (4, 4), (2, 2), padding=((1, 1), (1, 1)))(x))  # FastGAN D's down conv
-    x = nn.relu(nn.Conv(16, (3, 3), (2, 2), padding=((1, 1), (0, 1)))(x))  # taps, stride 2
-    x = nn.Conv(8, (1, 1))(x)  # a single tap
+    conv = functools.partial(nn.Conv, conv_general_dilated=self.conv)
+    x = conv(4, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False)(x)  # patches
+    x = nn.relu(conv(20, (3, 3), padding="SAME")(x))  # patches (4 channels), string padding
+    x = nn.relu(conv(16, (4, 4), (2, 2), padding=((1, 1), (1, 1)))(x))  # FastGAN D's down conv
+    x = nn.relu(conv(16, (3, 3), (2, 2), padding=((1, 1), (0, 1)))(x))  # taps, stride 2
+    x = conv(8, (1, 1))(x)  # a single tap
     if self.grouped:
-      x = nn.Conv(8, (3, 3), feature_group_count=2, padding="SAME")(x)  # grouped: left to XLA
+      x = conv(8, (3, 3), feature_group_count=2, padding="SAME")(x)  # grouped: left to XLA
     return x.sum((1, 2))
 
 
@@ -46,18 +48,19 @@ def test_fast_conv_weight_gradients_match_jax_grad(eigen, onednn_convs, monkeypa
   with jax.threefry_partitionable(False):
     params = model.init(jax.random.PRNGKey(0), x)["params"]
 
+  fast_model = _ConvNet(conv=cpu_conv.Rules.with_eigen(eigen, onednn_convs))
+
   def loss(p, x):
     return jnp.sum(jnp.sin(model.apply({"params": p}, x)))
 
   def fast_loss(p, x):
-    with cpu_conv.use_fast_conv_grads(True, eigen=eigen, onednn_convs=onednn_convs):
-      return loss(p, x)
+    return jnp.sum(jnp.sin(fast_model.apply({"params": p}, x)))
 
   ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
   fast = cpu_conv.jit(jax.grad(fast_loss, argnums=(0, 1)), enable=eigen)(params, x)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(fast)):
     np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)
-  # The interceptor really replaced the convolution (a custom_vjp shows up in the jaxpr).
+  # The rules really replaced the convolution (a custom_vjp shows up in the jaxpr).
   jaxpr = str(jax.make_jaxpr(jax.grad(fast_loss))(params, x))
   assert "custom_vjp" in jaxpr
   assert ("target_name=mdjax_onednn_conv_dw" in jaxpr) == onednn_convs
@@ -146,8 +149,7 @@ def _grad_of_conv(kernel, stride, padding, jit):
   w = jnp.asarray(rng.randn(kernel, kernel, 32, 32).astype(np.float32) * 0.1)
 
   def loss(w, x):
-    with cpu_conv.use_fast_conv_grads(True, eigen=True):
-      y = cpu_conv.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
+    y = cpu_conv.Rules.with_eigen(True)(x, w, (stride, stride), [(padding, padding)] * 2,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return jnp.sum(jnp.sin(y))
 
@@ -207,8 +209,7 @@ def test_eigen_weight_gradient_transposes_the_materialized_input(monkeypatch, fe
                                 dimension_numbers=nhwc)))
 
   def fast_loss(w, x, scale):
-    with cpu_conv.use_fast_conv_grads(True, eigen=True):
-      return loss(w, x, scale, cpu_conv.conv_general_dilated)
+    return loss(w, x, scale, cpu_conv.Rules.with_eigen(True))
 
   fn = cpu_conv.jit(jax.grad(fast_loss, argnums=(0, 1)))
   ref = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)(w, x, scale,
@@ -265,16 +266,14 @@ def test_compiler_options_fall_back_when_jaxlib_rejects_them(monkeypatch, caplog
     with caplog.at_level("WARNING"):
       assert cpu_conv.compiler_options() is None
       assert float(cpu_conv.jit(lambda x: x * 2)(jnp.float32(3))) == 6.0
-      with cpu_conv.use_fast_conv_grads(True, eigen=True):  # XLA's defaults: their rules
-        assert not cpu_conv._eigen_rules  # pylint: disable=protected-access
+      assert not cpu_conv.Rules.with_eigen(True).eigen  # XLA's defaults: their rules
     assert "rejects mdjax's CPU compiler options" in caplog.text
   finally:
     cpu_conv._options_accepted.cache_clear()  # pylint: disable=protected-access
   monkeypatch.undo()
   assert cpu_conv.compiler_options() == cpu_conv.CPU_COMPILER_OPTIONS
   assert cpu_conv.compiler_options(enable=False) is None
-  with cpu_conv.use_fast_conv_grads(True, eigen=True):
-    assert cpu_conv._eigen_rules  # pylint: disable=protected-access
+  assert cpu_conv.Rules.with_eigen(True).eigen
 
 
 @pytest.mark.perf
@@ -299,12 +298,13 @@ def test_fast_conv_under_vmap(batched):
       params = jax.vmap(lambda key: model.init(key, x if batched == "shared_input" else x[0])
                         ["params"])(keys)
 
+  fast_model = _ConvNet(grouped=False, conv=cpu_conv.Rules())
+
   def loss(p, x):
     return jnp.sum(jnp.sin(model.apply({"params": p}, x)))
 
   def fast_loss(p, x):
-    with cpu_conv.use_fast_conv_grads(True):
-      return loss(p, x)
+    return jnp.sum(jnp.sin(fast_model.apply({"params": p}, x)))
 
   in_axes = {"per_model": (0, 0), "shared_input": (0, None), "shared_kernel": (None, 0)}[batched]
   ref_fn, fast_fn = (jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1)), in_axes=in_axes))
@@ -349,44 +349,42 @@ def test_depthwise_conv_equals_xla_grouped_convolution_and_its_gradients(shape, 
   assert "feature_group_count" not in hlo and "convolution" not in hlo
 
 
-def test_efficientnet_depthwise_convs_on_cpu_equal_xla_grouped_ones(monkeypatch):
+def test_efficientnet_depthwise_convs_on_cpu_equal_xla_grouped_ones():
   from mdjax.models import efficientnet  # pylint: disable=import-outside-toplevel
-  block = efficientnet.MBConv(5, 2, 6, 8, 16, se_ratio=0.25, drop_connect_rate=0.0, lite=False)
+  make = functools.partial(efficientnet.MBConv, 5, 2, 6, 8, 16, se_ratio=0.25,
+                           drop_connect_rate=0.0, lite=False)
   x = jax.random.normal(jax.random.key(2), (2, 11, 11, 8))
-  variables = block.init(jax.random.key(3), x, train=False)
-  fast = jax.jit(lambda v, x: block.apply(v, x, train=False))
+  variables = make().init(jax.random.key(3), x, train=False)
+  fast = jax.jit(lambda v, x: make(conv=cpu_conv.Rules()).apply(v, x, train=False))
   groups = lambda f: {int(g) for g in re.findall(r"feature_group_count = (\d+)",  # noqa: E731
                                                  f.lower(variables, x).as_text())}
   assert groups(fast) == {1}  # the 1x1 convs only
   got = fast(variables, x)
-  monkeypatch.setattr(cpu_conv, "enabled", lambda: False)  # XLA's grouped convolution
-  slow = jax.jit(lambda v, x: block.apply(v, x, train=False))
+  slow = jax.jit(lambda v, x: make().apply(v, x, train=False))  # XLA's grouped convolution
   assert groups(slow) == {1, 48}
   np.testing.assert_allclose(got, slow(variables, x), rtol=1e-5, atol=1e-5)
 
 
-def test_efficientnet_block_gradients_as_the_classifier_step_compiles_them(monkeypatch):
+def test_efficientnet_block_gradients_as_the_classifier_step_compiles_them():
   """The classifier step compiles every backbone, EfficientNet's too, with cpu_conv's CPU options
   and Eigen rules (mdjax.train.steps): an MBConv block's gradients there (1x1 convs, the depthwise
   conv as multiply-adds, squeeze-excitation, BatchNorm in training mode) equal XLA's own through its
   grouped convolution."""
   from mdjax.models import efficientnet  # pylint: disable=import-outside-toplevel
   for kernel, stride in ((3, 1), (5, 2)):
-    block = efficientnet.MBConv(kernel, stride, 6, 8, 16, se_ratio=0.25, drop_connect_rate=0.0,
-                                lite=False)
+    make = functools.partial(efficientnet.MBConv, kernel, stride, 6, 8, 16, se_ratio=0.25,
+                             drop_connect_rate=0.0, lite=False)
     x = jax.random.normal(jax.random.key(2), (4, 12, 12, 8))
-    variables = block.init(jax.random.key(3), x, train=False)
+    variables = make().init(jax.random.key(3), x, train=False)
 
-    def loss(params, x, eigen):
-      with cpu_conv.use_fast_conv_grads(eigen, eigen=eigen):
-        y, _ = block.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    def loss(params, x, block):
+      y, _ = block.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
       return jnp.sum(jnp.sin(y))
 
-    grad = functools.partial(jax.grad(loss, argnums=(0, 1)), eigen=True)
-    got = cpu_conv.jit(grad, enable=True)(variables["params"], x)
-    monkeypatch.setattr(cpu_conv, "enabled", lambda: False)  # XLA's grouped convolution
-    want = jax.jit(functools.partial(jax.grad(loss, argnums=(0, 1)), eigen=False))(
-        variables["params"], x)
-    monkeypatch.undo()
+    fast = make(conv=cpu_conv.Rules.with_eigen(True))
+    got = cpu_conv.jit(functools.partial(jax.grad(loss, argnums=(0, 1)), block=fast),
+                       enable=True)(variables["params"], x)
+    want = jax.jit(functools.partial(jax.grad(loss, argnums=(0, 1)), block=make()))(
+        variables["params"], x)  # XLA's grouped convolution and gradients
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)

@@ -61,8 +61,8 @@ def test_convolution_and_its_gradients_equal_xla(x_shape, w_shape, strides, padd
 
 
 def _loss(x, w, onednn_convs, strides=(2, 2), padding=((1, 0), (2, 1))):
-  with cpu_conv.use_fast_conv_grads(True, eigen=True, onednn_convs=onednn_convs):
-    y = cpu_conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+  y = cpu_conv.Rules.with_eigen(True, onednn_convs)(x, w, strides, padding,
+                                                     dimension_numbers=_NHWC)
   return jnp.sum(jnp.sin(y))
 
 

@@ -11,8 +11,8 @@ its own convolution gradients (cuDNN's are fast).
    everywhere: the classifier train step uses them, the GAN programs keep XLA's defaults (their
    `lax.map` loop over classes ran many times slower with them; same section).
 
-2. Gradient rules (`use_fast_conv_grads()`), where XLA's CPU gradient is slow; which rules apply
-   depends on whose convolutions the program compiles to (`eigen`):
+2. Gradient rules (`Rules`), where XLA's CPU gradient is slow; which rules apply depends on whose
+   convolutions the program compiles to (`Rules.eigen`):
    - with XLA's defaults (YNNPACK): every dW as matmuls (`_weight_grad`), and dX of every
      kh*kw > 1 conv as one matmul plus col2im (`_input_grad`).
    - with Eigen (`eigen=True`, under CPU_COMPILER_OPTIONS): XLA's own gradients, except dX of a
@@ -26,7 +26,7 @@ its own convolution gradients (cuDNN's are fast).
    convolutions but on the CPU (`depthwise_conv_general_dilated`, used by EfficientNet). Every
    rewritten gradient is checked against `jax.grad` in tests/test_cpu_conv.py.
 
-3. oneDNN (`use_fast_conv_grads(onednn_convs=True)`, the classifier step on one device or inside
+3. oneDNN (`Rules(onednn=True)`, the classifier step on one device or inside
    its per-device shard_map; the `onednn` extra): every routed float32 convolution of at least
    _ONEDNN_MIN_FLOPS, forward, dX and dW, is a custom call into oneDNN (mdjax.core.onednn), the
    library behind PyTorch's CPU convolutions (RESULTS.md, "oneDNN inside the step, through XLA's
@@ -40,28 +40,29 @@ or, for few input channels (a 7x7 RGB stem), one matmul over im2col patches. The
 the shifted input kh*kw times, and over a whole batch those copies cost more than the matmuls they
 feed; so a kh*kw > 1 weight gradient loops (`lax.scan`) over chunks of the batch of about
 _DW_CHUNK_ROWS output pixels, summing each chunk's taps: the copies then stay in the cache. XLA's
-cost analysis counts the loop's body once: benchmarks count FLOPs on a twin with XLA's own
-gradients (`xla_conv_grads`).
+cost analysis counts the loop's body once: benchmarks count FLOPs on a twin built without the
+rules (benchmarks/machine.py, `loop_free_flops`).
 
 Under `jax.vmap` with per-model kernels (the GAN ensemble's "vmap" strategy), batching rules
 (`jax.custom_batching.custom_vmap`) run the conv and its gradients once per model instead of as
 grouped convolutions and batched matmuls; see the comment above `_once_per_kernel`.
 
-The rules reach the models without changing them: `use_fast_conv_grads()` is a Flax method
-interceptor that, inside its `with` block, makes every `nn.Conv` call `conv_general_dilated` below
-instead of `lax.conv_general_dilated` (flax.linen.Conv's own `conv_general_dilated` hook). Only
-plain NHWC/HWIO convolutions (no dilation, no feature groups) are routed; anything else is
+The rules reach a model explicitly: `Rules(eigen=..., onednn=...)` is a convolution with
+`lax.conv_general_dilated`'s signature, and the models take it as their `conv` attribute and hand
+it to every `nn.Conv` (flax's `conv_general_dilated` hook), `Classifier.with_conv` swapping it in
+for a train step. `rules_for_backend()` is what a model is built with: the plain rules (and the
+depthwise rule) on a CPU, None (XLA's own convolutions) elsewhere. Only plain NHWC/HWIO
+convolutions (no dilation, no feature groups) are routed; anything else is
 `lax.conv_general_dilated` unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -75,12 +76,6 @@ _PATCHES_BELOW_CHANNELS = 16
 # dW of a kh*kw > 1 conv loops over chunks of the batch with about this many output pixels each
 # (rows of its matmuls): measured best of 1024-16384 (benchmarks/RESULTS.md).
 _DW_CHUNK_ROWS = 2048
-# Set inside `xla_conv_grads()`: use_fast_conv_grads then leaves every conv to XLA.
-_xla_only = False
-# Set by `use_fast_conv_grads(eigen=..., onednn_convs=...)`: the rules `conv_general_dilated`
-# traces.
-_eigen_rules = False
-_onednn_rules = False
 # The oneDNN rules take a convolution of at least this many FLOPs a pass (2*B*Ho*Wo*kh*kw*C*O).
 # Below it Eigen's is faster in a step: the digits recipe's convs (WRN-10-2 at 16x16, batch 32,
 # at most 0.15 GFLOP) ran 1.3x slower on oneDNN, while the smallest of WRN-16-4 b128 (a 1x1
@@ -378,17 +373,20 @@ def _flops(x_shape, w_shape, strides, pads) -> int:
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated` with the matmul weight gradient where it applies."""
+                         precision=None, preferred_element_type=None, *, eigen: bool = False,
+                         onednn_convs: bool = False):
+  """`lax.conv_general_dilated` with the rules of the module docstring where they apply: the
+  matmul gradients, or with `eigen` the ones for Eigen's convolutions, or with `onednn_convs`
+  oneDNN's for float32 convolutions of at least _ONEDNN_MIN_FLOPS (`Rules` binds the flags)."""
   pads = _routable_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                         dimension_numbers, batch_group_count, preferred_element_type)
   if pads is not None and feature_group_count == 1:
     strides = tuple(int(s) for s in window_strides)
-    if (_onednn_rules and lhs.dtype == rhs.dtype == jnp.float32
+    if (onednn_convs and lhs.dtype == rhs.dtype == jnp.float32
         and _flops(lhs.shape, rhs.shape, strides, pads) >= _ONEDNN_MIN_FLOPS
         and onednn.available()):  # built here, for the first convolution that qualifies
       return _onednn_conv(lhs, rhs, strides, pads)
-    return _conv(lhs, rhs, strides, pads, _eigen_rules)
+    return _conv(lhs, rhs, strides, pads, eigen)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count,
@@ -436,60 +434,39 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilati
   return out
 
 
-def _interceptor(next_fun, args, kwargs, context):
-  module = context.module
-  if (context.method_name == "__call__" and isinstance(module, nn.Conv)
-      and module.conv_general_dilated is None and module.conv_general_dilated_cls is None):
-    # Flax modules are frozen dataclasses; the hook is set for this call only and restored.
-    object.__setattr__(module, "conv_general_dilated", conv_general_dilated)
-    try:
-      return next_fun(*args, **kwargs)
-    finally:
-      object.__setattr__(module, "conv_general_dilated", None)
-  return next_fun(*args, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """A convolution with `lax.conv_general_dilated`'s signature that runs the CPU rules (module
+  docstring): what a model's `conv` attribute holds, and so what each of its `nn.Conv`s calls.
 
-
-@contextlib.contextmanager
-def use_fast_conv_grads(enable: bool | None = None, *, eigen: bool = False,
-                        onednn_convs: bool = False):
-  """Within the block (while tracing), flax Convs use `conv_general_dilated` above.
-
-  `enable=None` turns it on for the CPU backend only; inside `xla_conv_grads()` it is off.
-  `eigen`: the program compiles with CPU_COMPILER_OPTIONS (`jit()`), so convolutions run on
-  Eigen and the rules for Eigen apply (module docstring, point 2); otherwise, and where this
-  jaxlib rejects those options (then `jit()` compiles with XLA's defaults), the rules for XLA's
-  default YNNPACK convolutions (every dW and every kh*kw > 1 dX as matmuls).
-  `onednn_convs`: float32 convolutions and their gradients run on oneDNN (point 3) where
-  `onednn.available()`; the caller vouches that no GSPMD partitioning applies (one device, or
-  inside a shard_map over every mesh axis), since XLA would replicate a custom call's operands."""
-  global _eigen_rules, _onednn_rules  # pylint: disable=global-statement
-  if enable is None:
-    enable = enabled()
-  if not enable or _xla_only:
-    yield
-    return
-  previous = _eigen_rules, _onednn_rules
-  _eigen_rules = eigen and _options_accepted()
-  _onednn_rules = onednn_convs
-  try:
-    with nn.intercept_methods(_interceptor):
-      yield
-  finally:
-    _eigen_rules, _onednn_rules = previous
-
-
-@contextlib.contextmanager
-def xla_conv_grads():
-  """Within the block (while tracing), `use_fast_conv_grads` changes nothing: every convolution
-  keeps XLA's own gradients.
-
-  For counting a step's FLOPs (benchmarks/machine.py): XLA's cost analysis counts the body of a
-  loop once, and the weight gradients here loop over chunks of the batch; XLA's own gradients do
-  the same multiply-adds with no loop. Trace a fresh function inside it (jit caches traces).
+  `eigen`: the program compiles with CPU_COMPILER_OPTIONS (`jit()`), so convolutions run on Eigen
+  and the rules for Eigen apply (point 2); otherwise the rules for XLA's default YNNPACK
+  convolutions (every dW and every kh*kw > 1 dX as matmuls). Where this jaxlib rejects those
+  options (`jit()` then compiles with XLA's defaults) `with_eigen` makes the YNNPACK rules.
+  `onednn`: float32 convolutions and their gradients run on oneDNN (point 3) where
+  `onednn.available()`; the model's user vouches that no GSPMD partitioning applies (one device,
+  or inside a shard_map over every mesh axis), since XLA would replicate a custom call's operands.
+  `depthwise` is the depthwise rule (EfficientNet's depthwise convolutions on a CPU).
   """
-  global _xla_only  # pylint: disable=global-statement
-  previous, _xla_only = _xla_only, True
-  try:
-    yield
-  finally:
-    _xla_only = previous
+
+  eigen: bool = False
+  onednn: bool = False
+
+  @classmethod
+  def with_eigen(cls, eigen: bool, onednn: bool = False) -> Rules:
+    return cls(eigen=eigen and _options_accepted(), onednn=onednn)
+
+  def __call__(self, lhs, rhs, window_strides, padding, **kwargs):
+    return conv_general_dilated(lhs, rhs, window_strides, padding, eigen=self.eigen,
+                                onednn_convs=self.onednn, **kwargs)
+
+  @staticmethod
+  def depthwise(lhs, rhs, window_strides, padding, **kwargs):
+    return depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def rules_for_backend() -> Rules | None:
+  """What a model is built with: the plain CPU rules on the CPU backend (its forward passes are
+  XLA's; its gradients the matmul forms; depthwise convolutions the multiply-adds), None (XLA's
+  own convolutions) on GPUs and TPUs."""
+  return Rules() if enabled() else None

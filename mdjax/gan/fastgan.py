@@ -85,7 +85,6 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from mdjax.core import cpu_conv
 
 RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
 
@@ -147,7 +146,8 @@ def avg_pool_to(x: jax.Array, size: int) -> jax.Array:
   return downscale(x, size)
 
 
-def upsample_conv3x3(lhs, rhs, window_strides=(1, 1), padding=((1, 1), (1, 1)), **kwargs):
+def upsample_conv3x3(lhs, rhs, window_strides=(1, 1), padding=((1, 1), (1, 1)), *, conv=None,
+                     **kwargs):
   """conv3x3(upsample2(lhs), rhs) with padding 1, computed at lhs's resolution: 2.25x fewer FLOPs.
 
   Why: every up-block of G and of D's decoders is nearest x2 upsampling then a 3x3 conv, and at
@@ -159,7 +159,8 @@ def upsample_conv3x3(lhs, rhs, window_strides=(1, 1), padding=((1, 1), (1, 1)), 
   function (float rounding aside; tests/test_fastgan.py checks it against the naive form). The four
   phases are one 2x2 conv with 4 x O outputs over the input padded by 1, sliced and interleaved.
   This is the signature of `lax.conv_general_dilated`, so it plugs into `nn.Conv` (and so into
-  `nn.SpectralNorm`) unchanged: same kernel, same parameter tree.
+  `nn.SpectralNorm`) unchanged: same kernel, same parameter tree. `conv` is the convolution the
+  phases run (mdjax.core.cpu_conv.Rules on CPUs; None: lax's).
   """
   del kwargs  # dimension numbers etc.: NHWC / HWIO, as nn.Conv passes them
   if tuple(window_strides) != (1, 1) or tuple(map(tuple, padding)) != ((1, 1), (1, 1)):
@@ -176,7 +177,7 @@ def upsample_conv3x3(lhs, rhs, window_strides=(1, 1), padding=((1, 1), (1, 1)), 
   kernels = [[kc for kc in phases(kr, 1)] for kr in phases(rhs, 0)]  # [a][b] -> [2, 2, C, O]
   kernel = jnp.stack([jnp.stack(row, axis=-2) for row in kernels], axis=-3)  # [2, 2, C, 2, 2, O]
   kernel = kernel.reshape(2, 2, rhs.shape[2], 4 * o)
-  conv = cpu_conv.conv_general_dilated if cpu_conv.enabled() else lax.conv_general_dilated
+  conv = conv or lax.conv_general_dilated
   y = conv(lhs, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
   y = y.reshape(b, h + 1, w + 1, 2, 2, o)
   rows = [jnp.stack([y[:, a:a + h, c:c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]
@@ -196,13 +197,15 @@ class SNConv(nn.Module):
   padding: int = 0
   upsample: bool = False
   dtype: Any = jnp.float32
+  conv: Any = None  # the convolution (mdjax.core.cpu_conv.Rules on CPUs); None: XLA's
 
   @nn.compact
   def __call__(self, x, train: bool):
+    impl = functools.partial(upsample_conv3x3, conv=self.conv) if self.upsample else self.conv
     conv = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
                    padding=[(self.padding, self.padding)] * 2, use_bias=False,
                    kernel_init=_conv_init, name="conv", dtype=self.dtype,
-                   conv_general_dilated=upsample_conv3x3 if self.upsample else None)
+                   conv_general_dilated=impl)
     return nn.SpectralNorm(conv, name="sn")(x, update_stats=train)  # normalises in float32
 
 
@@ -234,37 +237,42 @@ class SLE(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  conv: Any = None
 
   @nn.compact
   def __call__(self, small, big, train: bool):
     s = avg_pool_to(small, 4)
-    s = SNConv(self.features, 4, name="conv4", dtype=self.dtype)(s, train)
+    s = SNConv(self.features, 4, name="conv4", dtype=self.dtype, conv=self.conv)(s, train)
     s = nn.swish(s)
-    s = SNConv(self.features, 1, name="conv1", dtype=self.dtype)(s, train)
+    s = SNConv(self.features, 1, name="conv1", dtype=self.dtype, conv=self.conv)(s, train)
     return big * jax.nn.sigmoid(s)
 
 
 class UpBlock(nn.Module):
   features: int
   dtype: Any = jnp.float32
+  conv: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     # upsample2, conv3x3
-    x = SNConv(2 * self.features, 3, padding=1, upsample=True, dtype=self.dtype)(x, train)
+    x = SNConv(2 * self.features, 3, padding=1, upsample=True, dtype=self.dtype,
+               conv=self.conv)(x, train)
     return glu(BN(dtype=self.dtype)(x, train))
 
 
 class UpBlockComp(nn.Module):
   features: int
   dtype: Any = jnp.float32
+  conv: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     # upsample2, conv3x3
-    x = SNConv(2 * self.features, 3, padding=1, upsample=True, dtype=self.dtype)(x, train)
+    x = SNConv(2 * self.features, 3, padding=1, upsample=True, dtype=self.dtype,
+               conv=self.conv)(x, train)
     x = glu(BN(dtype=self.dtype)(NoiseInjection()(x), train))
-    x = SNConv(2 * self.features, 3, padding=1, dtype=self.dtype)(x, train)
+    x = SNConv(2 * self.features, 3, padding=1, dtype=self.dtype, conv=self.conv)(x, train)
     return glu(BN(dtype=self.dtype)(NoiseInjection()(x), train))
 
 
@@ -297,6 +305,7 @@ class Generator(nn.Module):
   ngf: int = 64
   num_classes: int = 0
   dtype: Any = jnp.float32  # of the computation; parameters and statistics stay float32
+  conv: Any = None  # the convolution (mdjax.core.cpu_conv.Rules on CPUs); None: XLA's
 
   @nn.compact
   def __call__(self, z, train: bool = True, labels=None):
@@ -318,13 +327,13 @@ class Generator(nn.Module):
       size *= 2
       comp = int(math.log2(size)) % 2 == 1  # Comp at 8, 32, 128, 512 as the reference
       block = UpBlockComp if comp else UpBlock
-      x = block(ch(size), name=f"feat_{size}", dtype=dt)(x, train)
+      x = block(ch(size), name=f"feat_{size}", dtype=dt, conv=self.conv)(x, train)
       if size in sle:
-        x = SLE(ch(size), name=f"se_{size}", dtype=dt)(feats[sle[size]], x, train)
+        x = SLE(ch(size), name=f"se_{size}", dtype=dt, conv=self.conv)(feats[sle[size]], x, train)
       feats[size] = x
     small = small_size(self.resolution)
-    img = SNConv(3, 3, padding=1, name="to_big", dtype=dt)(x, train)
-    img_small = SNConv(3, 1, name="to_small", dtype=dt)(feats[small], train)
+    img = SNConv(3, 3, padding=1, name="to_big", dtype=dt, conv=self.conv)(x, train)
+    img_small = SNConv(3, 1, name="to_small", dtype=dt, conv=self.conv)(feats[small], train)
     # Images leave G in float32: the losses, DiffAugment and the EMA samples read them.
     return (jnp.tanh(img).astype(jnp.float32), jnp.tanh(img_small).astype(jnp.float32))
 
@@ -332,25 +341,28 @@ class Generator(nn.Module):
 class DownBlock(nn.Module):
   features: int
   dtype: Any = jnp.float32
+  conv: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = SNConv(self.features, 4, stride=2, padding=1, dtype=self.dtype)(x, train)
+    x = SNConv(self.features, 4, stride=2, padding=1, dtype=self.dtype, conv=self.conv)(x, train)
     return nn.leaky_relu(BN(dtype=self.dtype)(x, train), 0.2)
 
 
 class DownBlockComp(nn.Module):
   features: int
   dtype: Any = jnp.float32
+  conv: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     dt = self.dtype
-    m = SNConv(self.features, 4, stride=2, padding=1, name="main1", dtype=dt)(x, train)
+    conv = functools.partial(SNConv, dtype=dt, conv=self.conv)
+    m = conv(self.features, 4, stride=2, padding=1, name="main1")(x, train)
     m = nn.leaky_relu(BN(name="main1_bn", dtype=dt)(m, train), 0.2)
-    m = SNConv(self.features, 3, padding=1, name="main2", dtype=dt)(m, train)
+    m = conv(self.features, 3, padding=1, name="main2")(m, train)
     m = nn.leaky_relu(BN(name="main2_bn", dtype=dt)(m, train), 0.2)
-    d = SNConv(self.features, 1, name="direct", dtype=dt)(downscale(x, x.shape[1] // 2), train)
+    d = conv(self.features, 1, name="direct")(downscale(x, x.shape[1] // 2), train)
     d = nn.leaky_relu(BN(name="direct_bn", dtype=dt)(d, train), 0.2)
     return (m + d) / 2
 
@@ -361,6 +373,7 @@ class SimpleDecoder(nn.Module):
   out_size: int
   base: int
   dtype: Any = jnp.float32
+  conv: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -368,8 +381,9 @@ class SimpleDecoder(nn.Module):
       raise ValueError(f"decoder input must be 8x8, got {x.shape}")
     n = int(math.log2(self.out_size // 8))
     for i in range(n):
-      x = UpBlock(max(1, DECODER_MULT[i] * self.base), name=f"up_{i}", dtype=self.dtype)(x, train)
-    x = SNConv(3, 3, padding=1, name="to_rgb", dtype=self.dtype)(x, train)
+      x = UpBlock(max(1, DECODER_MULT[i] * self.base), name=f"up_{i}", dtype=self.dtype,
+                  conv=self.conv)(x, train)
+    x = SNConv(3, 3, padding=1, name="to_rgb", dtype=self.dtype, conv=self.conv)(x, train)
     return jnp.tanh(x).astype(jnp.float32)  # reconstructions: losses in float32
 
 
@@ -390,17 +404,19 @@ class Discriminator(nn.Module):
   ndf: int = 64
   num_classes: int = 0
   dtype: Any = jnp.float32  # of the computation; parameters and statistics stay float32
+  conv: Any = None  # the convolution (mdjax.core.cpu_conv.Rules on CPUs); None: XLA's
 
   @nn.compact
   def __call__(self, img, img_small, train: bool = True, part=None, labels=None):
     r, dt = self.resolution, self.dtype
-    conv = functools.partial(SNConv, dtype=dt)
+    conv = functools.partial(SNConv, dtype=dt, conv=self.conv)
     ch = lambda s: channels(D_MULT, self.ndf, 2 * s)  # noqa: E731
     lrelu = functools.partial(nn.leaky_relu, negative_slope=0.2)
     # Stem: the reference's 1024 / 512 / 256 stems; below 256 the 256 stem at R.
     if r == 1024:
       x = lrelu(conv(channels(D_MULT, self.ndf, 1024), 4, 2, 1, name="stem1")(img, train))
-      x = lrelu(BN(dtype=dt, name="stem2_bn")(conv(ch(256), 4, 2, 1, name="stem2")(x, train), train))
+      x = conv(ch(256), 4, 2, 1, name="stem2")(x, train)
+      x = lrelu(BN(dtype=dt, name="stem2_bn")(x, train))
     elif r == 512:
       x = lrelu(conv(ch(256), 4, 2, 1, name="stem1")(img, train))
     else:
@@ -410,9 +426,9 @@ class Discriminator(nn.Module):
     sle = dict(discriminator_sle_pairs(r))
     while size > 8:
       size //= 2
-      x = DownBlockComp(ch(size), name=f"down_{size}", dtype=dt)(x, train)
+      x = DownBlockComp(ch(size), name=f"down_{size}", dtype=dt, conv=self.conv)(x, train)
       if size in sle:
-        x = SLE(ch(size), name=f"se_{size}", dtype=dt)(feats[sle[size]], x, train)
+        x = SLE(ch(size), name=f"se_{size}", dtype=dt, conv=self.conv)(feats[sle[size]], x, train)
       feats[size] = x
     rf = conv(ch(4), 1, name="rf_big1")(x, train)
     rf = lrelu(BN(dtype=dt, name="rf_big_bn")(rf, train))
@@ -422,8 +438,8 @@ class Discriminator(nn.Module):
                name="small_stem")(img_small, train)
     s = lrelu(s)
     while s.shape[1] > 8:
-      s = DownBlock(channels(D_MULT, self.ndf, 2 * s.shape[1]), name=f"small_down_{s.shape[1] // 2}",
-                    dtype=dt)(s, train)
+      s = DownBlock(channels(D_MULT, self.ndf, 2 * s.shape[1]),
+                    name=f"small_down_{s.shape[1] // 2}", dtype=dt, conv=self.conv)(s, train)
     rf_small = conv(1, 4, name="rf_small")(s, train)
 
     b = img.shape[0]
@@ -439,10 +455,11 @@ class Discriminator(nn.Module):
       return logits
     big_size, small_sz, part_size = recon_sizes(r)
     base = max(1, self.ndf // 2)
-    rec_big = SimpleDecoder(big_size, base, name="decoder_big", dtype=dt)(feats[8], train)
-    rec_small = SimpleDecoder(small_sz, base, name="decoder_small", dtype=dt)(s, train)
+    decoder = functools.partial(SimpleDecoder, dtype=dt, conv=self.conv)
+    rec_big = decoder(big_size, base, name="decoder_big")(feats[8], train)
+    rec_small = decoder(small_sz, base, name="decoder_small")(s, train)
     quadrant = crop_quadrant(feats[16], part)
-    rec_part = SimpleDecoder(part_size, base, name="decoder_part", dtype=dt)(quadrant, train)
+    rec_part = decoder(part_size, base, name="decoder_part")(quadrant, train)
     return logits, (rec_big, rec_small, rec_part)
 
 
@@ -501,11 +518,12 @@ def init_variables(module: nn.Module, rng: jax.Array, *args, **kwargs) -> dict:
 
 
 def build(resolution: int, ngf: int, ndf: int, num_classes: int = 0,
-          dtype: Any = jnp.float32) -> tuple[Generator, Discriminator]:
+          dtype: Any = jnp.float32, conv=None) -> tuple[Generator, Discriminator]:
   """G and D; `num_classes > 0` makes both class-conditional (module docstring); `dtype` is the
-  computation's (bfloat16: mixed precision, parameters and BatchNorm statistics in float32)."""
+  computation's (bfloat16: mixed precision, parameters and BatchNorm statistics in float32);
+  `conv` the convolution every conv runs (mdjax.core.cpu_conv.Rules on CPUs; None: XLA's)."""
   if resolution not in RESOLUTIONS:
     raise ValueError(f"resolution {resolution} not in {RESOLUTIONS}")
-  return (Generator(resolution, ngf, num_classes, dtype),
-          Discriminator(resolution, ndf, num_classes, dtype))
+  return (Generator(resolution, ngf, num_classes, dtype, conv),
+          Discriminator(resolution, ndf, num_classes, dtype, conv))
 

@@ -79,6 +79,9 @@ class GANSpec:
   # The computation's dtype (`gan.dtype`): "bfloat16" is mixed precision (parameters, Adam
   # moments, EMA and BatchNorm statistics float32; losses in float32).
   dtype: str = "float32"
+  # The CPU's convolution rules on a CPU (mdjax.core.cpu_conv); False: XLA's own everywhere (the
+  # twin benchmarks count FLOPs on: the rules' chunked loops hide FLOPs from XLA's analysis).
+  fast_convs: bool = True
 
   @classmethod
   def from_config(cls, config, grey_data: bool = False) -> GANSpec:
@@ -199,8 +202,12 @@ class ConditionalGANFns(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def _make(spec: GANSpec) -> GANFns | ConditionalGANFns:
+  # CPU only: convolution weight gradients as matmuls (mdjax.core.cpu_conv; at 256x256 XLA's own
+  # dW convolutions were 14 of the step's 24 s). GPUs, and the FLOP-counting twin
+  # (`fast_convs=False`), keep XLA's convolutions.
+  conv = cpu_conv.rules_for_backend() if spec.fast_convs else None
   gen, disc = fastgan.build(spec.resolution, spec.ngf, spec.ndf, spec.num_classes,
-                            DTYPES[spec.dtype])
+                            DTYPES[spec.dtype], conv)
   # Labels as keyword arguments of G and D, only for a conditional spec (then always given).
   cond = (lambda labels: {"labels": labels}) if spec.num_classes else (lambda labels: {})
   r, small = spec.resolution, fastgan.small_size(spec.resolution)
@@ -228,13 +235,6 @@ def _make(spec: GANSpec) -> GANFns | ConditionalGANFns:
 
   def train_step(state: GANState, real: jax.Array, rng: jax.Array, labels: jax.Array | None,
                  g_term: Callable | None = None):
-    # CPU only: convolution weight gradients as matmuls (mdjax.core.cpu_conv); at 256x256 XLA's
-    # own dW convolutions were 14 of the step's 24 s. GPUs keep XLA's convolutions.
-    with cpu_conv.use_fast_conv_grads():
-      return _step(state, real, rng, labels, g_term)
-
-  def _step(state: GANState, real: jax.Array, rng: jax.Array, labels: jax.Array | None,
-            g_term: Callable | None):
     if real.ndim != 4 or real.shape[1:] != (r, r, 3):
       raise DataError(f"a GAN batch must be float32 [B, {r}, {r}, 3] in [-1, 1] for "
                       f"config.gan.resolution={r}; got shape {real.shape}. Resize the class "

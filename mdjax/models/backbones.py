@@ -19,7 +19,7 @@ from mdjax.models import efficientnet, resnet, wrn
 CIFAR_WRNS = {"wrn10_1": (10, 1), "wrn10_2": (10, 2), "wrn16_2": (16, 2), "wrn16_4": (16, 4),
               "wrn28_10": (28, 10)}
 
-# name -> builder(dtype); every builder returns a module with `.num_features`.
+# name -> builder(dtype, conv); every builder returns a module with `.num_features`.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{name: functools.partial(wrn.WideResNet, depth, width)
        for name, (depth, width) in CIFAR_WRNS.items()},
@@ -30,8 +30,9 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_backbone(name: str, dtype=jnp.float32) -> nn.Module:
-  """A backbone module returning pooled features; `.num_features` gives F."""
+def build_backbone(name: str, dtype=jnp.float32, conv=None) -> nn.Module:
+  """A backbone module returning pooled features; `.num_features` gives F. `conv` is the
+  convolution its nn.Convs run (mdjax.core.cpu_conv.Rules; None: XLA's own)."""
   if name not in BACKBONES:
     raise ConfigError("model.backbone", name, "one of " + ", ".join(BACKBONES))
-  return BACKBONES[name](dtype=dtype)
+  return BACKBONES[name](dtype=dtype, conv=conv)

@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mdjax.core import cpu_conv
 from mdjax.errors import ConfigError, UserError
 from mdjax.models import efficientnet
 from mdjax.models import heads
@@ -61,6 +62,12 @@ class Classifier(nn.Module):
   def __call__(self, images, train: bool = False, norm_mask=None):
     features = self.features(images, train, norm_mask)
     return self.head(features, train=train).astype(jnp.float32)
+
+  @nn.nowrap
+  def with_conv(self, conv) -> Classifier:
+    """The same classifier (same parameters) whose convolutions run `conv` (a
+    mdjax.core.cpu_conv.Rules, or None for XLA's own): how a train step picks its rules."""
+    return self.clone(backbone=self.backbone.clone(conv=conv))
 
   def penultimate(self, images):
     """What the head's output layer reads [B, D] (eval mode): the last layer's input, which
@@ -108,7 +115,8 @@ def build_classifier(model_config, num_classes: int) -> Classifier:
   if model_config.dtype not in DTYPES:
     raise ConfigError("model.dtype", model_config.dtype, "one of " + ", ".join(DTYPES))
   dtype = DTYPES[model_config.dtype]
-  backbone = build_backbone(model_config.backbone, dtype)
+  # The CPU's convolution rules on a CPU (their forward passes are XLA's), XLA's own elsewhere.
+  backbone = build_backbone(model_config.backbone, dtype, cpu_conv.rules_for_backend())
   head = build_head(model_config.head, num_classes, width=model_config.head_width,
                     dropout=model_config.dropout, activation=model_config.activation, dtype=dtype)
   return Classifier(backbone, head, resolve_weights(model_config.backbone, model_config.weights))
@@ -126,6 +134,6 @@ def imagenet_classifier(name: str, path: str | None = None) -> tuple[Classifier,
                     f", not {name!r}; for torchvision ResNets use "
                     "mdjax.models.pretrained.load_torchvision(path, name).")
   path = path or pretrained.shipped_weights_path(name)
-  module = Classifier(efficientnet.EfficientNet(name),
+  module = Classifier(efficientnet.EfficientNet(name, conv=cpu_conv.rules_for_backend()),
                       heads.LinearHead(1000, efficientnet.VARIANTS[name].dropout))
   return module, pretrained.load_classifier_weights(module, path, name=name)

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mdjax.core import cpu_conv
 
 # B0's stages: (kernel, repeats, stride, expand_ratio, in_filters, out_filters).
 _B0_STAGES = (
@@ -96,14 +96,15 @@ def _bn(train, dtype, name):
                       name=name)
 
 
-def _conv(features, kernel, stride=1, groups=1, use_bias=False, dtype=jnp.float32, name=None):
-  # Depthwise convolutions on CPU as shifted multiply-adds: XLA's grouped convolution there is
-  # 20-50x slower (mdjax.core.cpu_conv.depthwise_conv_general_dilated). GPUs keep XLA's own.
-  depthwise = groups > 1 and cpu_conv.enabled()
+def _conv(features, kernel, stride=1, groups=1, use_bias=False, dtype=jnp.float32, name=None,
+          conv=None):
+  # `conv` (mdjax.core.cpu_conv.Rules, on CPUs): dense convolutions with its gradient rules, and
+  # depthwise ones as shifted multiply-adds (XLA's grouped convolution is 20-50x slower on CPUs).
+  # None: XLA's own (GPUs).
+  impl = None if conv is None else (conv.depthwise if groups > 1 else conv)
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME",
                  feature_group_count=groups, use_bias=use_bias, kernel_init=_conv_init,
-                 dtype=dtype, name=name,
-                 conv_general_dilated=cpu_conv.depthwise_conv_general_dilated if depthwise else None)
+                 dtype=dtype, name=name, conv_general_dilated=impl)
 
 
 class MBConv(nn.Module):
@@ -116,6 +117,7 @@ class MBConv(nn.Module):
   drop_connect_rate: float
   lite: bool
   dtype: jnp.dtype = jnp.float32
+  conv: Any = None  # the convolution every nn.Conv runs (mdjax.core.cpu_conv.Rules); None: XLA's
 
   @nn.compact
   def __call__(self, x, train: bool, norm_mask=None):
@@ -123,18 +125,19 @@ class MBConv(nn.Module):
     inputs = x
     hidden = self.in_filters * self.expand_ratio
     if self.expand_ratio != 1:
-      x = _conv(hidden, 1, dtype=self.dtype, name="expand_conv")(x)
+      x = _conv(hidden, 1, dtype=self.dtype, name="expand_conv", conv=self.conv)(x)
       x = act(_bn(train, self.dtype, "bn0")(x, mask=norm_mask))
     x = _conv(hidden, self.kernel, self.stride, groups=hidden, dtype=self.dtype,
-              name="depthwise_conv")(x)
+              name="depthwise_conv", conv=self.conv)(x)
     x = act(_bn(train, self.dtype, "bn1")(x, mask=norm_mask))
     if self.se_ratio > 0:
       squeezed = max(1, int(self.in_filters * self.se_ratio))
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
-      s = jax.nn.swish(_conv(squeezed, 1, use_bias=True, dtype=self.dtype, name="se_reduce")(s))
-      s = _conv(hidden, 1, use_bias=True, dtype=self.dtype, name="se_expand")(s)
+      s = jax.nn.swish(_conv(squeezed, 1, use_bias=True, dtype=self.dtype, name="se_reduce",
+                             conv=self.conv)(s))
+      s = _conv(hidden, 1, use_bias=True, dtype=self.dtype, name="se_expand", conv=self.conv)(s)
       x = jax.nn.sigmoid(s) * x
-    x = _conv(self.out_filters, 1, dtype=self.dtype, name="project_conv")(x)
+    x = _conv(self.out_filters, 1, dtype=self.dtype, name="project_conv", conv=self.conv)(x)
     x = _bn(train, self.dtype, "bn2")(x, mask=norm_mask)
     if self.stride == 1 and self.in_filters == self.out_filters:
       if train and self.drop_connect_rate > 0:
@@ -152,6 +155,7 @@ class EfficientNet(nn.Module):
   variant: str = "efficientnet_b0"
   drop_connect_rate: float = 0.2
   dtype: jnp.dtype = jnp.float32
+  conv: Any = None  # the convolution every nn.Conv runs (mdjax.core.cpu_conv.Rules); None: XLA's
 
   @property
   def spec(self) -> Variant:
@@ -177,7 +181,8 @@ class EfficientNet(nn.Module):
     v = self.spec
     act = jax.nn.relu6 if v.lite else jax.nn.swish
     stem = 32 if v.lite else round_filters(32, v.width)
-    x = _conv(stem, 3, 2, dtype=self.dtype, name="conv_stem")(x.astype(self.dtype))
+    x = _conv(stem, 3, 2, dtype=self.dtype, name="conv_stem",
+              conv=self.conv)(x.astype(self.dtype))
     x = act(_bn(train, self.dtype, "bn0")(x, mask=norm_mask))
     stages = self.stages()
     total = sum(r for _, r, *_ in stages)
@@ -187,8 +192,8 @@ class EfficientNet(nn.Module):
         x = MBConv(k, s if j == 0 else 1, e, cin if j == 0 else cout, cout,
                    se_ratio=0.0 if v.lite else 0.25,
                    drop_connect_rate=self.drop_connect_rate * idx / total, lite=v.lite,
-                   dtype=self.dtype, name=f"blocks_{idx}")(x, train, norm_mask)
+                   dtype=self.dtype, conv=self.conv, name=f"blocks_{idx}")(x, train, norm_mask)
         idx += 1
-    x = _conv(self.num_features, 1, dtype=self.dtype, name="conv_head")(x)
+    x = _conv(self.num_features, 1, dtype=self.dtype, name="conv_head", conv=self.conv)(x)
     x = act(_bn(train, self.dtype, "bn1")(x, mask=norm_mask))
     return jnp.mean(x, axis=(1, 2))

@@ -23,7 +23,7 @@ torchvision's He-normal fan-out init.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -37,10 +37,11 @@ def _bn(train: bool, dtype, name: str):
                       name=name)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str):
+def _conv(features: int, kernel: int, stride: int, dtype, name: str, conv=None):
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name)
+                 use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv)
 
 
 class BasicBlock(nn.Module):
@@ -48,17 +49,18 @@ class BasicBlock(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
+  conv: Any = None  # the convolution every nn.Conv runs (mdjax.core.cpu_conv.Rules); None: XLA's
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool, norm_mask=None):
     identity = x
-    y = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
+    y = _conv(self.planes, 3, self.stride, self.dtype, "conv1", self.conv)(x)
     y = nn.relu(_bn(train, self.dtype, "bn1")(y, mask=norm_mask))
-    y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
+    y = _conv(self.planes, 3, 1, self.dtype, "conv2", self.conv)(y)
     y = _bn(train, self.dtype, "bn2")(y, mask=norm_mask)
     if self.downsample:
-      identity = _conv(self.planes, 1, self.stride, self.dtype, "downsample_0")(x)
+      identity = _conv(self.planes, 1, self.stride, self.dtype, "downsample_0", self.conv)(x)
       identity = _bn(train, self.dtype, "downsample_1")(identity, mask=norm_mask)
     return nn.relu(y + identity)
 
@@ -71,20 +73,21 @@ class Bottleneck(nn.Module):
   downsample: bool = False
   width_per_group: int = 64
   dtype: jnp.dtype = jnp.float32
+  conv: Any = None
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool, norm_mask=None):
     width = self.planes * self.width_per_group // 64
     identity = x
-    y = _conv(width, 1, 1, self.dtype, "conv1")(x)
+    y = _conv(width, 1, 1, self.dtype, "conv1", self.conv)(x)
     y = nn.relu(_bn(train, self.dtype, "bn1")(y, mask=norm_mask))
-    y = _conv(width, 3, self.stride, self.dtype, "conv2")(y)
+    y = _conv(width, 3, self.stride, self.dtype, "conv2", self.conv)(y)
     y = nn.relu(_bn(train, self.dtype, "bn2")(y, mask=norm_mask))
-    y = _conv(self.planes * 4, 1, 1, self.dtype, "conv3")(y)
+    y = _conv(self.planes * 4, 1, 1, self.dtype, "conv3", self.conv)(y)
     y = _bn(train, self.dtype, "bn3")(y, mask=norm_mask)
     if self.downsample:
-      identity = _conv(self.planes * 4, 1, self.stride, self.dtype, "downsample_0")(x)
+      identity = _conv(self.planes * 4, 1, self.stride, self.dtype, "downsample_0", self.conv)(x)
       identity = _bn(train, self.dtype, "downsample_1")(identity, mask=norm_mask)
     return nn.relu(y + identity)
 
@@ -96,6 +99,7 @@ class ResNet(nn.Module):
   layers: Sequence[int]
   width_per_group: int = 64
   dtype: jnp.dtype = jnp.float32
+  conv: Any = None  # the convolution every nn.Conv runs (mdjax.core.cpu_conv.Rules); None: XLA's
 
   @property
   def num_features(self) -> int:
@@ -103,7 +107,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, norm_mask=None):
-    x = _conv(64, 7, 2, self.dtype, "conv1")(x.astype(self.dtype))
+    x = _conv(64, 7, 2, self.dtype, "conv1", self.conv)(x.astype(self.dtype))
     x = nn.relu(_bn(train, self.dtype, "bn1")(x, mask=norm_mask))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     in_features = 64
@@ -112,11 +116,11 @@ class ResNet(nn.Module):
         stride = 2 if (stage > 0 and i == 0) else 1
         if self.block == "basic":
           out_features = planes
-          make = lambda **kw: BasicBlock(planes, dtype=self.dtype, **kw)
+          make = lambda **kw: BasicBlock(planes, dtype=self.dtype, conv=self.conv, **kw)
         else:
           out_features = planes * 4
           make = lambda **kw: Bottleneck(planes, width_per_group=self.width_per_group,
-                                         dtype=self.dtype, **kw)
+                                         dtype=self.dtype, conv=self.conv, **kw)
         downsample = i == 0 and (stride != 1 or in_features != out_features)
         block = make(stride=stride, downsample=downsample, name=f"layer{stage + 1}_{i}")
         x = block(x, train, norm_mask)
@@ -124,14 +128,14 @@ class ResNet(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
-def resnet18(dtype=jnp.float32) -> ResNet:
-  return ResNet("basic", (2, 2, 2, 2), dtype=dtype)
+def resnet18(dtype=jnp.float32, conv=None) -> ResNet:
+  return ResNet("basic", (2, 2, 2, 2), dtype=dtype, conv=conv)
 
 
-def resnet50(dtype=jnp.float32) -> ResNet:
-  return ResNet("bottleneck", (3, 4, 6, 3), dtype=dtype)
+def resnet50(dtype=jnp.float32, conv=None) -> ResNet:
+  return ResNet("bottleneck", (3, 4, 6, 3), dtype=dtype, conv=conv)
 
 
-def wide_resnet101_2(dtype=jnp.float32) -> ResNet:
+def wide_resnet101_2(dtype=jnp.float32, conv=None) -> ResNet:
   # torchvision: Bottleneck with width_per_group 128, i.e. inner 3x3 convs twice as wide.
-  return ResNet("bottleneck", (3, 4, 23, 3), width_per_group=128, dtype=dtype)
+  return ResNet("bottleneck", (3, 4, 23, 3), width_per_group=128, dtype=dtype, conv=conv)

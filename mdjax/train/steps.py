@@ -282,18 +282,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   pgd_step_size = (adversarial.pgd_step_size(pgd_eps, pgd_steps, float(t.pgd_step_size))
                    if pgd_eps else 0.0)
 
+  # The step's models: the same parameters, with the convolutions this step runs (explicit, per
+  # program: mdjax.core.cpu_conv.Rules on CPUs; XLA's own elsewhere and for the FLOP twin).
+  body_model = _with_conv(model, cpu_conv.Rules.with_eigen(True, onednn_body)
+                          if fast_conv_grads else None)
+  global_model = _with_conv(model, cpu_conv.Rules.with_eigen(True, onednn_global)
+                            if fast_conv_grads else None)
+
   def loss_fn(params, batch_stats, images, labels, rng, generated=None):
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
-    with cpu_conv.use_fast_conv_grads(fast_conv_grads, eigen=fast_conv_grads,
-                                      onednn_convs=onednn_body):
-      if separate_norms:
-        logits, new_stats = apply_with_separate_norms(model, variables, images, generated, rng)
-      else:
-        logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
-                                      mutable=["batch_stats"])
-        new_stats = updates.get("batch_stats", batch_stats)
+    if separate_norms:
+      logits, new_stats = apply_with_separate_norms(body_model, variables, images, generated, rng)
+    else:
+      logits, updates = body_model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                         mutable=["batch_stats"])
+      new_stats = updates.get("batch_stats", batch_stats)
     weights = generated_weights(generated, generated_weight) if generated_weight != 1.0 else None
     loss = cross_entropy(logits, labels, label_smoothing, weights)
     return loss, (logits, new_stats)
@@ -362,9 +367,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
       images, targets = mixing.hardmix(mix_key, images, targets, hard, mix_alpha)
     if pgd_eps:
       def attack_loss(x):
-        with cpu_conv.use_fast_conv_grads(fast_conv_grads, eigen=fast_conv_grads,
-                                          onednn_convs=onednn_global):
-          logits = model.apply(state.variables, x, train=False)
+        logits = global_model.apply(state.variables, x, train=False)
         return cross_entropy(logits, targets, label_smoothing)
       images = adversarial.pgd_attack(attack_loss, pgd_key, images, pgd_eps, pgd_steps,
                                       pgd_step_size)
@@ -398,6 +401,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
   return _with_unpartitioned_threefry(
       cpu_conv.jit(step_fn, enable=fast_conv_grads, in_shardings=(rep, data),
                    out_shardings=(rep, rep), donate_argnums=(0,)))
+
+
+def _with_conv(model: nn.Module, conv) -> nn.Module:
+  """`model` with its convolutions running `conv` (Classifier.with_conv); a model without
+  convolution choices (a test's stand-in) as it is."""
+  return model.with_conv(conv) if hasattr(model, "with_conv") else model
 
 
 def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh
