@@ -124,7 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   # images taking part of it: mdjax.data.pipeline.PriorSampler). separate_bn: generated images get
   # BatchNorm statistics of their own (Diversify, Don't Fine-Tune's auxiliary BatchNorm).
   # refit_last_layer: afterwards the output layer is re-fit on real images only, class-balanced
-  # (SYNAuG; mdjax.train.refit).
+  # (SYNAuG; mdjax.train.refit); after the real-only control's fine-tune too, to compare like
+  # with like.
   f.generated_weight = 1.0
   f.sampler = "all"
   f.separate_bn = False

@@ -457,8 +457,10 @@ class Run:
     """The trained classifier fine-tuned as stage `tag` on `data` (default: real + generated, as
     `real_and_generated` tags them). Where `data` holds generated images the fine-tune treats
     them as `config.finetune` says: their loss weight, BatchNorm statistics of their own, the
-    real class priors kept (PriorSampler), and the output layer re-fit on real images after
-    (mdjax.train.refit). Deterministic, so a resumed run re-fits to the same layer."""
+    real class priors kept (PriorSampler). The output layer's re-fit on real images
+    (mdjax.train.refit) follows every fine-tune, the real-only ones too, so that the real-only
+    control measures what the re-fit does without generated images. Deterministic, so a resumed
+    run re-fits to the same layer."""
     final = f"{tag}/final"
     if final in self._variables:
       return self._variables[final]
@@ -476,7 +478,7 @@ class Run:
                                if f.sampler == "keep_priors" else None)}
     variables = self.classifier(tag, data, init_from="train", epochs=int(f.epochs),
                                 learning_rate=float(f.learning_rate), **treatment)
-    if mixed and f.refit_last_layer:
+    if f.refit_last_layer:
       refit = refit_lib.refit_last_layer(self.model, variables, self.splits.train,
                                          self.splits.val, self.config, self.num_classes)
       self._refits[tag] = refit.record()
