@@ -57,11 +57,13 @@ class EnsembleResult:
     history: {class index: [{"step": s, "d_loss": ..., "g_loss": ..., ...}]} at logging points.
     nan_restarts: {class index: times its GAN was restored after a NaN/inf}.
     states: {class index: final GAN state as numpy pytree} (only with `keep_states=True`).
-    acceptance: {class index: generate.Accepted} (only with an `accept` filter).
+    acceptance: {class index: generate.Accepted} (only with a `score` filter).
     workdir: where checkpoints, sample grids and TensorBoard logs are.
     strategy: "vmap", "map", "unroll" or "per_class", as resolved.
     stopping: with a `monitor`: {class index as str: {"steps": trained, "stopped": "passed" or
       "budget", "curve": its checks}} (mdjax.gan.monitor.stop_record); else None.
+    class_steps: {class index: the steps its GAN trained} (fewer than `steps` where the stopping
+      rule stopped it).
   """
   class_indices: tuple[int, ...]
   steps: int
@@ -73,6 +75,7 @@ class EnsembleResult:
   strategy: str
   acceptance: dict[int, Any] = dataclasses.field(default_factory=dict)
   stopping: dict | None = None
+  class_steps: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_collections.ConfigDict,
@@ -197,6 +200,7 @@ def train_class_gans(images_by_class: Mapping[int, np.ndarray], gan_config: ml_c
       _final_outputs(result, chunk, fns, seed, num_samples or {}, keep_states, 4 * g.batch_size,
                      score, threshold, select, max_draws)
       report.writer.flush()
+  result.class_steps = class_steps
   if monitor is not None:
     result.stopping = monitor_lib.stop_record(curves, class_steps, reasons)
   return result

@@ -327,11 +327,14 @@ class Run:
           max_draws=int(self.config.mistake.filter_max_draws), progress=False)
       images = {k: v for k, v in result.generated.items() if len(v)}
       acceptance = result.acceptance
+      # Each class's images come from the step its GAN ended at (the conditional GAN's: one).
+      source_step = getattr(result, "class_steps", None) or int(self.config.gan.steps)
     else:
+      source_step = None
       images = {}
     if process.is_writer():
       generate.write_generated(out_dir, images, class_names=self.splits.class_names,
-                               source_step=int(self.gan_budget()))
+                               source_step=source_step)
     process.barrier(f"generated {out_dir}")
     record = {"generated_per_class": {str(k): len(images.get(k, ())) for k in classes},
               "class_sizes": {str(k): counts[k] for k in classes},
