@@ -703,10 +703,10 @@ def figure(rows: list[dict], cells: list[CellResult]) -> bytes:
       values = [getattr(c, attribute) for c in cells
                 if c.method == method and getattr(c, attribute) is not None]
       ax.plot(np.full(len(values), i), values, "o", color="#08519c", markersize=4)
-    finite = [v for v in means if np.isfinite(v)]
-    if finite:
-      spread = max(max(finite) - min(finite), max(stds), 0.005)
-      ax.set_ylim(min(finite) - 2.5 * spread, max(finite) + 1.5 * spread)
+    values = [getattr(c, attribute) for c in cells if getattr(c, attribute) is not None]
+    if values:  # the axis spans the seeds' values with a margin: differences of tenths show
+      margin = max(max(values) - min(values), 0.005) * 0.3
+      ax.set_ylim(min(values) - margin, max(values) + margin)
     ax.set_xticks(x, methods, rotation=35, ha="right", fontsize=8)
     ax.set_title(f"{title} (mean ± std, dots: seeds)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
