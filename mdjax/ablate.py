@@ -103,6 +103,13 @@ CONTROL = "realft"
 class Method:
   description: str
   overrides: dict[str, Any]  # dotted config key -> value, set on top of the user's config
+  # What the method adds when it follows another in a "+" combination (a remedy's own part).
+  treatment: str = ""
+
+
+def _remedy(treatment: str, overrides: dict[str, Any]) -> Method:
+  """The paper's method with one treatment of its generated images or of the fine-tune."""
+  return Method("the paper's method, " + treatment, overrides, treatment)
 
 
 METHODS = {
@@ -128,19 +135,19 @@ METHODS = {
                      "images only", {"mistake.nsamples_ratio": 0.0}),
     # The paper's method with one treatment of the generated images each (config.finetune,
     # config.mistake); combine them with "+": --methods=mdt_refit+mdt_priors.
-    "mdt_filter": Method("the paper's method, generated images kept only if the classifier gives "
-                         "their class p > 1/n (He et al.)", {"mistake.filter": "1/n"}),
-    "mdt_hard": Method("the paper's method, keeping the generated images the classifier finds "
-                       "hardest among those with p > 1/n (classifier feedback)",
-                       {"mistake.filter": "1/n", "mistake.select": "hardest"}),
-    "mdt_weight": Method("the paper's method, generated images at half the loss weight of real ones",
-                         {"finetune.generated_weight": 0.5}),
-    "mdt_priors": Method("the paper's method, each class keeping its real image count per epoch "
-                         "(generated images take part of it)", {"finetune.sampler": "keep_priors"}),
-    "mdt_bn": Method("the paper's method, generated images with BatchNorm statistics of their own "
-                     "(Diversify)", {"finetune.separate_bn": True}),
-    "mdt_refit": Method("the paper's method, then the output layer re-fit on real images, "
-                        "class-balanced (SYNAuG)", {"finetune.refit_last_layer": True}),
+    "mdt_filter": _remedy("generated images kept only if the classifier gives their class "
+                          "p > 1/n (He et al.)", {"mistake.filter": "1/n"}),
+    "mdt_hard": _remedy("keeping the generated images the classifier finds hardest among those "
+                        "with p > 1/n (classifier feedback)",
+                        {"mistake.filter": "1/n", "mistake.select": "hardest"}),
+    "mdt_weight": _remedy("generated images at half the loss weight of real ones",
+                          {"finetune.generated_weight": 0.5}),
+    "mdt_priors": _remedy("each class keeping its real image count per epoch (generated images "
+                          "take part of it)", {"finetune.sampler": "keep_priors"}),
+    "mdt_bn": _remedy("generated images with BatchNorm statistics of their own (Diversify)",
+                      {"finetune.separate_bn": True}),
+    "mdt_refit": _remedy("then the output layer re-fit on real images, class-balanced (SYNAuG)",
+                         {"finetune.refit_last_layer": True}),
 }
 # A method name may join several with "+" (their overrides together, left to right).
 COMBINE = "+"
@@ -168,7 +175,10 @@ def method_spec(name: str) -> Method:
   overrides = {}
   for part in parts:
     overrides.update(METHODS[part].overrides)
-  return Method(" + ".join(METHODS[p].description for p in parts), overrides)
+  # The first part says what is run; each later one adds its treatment ("realft+mdt_refit": the
+  # real-only control, then the re-fit), or its description where it has none.
+  later = [METHODS[p].treatment or METHODS[p].description for p in parts[1:]]
+  return Method("; ".join([METHODS[parts[0]].description] + later), overrides)
 
 
 def check_methods(names: list[str], config) -> None:

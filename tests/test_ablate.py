@@ -182,6 +182,10 @@ def test_methods_combine_with_a_plus():
   combined = ablate.method_spec("mdt_refit+mdt_priors")
   assert combined.overrides == {"finetune.refit_last_layer": True,
                                 "finetune.sampler": "keep_priors"}
+  # A combination reads as one method: the first part, then what each later part adds.
+  control = ablate.method_spec("realft+mdt_refit").description
+  assert control.startswith(ablate.METHODS["realft"].description)
+  assert "re-fit" in control and "the paper's method" not in control
   config = default_config()
   ablate.check_methods(["mdt", "mdt_refit+mdt_priors"], config)
   cell = ablate.cell_config(config, "mdt_refit+mdt_hard", seed=1)
