@@ -300,3 +300,43 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(smoke_reference, tmp_path)
   assert sorted(c["dtype"] for c in report["classifier"]) == ["bfloat16", "float32"]
   assert [s["devices"] for s in report["scaling"]] == [1, 2]
   assert "== gpu_check (dry run, CPU)" in result.stdout
+
+
+def _pattern(rng, top: bool, size: int = 8) -> np.ndarray:
+  """A grey image bright in its top (or bottom) half, with noise."""
+  image = rng.uniform(0, 60, (size, size))
+  image[: size // 2] += 180 if top else 0
+  image[size // 2:] += 0 if top else 180
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_external_judge_recognises_the_right_class_and_not_the_wrong(tmp_path):
+  """benchmarks/external_judge.py: an SVC fit on a real folder of two classes assigns generated
+  images of the right pattern to their class and of the wrong pattern to the other one."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  judge = _benchmark_script("external_judge")
+  rng = np.random.default_rng(0)
+  for name, top in (("up", True), ("down", False)):
+    (tmp_path / "real" / name).mkdir(parents=True)
+    for i in range(20):
+      Image.fromarray(_pattern(rng, top)).save(tmp_path / "real" / name / f"{i}.png")
+  gen = tmp_path / "generated"
+  images = []
+  # "up" generated as up-patterns (right), "down" generated as up-patterns too (wrong), both at
+  # 16 px in RGB as the pipeline writes them: the judge resizes and reads them as grey.
+  for k, name in enumerate(("up", "down")):
+    (gen / f"class_{k:04d}").mkdir(parents=True)
+    for i in range(10):
+      grey = np.kron(_pattern(rng, True), np.ones((2, 2), np.uint8))
+      Image.fromarray(np.stack([grey] * 3, -1)).save(gen / f"class_{k:04d}" / f"{i}.png")
+      images.append({"file": f"class_{k:04d}/{i}.png", "class_index": k, "class_name": name})
+  (gen / "index.json").write_text(json.dumps({"version": 1, "images": images}))
+  result = judge.judge(str(gen), str(tmp_path / "real"))
+  assert result["heldout_accuracy"] == 1.0 and result["heldout_images"] == 8
+  assert "L pixels at 8x8" in result["judge"]
+  assert result["classes"]["up"] == {"images": 10, "judge_fraction": 1.0, "real_recall": 1.0}
+  assert result["classes"]["down"]["judge_fraction"] == 0.0
+  with pytest.raises(SystemExit, match="generated class 'cat' is not a folder"):
+    images[0]["class_name"] = "cat"
+    (gen / "index.json").write_text(json.dumps({"version": 1, "images": images}))
+    judge.judge(str(gen), str(tmp_path / "real"))
