@@ -188,10 +188,9 @@ def enable_compilation_cache() -> None:
   second. $JAX_COMPILATION_CACHE_DIR chooses the folder (jax reads it itself).
 
   Every program is kept, not only those that took jax's default 1 s to compile: a run compiles
-  about 75 small ones besides (stacking states, metrics, finite checks), 5-6 s in all, which a
-  resumed run would otherwise compile again (the smoke run from the cache: 11.6 s of compiles with
-  the 1 s threshold, 6.0 s with none; the rest is loading the large programs). About 4 MB a config.
-  $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still sets the threshold.
+  many small ones besides (stacking states, metrics, finite checks), which a resumed run would
+  otherwise compile again; they halve the compile time of a resumed smoke run, for a few MB a
+  config. $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still sets the threshold.
   """
   import jax  # pylint: disable=g-import-not-at-top
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -496,8 +496,8 @@ def init_variables(module: nn.Module, rng: jax.Array, *args, **kwargs) -> dict:
   """`module.init(rng, ...)` with one random draw for all leaves.
 
   Why not flax's init: it derives a key (fold_in) and draws once per parameter, and XLA's CPU
-  compiler takes about 0.5 s per threefry call on the project's 2-core machine, so the tiny
-  32x32 G + D init took 90 s to compile; one draw compiles in seconds. The tree comes from
+  compiler spends a good fraction of a second on each threefry call, so the tiny 32x32 G + D
+  init took over a minute to compile; one draw compiles in seconds. The tree comes from
   flax (`jax.eval_shape` of `module.init`), the values from _INIT_RULES.
   """
   keys = {"params": jax.random.key(0), "noise": jax.random.key(0)}

@@ -70,8 +70,7 @@ def _mix_targets(targets: jax.Array, partner: jax.Array, weight: jax.Array) -> j
 
 def _beta(key: jax.Array, alpha: float) -> jax.Array:
   """lam ~ Beta(alpha, alpha). Beta(1, 1) is the uniform distribution and is drawn as one: the
-  same law, where XLA takes seconds to compile jax.random.beta's gamma sampler (2-4 s measured on
-  this 2-core CPU)."""
+  same law, where XLA takes seconds to compile jax.random.beta's gamma sampler on a CPU."""
   if alpha == 1.0:
     return jax.random.uniform(key, (), jnp.float32)
   return jax.random.beta(key, alpha, alpha).astype(jnp.float32)
