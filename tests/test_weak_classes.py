@@ -4,6 +4,7 @@ computed by hand (or by scikit-learn)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 
@@ -158,8 +159,14 @@ def _check(step, judge, diversity=0.9, fd=10.0, recall=0.6):
           "diversity_ratio": diversity, "frechet_distance": fd, "memorisation": 0.0}
 
 
+def _rule(**thresholds) -> monitor.StopRule:
+  """The default config's stopping rule with `thresholds` changed."""
+  return dataclasses.replace(monitor.StopRule.from_config(config_lib.base_config().gan),
+                             **thresholds)
+
+
 def test_stop_rule_needs_judge_diversity_and_a_distance_that_stopped_improving():
-  rule = monitor.StopRule(judge=0.9, diversity=0.6, fd_gain=0.05, patience=1)
+  rule = _rule(judge=0.9, diversity=0.6, fd_gain=0.05, patience=1, fd_floor=2.0)
   # Judge relative to the judge's own recall: 0.55 >= 0.9 x 0.6 = 0.54 passes, 0.53 does not.
   assert rule.passes(_check(100, 0.55)) and not rule.passes(_check(100, 0.53))
   assert rule.shortfalls(_check(100, 0.53, diversity=0.5)) == ["judge 0.53 < 0.54",
@@ -175,9 +182,9 @@ def test_stop_rule_needs_judge_diversity_and_a_distance_that_stopped_improving()
   # A plateaued distance alone does not stop a class whose images fail the judge.
   assert not rule.should_stop([_check(100, 0.2, fd=10.0), _check(200, 0.2, fd=10.0)])
   # Off: never stops.
-  assert not monitor.StopRule(judge=0.0).should_stop([_check(1, 1.0), _check(2, 1.0)])
+  assert not _rule(judge=0.0).should_stop([_check(1, 1.0), _check(2, 1.0)])
   # With patience 2 one flat check is not enough; two in a row are, and any gain in them resets.
-  patient = monitor.StopRule(judge=0.9, diversity=0.6, fd_gain=0.05, patience=2)
+  patient = _rule(judge=0.9, diversity=0.6, fd_gain=0.05, patience=2, fd_floor=2.0)
   flat = [_check(100, 0.9, fd=10.0), _check(200, 0.9, fd=9.8)]
   assert not patient.should_stop(flat)
   assert patient.should_stop(flat + [_check(300, 0.9, fd=9.9)])
@@ -190,15 +197,14 @@ def test_stop_rule_needs_judge_diversity_and_a_distance_that_stopped_improving()
   assert patient.should_stop([near])
   assert not patient.should_stop([dict(near, fd_floor=0.12)])  # 0.25 > 2 x 0.12
   assert not patient.should_stop([dict(near, judge_fraction=0.1)])
-  assert not monitor.StopRule(fd_floor=0.0).should_stop([near])
+  assert not _rule(fd_floor=0.0).should_stop([near])
 
 
 class ScriptedMonitor(monitor.Monitor):
   """Checks from a script (class -> verdicts by check), in place of a judge."""
 
   def __init__(self, script):
-    super().__init__(None, {}, monitor.StopRule(judge=0.9, diversity=0.6, fd_gain=0.05,
-                                                patience=1))
+    super().__init__(None, {}, _rule(patience=1))
     self.script, self.calls = script, []
 
   def check(self, k, step, images):
@@ -273,7 +279,7 @@ def test_a_class_s_own_distance_is_two_halves_of_its_real_images():
   judge = judge_lib.fit_judge(images[:1200], digits.target[:1200], images[1200:],
                               digits.target[1200:], 10, kind="pixels", resolution=8)
   real = images[:1200][digits.target[:1200] == 3]
-  watcher = monitor.Monitor(judge, {3: real}, monitor.StopRule())
+  watcher = monitor.Monitor(judge, {3: real}, _rule())
   order = np.random.default_rng(3).permutation(len(real))
   half = len(real) // 2
   expected = quality.frechet_distance(judge.embed(judge.features(real[order[:half]])),

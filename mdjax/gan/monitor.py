@@ -48,13 +48,14 @@ WEAK_JUDGE = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class StopRule:
-  """The thresholds of the stopping rule (module docstring); `judge` = 0 turns it off."""
+  """The thresholds of the stopping rule (module docstring); `judge` = 0 turns it off. Their
+  defaults are config.gan's (`from_config`)."""
 
-  judge: float = 0.9
-  diversity: float = 0.6
-  fd_gain: float = 0.05
-  patience: int = 3
-  fd_floor: float = 2.0
+  judge: float
+  diversity: float
+  fd_gain: float
+  patience: int
+  fd_floor: float
 
   @classmethod
   def from_config(cls, gan_config) -> StopRule:
