@@ -290,6 +290,12 @@ def test_a_class_s_own_distance_is_two_halves_of_its_real_images():
   assert quality.frechet_distance(judge.embed(judge.features(real)), eights) > 5 * expected
   row = watcher.check(3, 100, real[order[:60]])
   assert row["fd_floor"] == watcher.fd_floor(3) and row["judge_fraction"] > 0.9
+  # Halves of 32 images in the judge's 32 dimensions: no floor (their covariances are
+  # rank-deficient); 33 are enough.
+  assert judge.embed(judge.features(real[:2])).shape[1] == 32
+  small = monitor.Monitor(judge, {3: real[:64], 4: real[:66]}, _rule())
+  assert small.fd_floor(3) is None and small.fd_floor(4) is not None
+  assert small.check(3, 100, real[order[:60]])["fd_floor"] is None
 
 
 def test_memorisation_scores_copies_one_and_fresh_images_near_the_percentile():

@@ -124,16 +124,20 @@ class Monitor:
 
   def fd_floor(self, k: int) -> float | None:
     """The Frechet distance between two random halves of class k's real images in the judge's
-    space (seeded; None below 4 images): how far apart two samples of the class itself are."""
+    space (seeded): how far apart two samples of the class itself are. None when a half has no
+    more images than the space has dimensions: its covariance is then rank-deficient and the
+    distance between two such halves overstates the class's spread (with 20 images, halves of 10
+    in 32 dimensions, a floor that let blurred blobs stop at their first check)."""
     if k not in self._floors:
       real = self.real[k]
       self._floors[k] = None
-      if len(real) >= 4:
-        order = np.random.default_rng(k).permutation(len(real))
-        half = len(real) // 2
+      order = np.random.default_rng(k).permutation(len(real))
+      half = len(real) // 2
+      if half >= 2:
         a, b = (self.judge.embed(self.judge.features(real[i])) for i in (order[:half],
                                                                           order[half:]))
-        self._floors[k] = quality.frechet_distance(a, b)
+        if half > a.shape[1]:
+          self._floors[k] = quality.frechet_distance(a, b)
     return self._floors[k]
 
   def name(self, k: int) -> str:
