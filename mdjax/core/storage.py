@@ -46,8 +46,8 @@ _QUOTED_PATH = re.compile(r"\"(/[^\"]+)\"")
 # Set once a storage fault has been reported, so the interpreter's shutdown does not print the
 # abandoned asynchronous writes' own errors after the one line (see quiet_fault_echoes).
 _reported = threading.Event()
-# Checkpoint folders (each ending in a separator) whose failed read was reported (see
-# reported_read): later log records that quote them are echoes of that one report.
+# Checkpoint folders (each ending in a separator) being read, or whose failed read was reported
+# (see reported_read): log records that quote them are echoes of that one report.
 _failed_reads: set[str] = set()
 
 
@@ -158,14 +158,16 @@ def reported_read(folder: str | os.PathLike):
   others fail on the same damage and, when the event loop or the garbage collector drops them,
   asyncio logs each one ("Task exception was never retrieved", "Future exception was never
   retrieved", with a traceback), at a time that depends on the scheduling: during the read, or
-  seconds later in another stage. From the failure on, `quiet_fault_echoes`' filter drops the
-  records that quote `folder`.
+  seconds later in another stage. From the start of the read `quiet_fault_echoes`' filter drops
+  the records that quote `folder` (an echo can come before the failure reaches this frame); after
+  a read that succeeds it stops, after one that fails it goes on.
   """
-  try:
-    yield
-  except Exception:
-    _failed_reads.add(os.path.join(os.path.abspath(os.fspath(folder)), ""))
-    raise
+  key = os.path.join(os.path.abspath(os.fspath(folder)), "")
+  failed_before = key in _failed_reads
+  _failed_reads.add(key)
+  yield  # a failed read raises here, and the folder stays in the set
+  if not failed_before:
+    _failed_reads.discard(key)
 
 
 def _quotes_failed_read(*texts: str) -> bool:
