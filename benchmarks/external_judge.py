@@ -45,22 +45,19 @@ def read_folder(root: str) -> tuple[list[str], list[list[str]]]:
   return classes, files
 
 
-def pixels(files: list[str], size: tuple[int, int], mode: str) -> np.ndarray:
-  """Images as rows of pixels in [0, 1], resized (bilinear) to `size` in PIL `mode`."""
+def read_rgb(files: list[str], size: tuple[int, int]) -> np.ndarray:
+  """Images as uint8 [N, H, W, 3], resized (bilinear) to `size`; each file is read once."""
   rows = []
   for f in files:
     with Image.open(f) as image:
-      rows.append(np.asarray(image.convert(mode).resize(size, Image.BILINEAR), np.float32).ravel())
-  return np.stack(rows) / 255.0
+      rows.append(np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)))
+  return np.stack(rows)
 
 
-def all_grey(files: list[str]) -> bool:
-  for f in files:
-    with Image.open(f) as image:
-      rgb = np.asarray(image.convert("RGB"), np.int16)
-    if (rgb.max(-1) != rgb.min(-1)).any():
-      return False
-  return True
+def pixels(rgb: np.ndarray, grey: bool) -> np.ndarray:
+  """Rows of pixels in [0, 1]: one channel when the data is grey (its channels are equal)."""
+  x = rgb[..., :1] if grey else rgb
+  return x.reshape(len(x), -1).astype(np.float32) / 255.0
 
 
 def judge(generated: str, real: str, heldout: str | None = None, c: float = 10.0,
@@ -69,8 +66,10 @@ def judge(generated: str, real: str, heldout: str | None = None, c: float = 10.0
   flat = [f for fs in files for f in fs]
   with Image.open(flat[0]) as first:
     size = first.size
-  mode = "L" if all_grey(flat) else "RGB"
-  x = pixels(flat, size, mode)
+  real_rgb = read_rgb(flat, size)
+  grey = bool((real_rgb.max(-1) == real_rgb.min(-1)).all())
+  mode = "L" if grey else "RGB"
+  x = pixels(real_rgb, grey)
   y = np.concatenate([np.full(len(fs), k) for k, fs in enumerate(files)])
   if heldout:
     held_classes, held_files = read_folder(heldout)
@@ -78,7 +77,7 @@ def judge(generated: str, real: str, heldout: str | None = None, c: float = 10.0
       raise SystemExit(f"external_judge: error: {heldout} has classes {held_classes}, {real} has "
                        f"{classes}; expected the same class folders")
     x_train, y_train = x, y
-    x_held = pixels([f for fs in held_files for f in fs], size, mode)
+    x_held = pixels(read_rgb([f for fs in held_files for f in fs], size), grey)
     y_held = np.concatenate([np.full(len(fs), k) for k, fs in enumerate(held_files)])
   else:
     x_train, x_held, y_train, y_held = train_test_split(x, y, test_size=0.2, stratify=y,
@@ -100,7 +99,7 @@ def judge(generated: str, real: str, heldout: str | None = None, c: float = 10.0
     if name not in classes:
       raise SystemExit(f"external_judge: error: generated class {name!r} is not a folder of "
                        f"{real} ({', '.join(classes)})")
-    assigned = svc.predict(pixels(gen_files, size, mode))
+    assigned = svc.predict(pixels(read_rgb(gen_files, size), grey))
     fractions[name] = {"images": len(gen_files),
                        "judge_fraction": float(np.mean(assigned == classes.index(name))),
                        "real_recall": recall[name]}
